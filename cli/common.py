@@ -1,0 +1,94 @@
+"""Pieces every protocol's job shares: resolving assets, building windows, evaluating, writing outputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from fedprune.data.assets import resolve_corpus_path, resolve_model_path
+from fedprune.data.corpus import load_works, split_works
+from fedprune.data.windows import eval_windows, sample_windows, tokenize_works
+from fedprune.eval import perplexity
+from fedprune.masks import parse_pattern
+from fedprune.models import load_causal_lm, load_tokenizer
+from fedprune.outputs import save_model_atomic, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """Tokenized calibration works (never evaluated on) and the fixed held-out evaluation windows."""
+
+    calib_docs: dict[str, torch.Tensor]
+    eval_ids: torch.Tensor  # (windows, seq_len)
+
+
+def load_run_data(cfg: DictConfig, tokenizer: object) -> RunData:
+    """Tokenize the corpus, split off the held-out works and cut the evaluation windows."""
+    works = load_works(resolve_corpus_path(str(cfg.data.path)))
+    calib_works, eval_works = split_works(works, list(cfg.data.heldout))
+    calib_docs = tokenize_works(tokenizer, calib_works)
+    eval_docs = tokenize_works(tokenizer, eval_works)
+    max_windows = None if cfg.data.eval_windows is None else int(cfg.data.eval_windows)
+    return RunData(calib_docs, eval_windows(eval_docs, int(cfg.data.seq_len), max_windows))
+
+
+def calibration_windows(cfg: DictConfig, docs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+    """``data.calib_windows`` random windows of ``data.seq_len`` tokens from ``docs``."""
+    return sample_windows(docs, int(cfg.data.calib_windows), int(cfg.data.seq_len), seed)
+
+
+def load_model_and_tokenizer(cfg: DictConfig) -> tuple[torch.nn.Module, object, Path]:
+    """The model (eval mode, on ``cfg.device``), its tokenizer and its folder."""
+    path = resolve_model_path(str(cfg.model.path))
+    dtype = getattr(torch, str(cfg.model.get("dtype", "float32")))
+    model = load_causal_lm(path, dtype=dtype).to(cfg.device)
+    return model, load_tokenizer(path), path
+
+
+def target_sparsity(cfg: DictConfig) -> float:
+    """The sparsity asked for: implied by an N:M pattern, else ``cfg.sparsity``."""
+    pattern = parse_pattern(str(cfg.pattern))
+    return pattern.sparsity if pattern.sparsity is not None else float(cfg.sparsity)
+
+
+def evaluate(cfg: DictConfig, model: torch.nn.Module, eval_ids: torch.Tensor, label: str):
+    """Held-out perplexity, logged."""
+    result = perplexity(model, eval_ids, int(cfg.eval_batch_size), progress=bool(cfg.progress))
+    logger.info("%s perplexity %.3f over %d tokens", label, result.value, result.tokens)
+    return result
+
+
+def write_outputs(
+    out_dir: Path,
+    metrics: dict,
+    layer_sparsity: dict[str, float],
+    model: torch.nn.Module | None,
+    tokenizer: object | None,
+) -> None:
+    """``model/`` first, then ``sparsity.json``, then ``metrics.json`` (its presence means complete)."""
+    if model is not None:
+        save_model_atomic(model, tokenizer, out_dir / "model")
+    write_json_atomic(out_dir / "sparsity.json", layer_sparsity)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+
+
+def summary_table(metrics: dict) -> str:
+    """A short dense-vs-pruned table for the terminal."""
+    rows = [
+        ("model", metrics["model"]),
+        ("protocol", metrics.get("protocol", "centralized")),
+        ("pruner / pattern", f"{metrics['pruner']} / {metrics['pattern']}"),
+        ("sparsity (actual)", f"{metrics['sparsity']:.3f} ({metrics['sparsity_actual']:.4f})"),
+        ("perplexity dense", f"{metrics['ppl_dense']:.3f}"),
+        ("perplexity pruned", f"{metrics['ppl_pruned']:.3f}"),
+        ("tokens calib / eval", f"{metrics['calib_tokens']} / {metrics['eval_tokens']}"),
+        ("wall time", f"{metrics['wall_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)

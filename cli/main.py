@@ -1,0 +1,65 @@
+"""The ``fedprune`` command: a Hydra app that validates the config, then runs the chosen protocol."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from cli.centralized import run_centralized
+from cli.common import summary_table
+from cli.validate import ConfigError, validate_common
+from fedprune.data.assets import AssetError
+
+logger = logging.getLogger("fedprune")
+
+# conf/ beside the packages (an absolute path works for console scripts and `python -m` alike)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# protocol name -> job(cfg, out_dir) -> metrics. Hydra's `protocol` config group maps onto this.
+PROTOCOLS: dict[str, Callable[[DictConfig, Path], dict]] = {
+    "centralized": run_centralized,
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check that can run before the model loads."""
+    if cfg.protocol.name not in PROTOCOLS:
+        raise ConfigError(
+            f"config key 'protocol.name': unknown protocol {cfg.protocol.name!r}; "
+            f"known: {sorted(PROTOCOLS)}"
+        )
+    validate_common(cfg)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Validate, run the protocol's job, print the summary."""
+    validate(cfg)
+    metrics = PROTOCOLS[cfg.protocol.name](cfg, out_dir)
+    print(summary_table(metrics))
+    print(f"  outputs            {out_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, out_dir)
+    except (ConfigError, AssetError) as error:
+        logger.error("%s", error)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

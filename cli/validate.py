@@ -1,0 +1,85 @@
+"""Config checks that run before any model is loaded: a bad config fails with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fedprune.data.assets import CORPUS_ASSETS, MODEL_ASSETS
+from fedprune.masks import check_sparsity, parse_pattern
+from fedprune.pruners import check_pruner_supports, get_pruner
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def check_model_spec(spec: str, key: str = "model.path") -> None:
+    """A bundled model name or an existing HF folder (with config.json)."""
+    if spec in MODEL_ASSETS:
+        return
+    path = Path(spec).expanduser()
+    _check(
+        path.is_dir() and (path / "config.json").is_file(),
+        key,
+        f"{spec!r} is neither a bundled model ({', '.join(sorted(MODEL_ASSETS))}) "
+        "nor an existing HF model folder with config.json",
+    )
+
+
+def check_corpus_spec(spec: str, key: str = "data.path") -> None:
+    """A bundled corpus name or an existing folder of .txt works."""
+    if spec in CORPUS_ASSETS:
+        return
+    path = Path(spec).expanduser()
+    _check(
+        path.is_dir() and any(path.glob("*.txt")),
+        key,
+        f"{spec!r} is neither a bundled corpus ({', '.join(sorted(CORPUS_ASSETS))}) "
+        "nor a folder of <work>.txt files",
+    )
+
+
+def validate_common(cfg: DictConfig) -> None:
+    """Checks shared by every protocol: pruner, pattern, sparsity, model and data."""
+    try:
+        pruner = get_pruner(cfg.pruner.name, **cfg.pruner.get("params", {}))
+    except KeyError as error:
+        raise ConfigError(f"config key 'pruner.name': {error.args[0]}") from None
+    except TypeError as error:
+        raise ConfigError(f"config key 'pruner.params': {error}") from None
+    try:
+        pattern = parse_pattern(str(cfg.pattern))
+    except ValueError as error:
+        raise ConfigError(f"config key 'pattern': {error}") from None
+    try:
+        check_sparsity(float(cfg.sparsity))
+    except ValueError as error:
+        raise ConfigError(f"config key 'sparsity': {error}") from None
+    try:
+        check_pruner_supports(pruner, pattern)
+    except ValueError as error:
+        raise ConfigError(f"config key 'pattern': {error}") from None
+    _check(bool(cfg.model.path), "model.path", "missing: give a bundled model name or a folder")
+    check_model_spec(str(cfg.model.path))
+    check_corpus_spec(str(cfg.data.path))
+    data = cfg.data
+    _check(int(data.seq_len) >= 2, "data.seq_len", f"must be >= 2, got {data.seq_len}")
+    _check(
+        int(data.calib_windows) >= 1,
+        "data.calib_windows",
+        f"must be >= 1, got {data.calib_windows}",
+    )
+    _check(
+        data.eval_windows is None or int(data.eval_windows) >= 1,
+        "data.eval_windows",
+        f"must be >= 1 or null, got {data.eval_windows}",
+    )
+    _check(int(cfg.batch_size) >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+    _check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")

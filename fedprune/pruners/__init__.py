@@ -1,0 +1,20 @@
+"""Pruners behind a registry: importing this package registers magnitude, wanda and sparsegpt."""
+
+from fedprune.pruners import magnitude, sparsegpt, wanda  # noqa: F401  (registration)
+from fedprune.pruners.base import (
+    PRUNERS,
+    Pruner,
+    PruneResult,
+    check_pruner_supports,
+    get_pruner,
+    register_pruner,
+)
+
+__all__ = [
+    "PRUNERS",
+    "PruneResult",
+    "Pruner",
+    "check_pruner_supports",
+    "get_pruner",
+    "register_pruner",
+]

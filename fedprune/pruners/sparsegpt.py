@@ -1,0 +1,142 @@
+"""SparseGPT (Frantar & Alistarh 2023): OBS pruning with lazy blocked weight updates.
+
+Steps, each its own function: the Hessian H = 2·Σxxᵀ/count from summed statistics; dampening with
+``percdamp`` × mean(diag H) and dead inputs; the upper Cholesky factor of H⁻¹; the blocked column sweep
+that selects the mask per block of columns (adaptive mask selection) and updates the kept weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fedprune.masks import Pattern
+from fedprune.pruners.base import PruneResult, register_pruner, require_stats
+from fedprune.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+
+def hessian_from_stats(stats: Stats) -> torch.Tensor:
+    """H = 2 · Σ x xᵀ / count, ``(in, in)`` float64."""
+    return 2.0 * stats.total / stats.count
+
+
+def dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
+    """Inputs that were never active (zero diagonal), ``(in,)`` bool."""
+    return torch.diagonal(hessian) == 0
+
+
+def damped_hessian(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """H with dead inputs set to identity rows and ``percdamp`` × mean(diag H) added to the diagonal."""
+    h = hessian.clone()
+    dead = dead_inputs(h)
+    h[dead, dead] = 1.0
+    diag = torch.arange(h.shape[0])
+    h[diag, diag] += percdamp * torch.mean(torch.diagonal(h))
+    return h
+
+
+def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), ``(in, in)``."""
+    lower = torch.linalg.cholesky(hessian)
+    inverse = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def _block_mask_unstructured(
+    w_block: torch.Tensor, d_block: torch.Tensor, sparsity: float
+) -> torch.Tensor:
+    """Prune-mask (True = prune) of the lowest w²/d² in one block of columns, exact count."""
+    saliency = w_block.pow(2) / d_block.pow(2).reshape(1, -1)  # (out, block)
+    num_pruned = int(saliency.numel() * sparsity)
+    mask = torch.zeros(saliency.numel(), dtype=torch.bool)
+    if num_pruned:
+        mask[torch.argsort(saliency.reshape(-1), stable=True)[:num_pruned]] = True
+    return mask.reshape(saliency.shape)
+
+
+def obs_prune(
+    weight: torch.Tensor,
+    hinv_factor: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SparseGPT column sweep.
+
+    Parameters
+    ----------
+    weight : ``(out, in)`` dense weight (not mutated).
+    hinv_factor : ``(in, in)`` upper Cholesky factor of the damped H⁻¹.
+    Returns the pruned, updated weight and its keep-mask.
+    """
+    w = weight.to(torch.float32).clone()  # (out, in)
+    hinv = hinv_factor.to(torch.float32)
+    out_features, in_features = w.shape
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    nm = pattern.kind == "nm"
+    if nm and blocksize % pattern.m:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m}")
+    for i1 in range(0, in_features, blocksize):
+        i2 = min(i1 + blocksize, in_features)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d1 = torch.diagonal(hinv1)
+        mask1 = (
+            torch.zeros_like(w1, dtype=torch.bool)
+            if nm
+            else _block_mask_unstructured(w1, d1, sparsity)
+        )
+        for i in range(i2 - i1):
+            if nm and i % pattern.m == 0:
+                saliency = w1[:, i : i + pattern.m].pow(2) / d1[i : i + pattern.m].pow(2).reshape(
+                    1, -1
+                )
+                lowest = torch.argsort(saliency, dim=1, stable=True)[:, : pattern.m - pattern.n]
+                mask1.scatter_(1, i + lowest, True)
+            col = w1[:, i]
+            q = col.masked_fill(mask1[:, i], 0.0)
+            q1[:, i] = q
+            err = (col - q) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i1:i2] = q1
+        pruned[:, i1:i2] = mask1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    keep = ~pruned
+    return (w * keep).to(weight.dtype), keep
+
+
+@register_pruner
+class SparseGPTPruner:
+    """SparseGPT with dampening ``percdamp`` of mean(diag H) and lazy blocks of ``blocksize`` columns."""
+
+    name = "sparsegpt"
+    stat_kind = "hessian"
+    patterns = ("unstructured", "nm")
+    updates_weights = True
+
+    def __init__(self, percdamp: float = 0.01, blocksize: int = 128) -> None:
+        self.percdamp = percdamp
+        self.blocksize = blocksize
+
+    def scores(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        """OBS saliency w² / [H⁻¹]_jj² before any update (used for voting, not for the sweep)."""
+        h = damped_hessian(hessian_from_stats(require_stats(self, stats)), self.percdamp)
+        d = torch.diagonal(inverse_hessian_factor(h)).to(weight.dtype)
+        return weight.pow(2) / d.pow(2).reshape(1, -1)
+
+    def prune(
+        self, weight: torch.Tensor, stats: Stats | None, sparsity: float, pattern: Pattern
+    ) -> PruneResult:
+        h = hessian_from_stats(require_stats(self, stats))
+        dead = dead_inputs(h)
+        w = weight.clone()
+        w[:, dead] = 0.0
+        factor = inverse_hessian_factor(damped_hessian(h, self.percdamp))
+        new_weight, keep = obs_prune(w, factor, sparsity, pattern, self.blocksize)
+        return PruneResult(weight=new_weight, mask=keep)

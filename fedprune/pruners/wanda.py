@@ -1,0 +1,35 @@
+"""Wanda (Sun et al. 2023): score |W_ij|·‖x_j‖₂, compared per output row."""
+
+from __future__ import annotations
+
+import torch
+
+from fedprune.masks import Pattern, select_mask
+from fedprune.pruners.base import PruneResult, register_pruner, require_stats
+from fedprune.stats import Stats
+
+
+def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """|W| · sqrt(Σx²) per input feature: ``(out, in)`` × ``(in,)`` -> ``(out, in)``."""
+    return weight.abs() * sq_norm.to(weight.dtype).sqrt().reshape(1, -1)
+
+
+@register_pruner
+class WandaPruner:
+    """Wanda: weights × activation norms, per-output comparison group."""
+
+    name = "wanda"
+    stat_kind = "sq_norm"
+    patterns = ("unstructured", "nm")
+    updates_weights = False
+    group = "row"
+
+    def scores(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        # The per-token mean and the sum give the same ranking within a row; use the mean for scale.
+        return wanda_scores(weight, require_stats(self, stats).mean())
+
+    def prune(
+        self, weight: torch.Tensor, stats: Stats | None, sparsity: float, pattern: Pattern
+    ) -> PruneResult:
+        mask = select_mask(self.scores(weight, stats), sparsity, pattern, self.group)
+        return PruneResult(weight=weight * mask, mask=mask)

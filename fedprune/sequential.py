@@ -1,0 +1,224 @@
+"""The one layer-by-layer driver, used by centralized pruning, clients and the server.
+
+Steps, each its own function, so that the federation can split them between sites and server:
+
+1. :func:`capture_block_inputs` — embed the calibration windows and record the inputs of block 0.
+2. :func:`collect_block_stats` — run the dense block with hooks; per prunable layer, summed statistics.
+3. :func:`prune_block_` — prune every prunable layer of the block from its statistics.
+4. :func:`run_block` — re-run the pruned block: the inputs of the next block.
+
+Memory: the model plus one block's inputs and outputs for the whole calibration set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedprune.masks import Pattern, sparsity_of
+from fedprune.models import find_blocks, find_prunable_layers, get_weight, set_weight_
+from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
+from fedprune.stats import Stats, add_stats, batch_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockInputs:
+    """Inputs of one decoder block for the calibration set, in micro-batches.
+
+    ``hidden[i]`` is ``(batch, tokens, hidden)``; ``kwargs[i]`` are the keyword arguments the model
+    passed to the block for that micro-batch (attention mask, position embeddings, ...).
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model after block 0's inputs are recorded."""
+
+
+def _detach_kwargs(kwargs: dict) -> dict:
+    """Keyword arguments of a block call, without caches and with tensors detached."""
+    out = {}
+    for key, value in kwargs.items():
+        if key in ("past_key_value", "past_key_values", "cache", "layer_past"):
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            value = tuple(v.detach() for v in value)
+        out[key] = value
+    out["use_cache"] = False
+    return out
+
+
+def micro_batches(input_ids: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+    """Split ``(windows, tokens)`` ids into micro-batches of at most ``batch_size`` windows."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return input_ids.split(batch_size, dim=0)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Record the inputs of the first decoder block for ``input_ids`` ``(windows, tokens)``."""
+    _, blocks = find_blocks(model)
+    hidden: list[torch.Tensor] = []
+    kwargs_list: list[dict] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        states = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(states.detach())
+        kwargs_list.append(
+            _detach_kwargs({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        )
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in micro_batches(input_ids, batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden=hidden, kwargs=kwargs_list)
+
+
+def _block_output(output: object) -> torch.Tensor:
+    """The hidden states a decoder block returns (a tensor, or the first element of a tuple)."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """Run a block on every micro-batch: the inputs of the next block."""
+    hidden = [
+        _block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)
+    ]
+    return BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
+
+
+@torch.no_grad()
+def collect_block_stats(
+    block: nn.Module, inputs: BlockInputs, stat_kind: str | None
+) -> dict[str, Stats]:
+    """Summed statistics of the inputs of each prunable layer of ``block`` (empty if data-free)."""
+    if stat_kind is None:
+        return {}
+    layers = find_prunable_layers(block)
+    collected: dict[str, Stats] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple, _output: object) -> None:
+            part = batch_stats(stat_kind, args[0])
+            collected[name] = add_stats(collected[name], part) if name in collected else part
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
+            block(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return collected
+
+
+def prune_layers(
+    block: nn.Module,
+    stats: dict[str, Stats],
+    pruner: Pruner,
+    sparsity: float,
+    pattern: Pattern,
+) -> dict[str, PruneResult]:
+    """Pruned weights and masks of each prunable layer of ``block`` (the block is not modified)."""
+    results = {}
+    for name, layer in find_prunable_layers(block).items():
+        results[name] = pruner.prune(get_weight(layer), stats.get(name), sparsity, pattern)
+    return results
+
+
+def apply_weights_(block: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Write ``(out, in)`` weights into the named prunable layers of ``block``."""
+    layers = find_prunable_layers(block)
+    for name, weight in weights.items():
+        set_weight_(layers[name], weight)
+
+
+def prune_block_(
+    block: nn.Module,
+    stats: dict[str, Stats],
+    pruner: Pruner,
+    sparsity: float,
+    pattern: Pattern,
+) -> dict[str, torch.Tensor]:
+    """Prune ``block`` in place; return the keep-masks by layer name."""
+    results = prune_layers(block, stats, pruner, sparsity, pattern)
+    apply_weights_(block, {name: r.weight for name, r in results.items()})
+    return {name: r.mask for name, r in results.items()}
+
+
+@dataclass
+class PruneReport:
+    """Per-layer sparsity (``"<block>.<layer>"`` -> fraction pruned) and the number of calibration tokens."""
+
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    calib_tokens: int = 0
+    layer_weights: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Weighted mean sparsity over all pruned layers."""
+        total = sum(self.layer_weights.values())
+        if not total:
+            return 0.0
+        return sum(self.layer_sparsity[k] * n for k, n in self.layer_weights.items()) / total
+
+
+def prune_model_(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    pruner: Pruner,
+    sparsity: float,
+    pattern: Pattern,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> PruneReport:
+    """Centralized sequential pruning of every decoder block of ``model`` in place.
+
+    Parameters
+    ----------
+    input_ids : ``(windows, tokens)`` calibration windows (ignored by data-free pruners).
+    """
+    check_pruner_supports(pruner, pattern)
+    blocks_name, blocks = find_blocks(model)
+    report = PruneReport()
+    inputs = capture_block_inputs(model, input_ids, batch_size) if pruner.stat_kind else None
+    report.calib_tokens = inputs.num_tokens if inputs else 0
+    for index, block in enumerate(
+        tqdm(blocks, desc=f"pruning ({pruner.name})", disable=not progress)
+    ):
+        stats = collect_block_stats(block, inputs, pruner.stat_kind) if inputs else {}
+        masks = prune_block_(block, stats, pruner, sparsity, pattern)
+        for name, mask in masks.items():
+            key = f"{blocks_name}.{index}.{name}"
+            report.layer_sparsity[key] = sparsity_of(mask)
+            report.layer_weights[key] = mask.numel()
+        if inputs is not None and index + 1 < len(blocks):
+            inputs = run_block(block, inputs)
+    return report

@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cli.main import run
+from cli.validate import ConfigError, validate_common
+from fedprune.data.corpus import load_works, split_works
+from fedprune.data.windows import eval_windows, tokenize_works
+from fedprune.eval import perplexity
+from fedprune.models import load_tokenizer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("pruner,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
+def test_run_writes_metrics_sparsity_and_loadable_model(
+    make_cfg, tiny_assets, tmp_path, pruner, pattern
+):
+    cfg = make_cfg(f"pruner={pruner}", f"pattern={pattern}")
+    metrics = run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    for key in (
+        "model",
+        "pruner",
+        "pattern",
+        "sparsity",
+        "sparsity_actual",
+        "ppl_dense",
+        "ppl_pruned",
+        "calib_tokens",
+        "eval_tokens",
+        "wall_s",
+        "peak_rss_mb",
+    ):
+        assert key in saved
+    assert saved["sparsity_actual"] == pytest.approx(0.5)
+    assert saved["calib_tokens"] == 8 * 16 and saved["eval_tokens"] == 6 * 15
+    layers = json.loads((tmp_path / "sparsity.json").read_text())
+    assert len(layers) == 2 * 7 and all(v == pytest.approx(0.5) for v in layers.values())
+    # the saved folder loads with transformers and gives the same perplexity
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    tokenizer = load_tokenizer(tmp_path / "model")
+    _, held = split_works(load_works(tiny_assets["corpus"]), ["hamlet", "macbeth"])
+    ids = eval_windows(tokenize_works(tokenizer, held), 16, 6)
+    assert perplexity(model, ids).value == pytest.approx(saved["ppl_pruned"], rel=1e-5)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary leftovers
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("pruner.name=nope", "pruner.name"),
+        ("sparsity=1.0", "sparsity"),
+        ("sparsity=-0.1", "sparsity"),
+        ("pattern=4:4", "pattern"),
+        ("pattern=5:4", "pattern"),
+        ("model.path=/does/not/exist", "model.path"),
+        ("data.path=/does/not/exist", "data.path"),
+    ],
+)
+def test_bad_config_names_the_key(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        validate_common(make_cfg(override))
+
+
+def test_cli_bad_config_fails_before_loading(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "pruner=wanda",
+            "sparsity=1.5",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "'sparsity'" in result.stderr + result.stdout
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_pruned_weights_really_zero(make_cfg, tmp_path):
+    run(make_cfg("pruner=magnitude", "save_model=true"), tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert (w == 0).float().mean().item() == pytest.approx(0.5)
+    assert torch.isfinite(w).all()

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from fedprune.masks import Pattern, sparsity_of
+from fedprune.pruners import PRUNERS, get_pruner
+from fedprune.pruners.sparsegpt import damped_hessian, inverse_hessian_factor, obs_prune
+from fedprune.stats import Stats, batch_stats
+
+UNSTRUCTURED = Pattern("unstructured")
+TWO_FOUR = Pattern("nm", 2, 4)
+
+
+def test_registry_names_and_unknown():
+    assert {"magnitude", "wanda", "sparsegpt"} <= set(PRUNERS)
+    with pytest.raises(KeyError, match="unknown pruner"):
+        get_pruner("nope")
+
+
+def test_magnitude_exact_mask():
+    w = torch.tensor([[1.0, -5.0, 2.0, 0.5], [-3.0, 4.0, 0.1, 6.0]])
+    result = get_pruner("magnitude").prune(w, None, 0.5, UNSTRUCTURED)
+    keep = torch.tensor([[False, True, False, False], [True, True, False, True]])
+    assert torch.equal(result.mask, keep)
+    assert torch.equal(result.weight, w * keep)
+    assert w[0, 0] == 1.0  # input untouched
+
+
+def test_wanda_uses_activation_norms_per_row():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    # Σx² per input = [100, 1, 1, 100] over 1 token: norms [10, 1, 1, 10]
+    stats = Stats("sq_norm", torch.tensor([100.0, 1.0, 1.0, 100.0], dtype=torch.float64), 1)
+    result = get_pruner("wanda").prune(w, stats, 0.5, UNSTRUCTURED)
+    # scores row0 = [10, 2, 3, 40] -> keep 0,3 ; row1 = [40, 3, 2, 10] -> keep 0,3
+    keep = torch.tensor([[True, False, False, True], [True, False, False, True]])
+    assert torch.equal(result.mask, keep)
+
+
+def test_wanda_two_four():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 1.0, 1.0]])
+    stats = Stats("sq_norm", torch.tensor([16.0, 1, 1, 1, 1, 4, 9, 1], dtype=torch.float64), 1)
+    # scores = [4, 2, 3, 4 | 1, 2, 3, 1]: keep {0,3} then {5,6}
+    result = get_pruner("wanda").prune(w, stats, 0.0, TWO_FOUR)
+    assert result.mask.tolist() == [[True, False, False, True, False, True, True, False]]
+
+
+def test_wanda_needs_stats():
+    with pytest.raises(ValueError, match="sq_norm"):
+        get_pruner("wanda").prune(torch.ones(2, 4), None, 0.5, UNSTRUCTURED)
+
+
+def test_sparsegpt_identity_hessian_is_magnitude_per_block():
+    # With H ∝ I the OBS saliency is w² (up to a constant) and no compensation happens.
+    w = torch.tensor([[1.0, -5.0, 2.0, 0.5], [-3.0, 4.0, 0.1, 6.0]])
+    stats = Stats("hessian", torch.eye(4, dtype=torch.float64) * 10, 5)
+    result = get_pruner("sparsegpt").prune(w, stats, 0.5, UNSTRUCTURED)
+    keep = torch.tensor([[False, True, False, False], [True, True, False, True]])
+    assert torch.equal(result.mask, keep)
+    assert torch.allclose(result.weight, w * keep)
+
+
+def test_sparsegpt_compensates_correlated_input():
+    # Two perfectly correlated inputs (x0 == x1): pruning w0 can be fully compensated on w1.
+    x = torch.randn(1000, 1)
+    x = torch.cat([x, x], dim=1)  # (tokens, 2)
+    stats = batch_stats("hessian", x)
+    w = torch.tensor([[1.0, 3.0]])
+    result = get_pruner("sparsegpt", percdamp=1e-6).prune(w, stats, 0.5, UNSTRUCTURED)
+    assert result.mask.tolist() == [[False, True]]
+    assert result.weight[0, 1].item() == pytest.approx(4.0, rel=1e-3)
+
+
+def test_obs_prune_two_four_groups_valid():
+    torch.manual_seed(0)
+    w = torch.randn(6, 16)
+    x = torch.randn(200, 16)
+    h = damped_hessian(batch_stats("hessian", x).total * 2 / 200, 0.01)
+    new_w, keep = obs_prune(w, inverse_hessian_factor(h), 0.0, TWO_FOUR, blocksize=8)
+    assert torch.equal(keep.reshape(6, 4, 4).sum(-1), torch.full((6, 4), 2))
+    assert bool((new_w[~keep] == 0).all())
+    assert bool((new_w[keep] != w[keep]).any())  # kept weights were updated
+
+
+def _reconstruction_error(w, new_w, x):
+    return ((x @ w.t() - x @ new_w.t()) ** 2).sum().item()
+
+
+@pytest.mark.parametrize("pattern", [UNSTRUCTURED, TWO_FOUR])
+def test_sparsegpt_beats_wanda_and_magnitude_on_reconstruction(pattern):
+    torch.manual_seed(0)
+    in_features, out_features, tokens = 64, 32, 2048
+    mixing = torch.randn(in_features, in_features) / in_features**0.5
+    scales = torch.logspace(-1, 1, in_features)
+    x = (torch.randn(tokens, in_features) @ mixing) * scales  # correlated, uneven inputs
+    w = torch.randn(out_features, in_features)
+    errors = {}
+    for name, kind in (("magnitude", None), ("wanda", "sq_norm"), ("sparsegpt", "hessian")):
+        stats = batch_stats(kind, x) if kind else None
+        result = get_pruner(name).prune(w, stats, 0.5, pattern)
+        assert sparsity_of(result.mask) == pytest.approx(0.5)
+        errors[name] = _reconstruction_error(w, result.weight, x)
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"]
