@@ -80,9 +80,7 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         states = args[0] if args else kwargs.pop("hidden_states")
         hidden.append(states.detach())
-        kwargs_list.append(
-            _detach_kwargs({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        )
+        kwargs_list.append(_detach_kwargs({k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -106,16 +104,12 @@ def _block_output(output: object) -> torch.Tensor:
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """Run a block on every micro-batch: the inputs of the next block."""
-    hidden = [
-        _block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)
-    ]
+    hidden = [_block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)]
     return BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
 
 
 @torch.no_grad()
-def collect_block_stats(
-    block: nn.Module, inputs: BlockInputs, stat_kind: str | None
-) -> dict[str, Stats]:
+def collect_block_stats(block: nn.Module, inputs: BlockInputs, stat_kind: str | None) -> dict[str, Stats]:
     """Summed statistics of the inputs of each prunable layer of ``block`` (empty if data-free)."""
     if stat_kind is None:
         return {}
@@ -180,6 +174,7 @@ class PruneReport:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     calib_tokens: int = 0
     layer_weights: dict[str, int] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # "<block>.<layer>" keys, if kept
 
     @property
     def sparsity(self) -> float:
@@ -198,6 +193,7 @@ def prune_model_(
     pattern: Pattern,
     batch_size: int = 8,
     progress: bool = True,
+    keep_masks: bool = False,
 ) -> PruneReport:
     """Centralized sequential pruning of every decoder block of ``model`` in place.
 
@@ -210,15 +206,15 @@ def prune_model_(
     report = PruneReport()
     inputs = capture_block_inputs(model, input_ids, batch_size) if pruner.stat_kind else None
     report.calib_tokens = inputs.num_tokens if inputs else 0
-    for index, block in enumerate(
-        tqdm(blocks, desc=f"pruning ({pruner.name})", disable=not progress)
-    ):
+    for index, block in enumerate(tqdm(blocks, desc=f"pruning ({pruner.name})", disable=not progress)):
         stats = collect_block_stats(block, inputs, pruner.stat_kind) if inputs else {}
         masks = prune_block_(block, stats, pruner, sparsity, pattern)
         for name, mask in masks.items():
             key = f"{blocks_name}.{index}.{name}"
             report.layer_sparsity[key] = sparsity_of(mask)
             report.layer_weights[key] = mask.numel()
+            if keep_masks:
+                report.masks[f"{index}.{name}"] = mask
         if inputs is not None and index + 1 < len(blocks):
             inputs = run_block(block, inputs)
     return report

@@ -43,9 +43,7 @@ def test_prune_end_to_end(arch, pruner, pattern, tmp_path):
             nonzero = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
             assert bool((nonzero <= 2).all())
     # embeddings and lm_head untouched
-    assert (
-        model.get_input_embeddings().weight == tiny_model(arch).get_input_embeddings().weight
-    ).all()
+    assert (model.get_input_embeddings().weight == tiny_model(arch).get_input_embeddings().weight).all()
     logits = model(input_ids=ids).logits
     assert torch.isfinite(logits).all()
     model.save_pretrained(tmp_path)

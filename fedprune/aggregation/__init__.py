@@ -1,0 +1,1 @@
+"""Server-side aggregation: mask voting (FedPrLLM) and exact sums of statistics."""

@@ -1,0 +1,59 @@
+"""The server's step per block: from the sites' aggregated payloads to the globally pruned block."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fedprune.aggregation.mask_vote import apply_vote, select_by_votes, vote_counts
+from fedprune.masks import Pattern
+from fedprune.models import find_blocks, find_prunable_layers, get_weight
+from fedprune.pruners.base import Pruner
+from fedprune.sequential import apply_weights_, prune_layers
+from fedprune.stats import Stats, sum_stats
+
+logger = logging.getLogger(__name__)
+
+
+def aggregate_stats(site_stats: Sequence[dict[str, Stats]]) -> dict[str, Stats]:
+    """Per layer, the exact sum of the sites' statistics."""
+    if not site_stats:
+        raise ValueError("no site statistics to aggregate")
+    names = site_stats[0].keys()
+    return {name: sum_stats([s[name] for s in site_stats]) for name in names}
+
+
+def prune_block_from_stats_(
+    model: nn.Module, block: int, stats: dict[str, Stats], pruner: Pruner, sparsity: float, pattern: Pattern
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Prune ``block`` of the global model with the centralized code; return (masks, new weights)."""
+    _, blocks = find_blocks(model)
+    results = prune_layers(blocks[block], stats, pruner, sparsity, pattern)
+    weights = {name: r.weight for name, r in results.items()}
+    apply_weights_(blocks[block], weights)
+    return {name: r.mask for name, r in results.items()}, weights
+
+
+def vote_block_(
+    model: nn.Module,
+    block: int,
+    site_masks: Sequence[dict[str, torch.Tensor]],
+    sparsity: float,
+    pattern: Pattern,
+    group: str,
+    scaling: bool,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Aggregate the sites' masks of ``block`` by voting and apply it to the global dense weights."""
+    _, blocks = find_blocks(model)
+    masks, weights = {}, {}
+    for name, layer in find_prunable_layers(blocks[block]).items():
+        counts = vote_counts([m[name] for m in site_masks])
+        keep = select_by_votes(counts, sparsity, pattern, group, seed + block)
+        masks[name] = keep
+        weights[name] = apply_vote(get_weight(layer), keep, counts, len(site_masks), scaling)
+    apply_weights_(blocks[block], weights)
+    return masks, weights

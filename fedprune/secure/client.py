@@ -1,0 +1,246 @@
+"""The client party of secure aggregation (Bonawitz et al. 2017; SecAgg+, Bell et al. 2020).
+
+A ``SecAggClient`` runs one protocol instance for one vector, one step per server round, in order:
+``advertise_keys`` -> ``share_keys`` -> ``masked_input`` -> ``unmask``. Each step may run once: a mask
+seed reused for a second vector would leak the difference of the two vectors, and answering a second
+unmask request could reveal both secrets of one client.
+
+Pairwise-mask sign convention: client u adds ``+PRG(s_uv)`` if ``u < v`` and ``-PRG(s_uv)`` if ``u > v``,
+so the pairwise masks of two surviving neighbours cancel in the sum.
+
+Threat model: an honest-but-curious server and clients. The consistency-check round of Bonawitz et al.
+(which defends against a server sending different survivor sets to different clients) is not
+implemented; a client only refuses requests that are inconsistent on their face (see ``unmask``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+
+from fedprune.secure.encoding import check_modulus_bits, check_residues, reduce_
+from fedprune.secure.messages import (
+    EncryptedShare,
+    InvalidMessageError,
+    KeyAdvert,
+    MaskedInput,
+    SecAggError,
+    TooFewSurvivorsError,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from fedprune.secure.primitives import (
+    KEY_BYTES,
+    RandomBytes,
+    new_private_key,
+    open_sealed,
+    pack_ids,
+    pairwise_mask_seed,
+    prg_words,
+    public_bytes,
+    seal,
+    share_aad,
+    share_key,
+)
+from fedprune.secure.shamir import SHARE_BYTES, share_from_bytes, share_to_bytes, split_secret
+
+logger = logging.getLogger(__name__)
+
+MAX_CLIENT_ID = (1 << 64) - 1
+_PLAINTEXT_BYTES = 16 + 2 * SHARE_BYTES
+
+
+def share_point(client: int) -> int:
+    """The Shamir evaluation point of a client: ``client + 1`` (ids are in ``[0, 2^64 - 1)``)."""
+    return client + 1
+
+
+def check_client_id(client: int) -> int:
+    """Validate a client id (an int in ``[0, 2^64 - 1)``)."""
+    if not isinstance(client, int | np.integer) or not 0 <= int(client) < MAX_CLIENT_ID:
+        raise ValueError(f"client ids must be ints in [0, 2^64 - 1), got {client!r}")
+    return int(client)
+
+
+def mask_sign(u: int, v: int) -> int:
+    """+1 if client u adds ``PRG(s_uv)`` to its input, -1 if it subtracts it."""
+    return 1 if u < v else -1
+
+
+def apply_mask_(y: np.ndarray, seed: bytes, sign: int) -> np.ndarray:
+    """``y ± PRG(seed)`` modulo 2^64, in place."""
+    words = prg_words(seed, y.shape[0])  # (length,)
+    if sign > 0:
+        np.add(y, words, out=y)
+    else:
+        np.subtract(y, words, out=y)
+    return y
+
+
+def _pack_shares(sender: int, receiver: int, key_share: int, seed_share: int) -> bytes:
+    """Plaintext of an ``EncryptedShare``."""
+    return pack_ids(sender, receiver) + share_to_bytes(key_share) + share_to_bytes(seed_share)
+
+
+class SecAggClient:
+    """One client's state across the four rounds of one secure-aggregation instance."""
+
+    def __init__(self, client_id: int, modulus_bits: int = 64, random_bytes: RandomBytes = os.urandom):
+        self.client_id = check_client_id(client_id)
+        self.modulus_bits = check_modulus_bits(modulus_bits)
+        self._random_bytes = random_bytes
+        self._stage = "new"
+        self._threshold = 0
+        self._peers: dict[int, KeyAdvert] = {}
+        self._held: dict[int, tuple[int, int]] = {}  # v -> (share of s_v^SK, share of b_v) held by me
+        self._enc_key = None
+        self._mask_key = None
+        self._seed = b""
+
+    def _advance(self, expected: str, new: str) -> None:
+        if self._stage != expected:
+            raise SecAggError(
+                f"client {self.client_id}: step out of order (at {self._stage!r}, needs {expected!r})"
+            )
+        self._stage = new
+
+    def advertise_keys(self) -> KeyAdvert:
+        """Round 1: fresh key pairs (c_u for share encryption, s_u for masks); send the public keys."""
+        self._advance("new", "advertised")
+        self._enc_key = new_private_key(self._random_bytes)
+        self._mask_key = new_private_key(self._random_bytes)
+        return KeyAdvert(self.client_id, public_bytes(self._enc_key), public_bytes(self._mask_key))
+
+    def share_keys(self, peer_keys: Mapping[int, KeyAdvert], threshold: int) -> dict[int, EncryptedShare]:
+        """Round 2: Shamir-share ``b_u`` and ``s_u^SK`` among the neighbours and self; seal each share.
+
+        ``peer_keys`` are the neighbours' adverts as routed by the server (not including this client).
+        Returns ``{receiver: EncryptedShare}``; this client keeps its own share.
+        """
+        self._advance("advertised", "shared")
+        own = KeyAdvert(self.client_id, public_bytes(self._enc_key), public_bytes(self._mask_key))
+        peers = self._check_peer_keys(peer_keys, own)
+        holders = sorted([self.client_id, *peers])
+        if not 2 <= threshold <= len(holders):
+            raise SecAggError(
+                f"client {self.client_id}: threshold {threshold} not in [2, {len(holders)}] "
+                f"(this client and its {len(peers)} neighbours)"
+            )
+        if 2 * threshold <= len(holders):
+            logger.warning(
+                "threshold %d <= half of %d share holders: no guarantee against a malicious server",
+                threshold,
+                len(holders),
+            )
+        self._threshold = threshold
+        self._peers = peers
+        self._seed = self._random_bytes(KEY_BYTES)  # b_u
+        points = [share_point(v) for v in holders]
+        key_secret = int.from_bytes(self._mask_key.private_bytes_raw(), "big")
+        key_shares = split_secret(key_secret, points, threshold, self._random_bytes)
+        seed_shares = split_secret(int.from_bytes(self._seed, "big"), points, threshold, self._random_bytes)
+        u = self.client_id
+        self._held = {u: (key_shares[share_point(u)], seed_shares[share_point(u)])}
+        out = {}
+        for v, advert in peers.items():
+            plaintext = _pack_shares(u, v, key_shares[share_point(v)], seed_shares[share_point(v)])
+            key = share_key(self._enc_key, advert.enc_public, u, v)
+            out[v] = EncryptedShare(u, v, seal(key, plaintext, share_aad(u, v), self._random_bytes))
+        return out
+
+    def _check_peer_keys(self, peer_keys: Mapping[int, KeyAdvert], own: KeyAdvert) -> dict[int, KeyAdvert]:
+        """Validate routed adverts: ids match, 32-byte keys, all public keys distinct."""
+        peers = {}
+        seen = {own.enc_public, own.mask_public}
+        for v, advert in peer_keys.items():
+            v = check_client_id(v)
+            if v == self.client_id:
+                raise SecAggError(
+                    f"client {self.client_id}: server routed this client's own keys as a peer's"
+                )
+            if not isinstance(advert, KeyAdvert) or advert.client != v:
+                raise SecAggError(f"client {self.client_id}: advert routed for {v} is not client {v}'s")
+            for key in (advert.enc_public, advert.mask_public):
+                if not isinstance(key, bytes) or len(key) != KEY_BYTES or key in seen:
+                    raise SecAggError(
+                        f"client {self.client_id}: client {v} has an invalid or repeated public key"
+                    )
+                seen.add(key)
+            peers[v] = advert
+        return peers
+
+    def masked_input(self, vector: np.ndarray, received_shares: Mapping[int, EncryptedShare]) -> MaskedInput:
+        """Round 3: open the shares addressed to me, then send ``x_u + PRG(b_u) + Σ_v ±PRG(s_uv)``.
+
+        ``vector`` holds this client's encoded input (1-D uint64 residues modulo 2^k; see ``encoding``).
+        ``received_shares`` is ``{sender: EncryptedShare}``; its senders (the neighbours that completed
+        round 2) are exactly the neighbours this client masks with. A share that fails to decrypt or
+        parse aborts this client (an honest server never alters them).
+        """
+        self._advance("shared", "masked")
+        x = check_residues(vector, self.modulus_bits, name=f"client {self.client_id} input")
+        if x.ndim != 1:
+            raise ValueError(f"client {self.client_id}: input must be 1-D, got shape {x.shape}")
+        for sender, message in received_shares.items():
+            self._held[sender] = self._open_share(sender, message)
+        if len(self._held) < self._threshold:
+            raise TooFewSurvivorsError(
+                f"client {self.client_id}: only {len(self._held)} of this client and its neighbours "
+                f"completed key sharing, need {self._threshold}"
+            )
+        y = x.copy()  # (length,) uint64; the caller's vector is not modified
+        apply_mask_(y, self._seed, +1)
+        for v in self._held:
+            if v != self.client_id:
+                seed = pairwise_mask_seed(self._mask_key, self._peers[v].mask_public)
+                apply_mask_(y, seed, mask_sign(self.client_id, v))
+        # The secrets are no longer needed here; their shares live with the neighbours.
+        self._seed, self._mask_key = b"", None
+        return MaskedInput(self.client_id, reduce_(y, self.modulus_bits))
+
+    def _open_share(self, sender: int, message: EncryptedShare) -> tuple[int, int]:
+        """Decrypt and parse the shares ``sender`` addressed to this client."""
+        u = self.client_id
+        if sender not in self._peers or not isinstance(message, EncryptedShare):
+            raise InvalidMessageError(sender, f"sent shares to client {u} but is not its neighbour")
+        if (message.sender, message.receiver) != (sender, u):
+            raise InvalidMessageError(sender, f"share is addressed {message.sender}->{message.receiver}")
+        key = share_key(self._enc_key, self._peers[sender].enc_public, sender, u)
+        try:
+            plaintext = open_sealed(key, message.ciphertext, share_aad(sender, u))
+        except InvalidTag as error:
+            raise InvalidMessageError(sender, f"share for client {u} failed authentication") from error
+        if len(plaintext) != _PLAINTEXT_BYTES or plaintext[:16] != pack_ids(sender, u):
+            raise InvalidMessageError(sender, f"share for client {u} is malformed")
+        key_share = share_from_bytes(plaintext[16 : 16 + SHARE_BYTES])
+        seed_share = share_from_bytes(plaintext[16 + SHARE_BYTES :])
+        return key_share, seed_share
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Round 4: reveal shares of ``b_v`` for surviving v and of ``s_v^SK`` for dropped v.
+
+        Refuses (``SecAggError``) a request that lists a client as both survivor and dropped, lists
+        this client as dropped, or names fewer than ``threshold`` survivors. Never reveals both shares
+        of one client.
+        """
+        self._advance("masked", "unmasked")
+        survivors, dropped = frozenset(request.survivors), frozenset(request.dropped)
+        u = self.client_id
+        if survivors & dropped:
+            raise SecAggError(
+                f"client {u}: clients {sorted(survivors & dropped)} are both survivors and dropped"
+            )
+        if u not in survivors:
+            raise SecAggError(f"client {u}: sent its masked input but is not listed as a survivor")
+        if len(survivors) < self._threshold:
+            raise TooFewSurvivorsError(
+                f"client {u}: only {len(survivors)} survivors, need {self._threshold}; refusing to unmask"
+            )
+        seed_shares = {v: share_to_bytes(s[1]) for v, s in self._held.items() if v in survivors}
+        key_shares = {v: share_to_bytes(s[0]) for v, s in self._held.items() if v in dropped}
+        self._held = {}
+        return UnmaskReply(u, seed_shares, key_shares)

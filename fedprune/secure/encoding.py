@@ -1,0 +1,210 @@
+"""Encodings of float64 and integer arrays as integers modulo 2^k, for summation under masking.
+
+Values live in Z_{2^k} (``k = modulus_bits``, 2..64) stored in ``np.uint64``; numpy's unsigned array
+arithmetic wraps modulo 2^64 and, because 2^k divides 2^64, reducing the wrapped result with
+``& (2^k - 1)`` gives arithmetic modulo 2^k. Negative numbers use two's complement: a sum is decoded as
+the representative in ``[-2^(k-1), 2^(k-1))``, so it is exact as long as the true integer sum lies in
+that range. Both codes below check this at construction from PUBLIC bounds (``clip`` or ``max_abs``
+and ``max_clients``), never from one client's data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def check_modulus_bits(modulus_bits: int) -> int:
+    """Validate ``k`` for the modulus 2^k (2 <= k <= 64)."""
+    if not isinstance(modulus_bits, int) or not 2 <= modulus_bits <= 64:
+        raise ValueError(f"modulus_bits must be an int in [2, 64], got {modulus_bits!r}")
+    return modulus_bits
+
+
+def modulus_mask(modulus_bits: int) -> np.uint64:
+    """``2^k - 1`` as a uint64, the bit mask that reduces a uint64 modulo 2^k."""
+    return np.uint64((1 << check_modulus_bits(modulus_bits)) - 1)
+
+
+def reduce_(y: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """Reduce a uint64 array modulo 2^k in place and return it."""
+    if modulus_bits < 64:
+        np.bitwise_and(y, modulus_mask(modulus_bits), out=y)
+    return y
+
+
+def to_signed(y: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """The representatives in ``[-2^(k-1), 2^(k-1))`` of uint64 residues modulo 2^k, as int64."""
+    y = check_residues(y, modulus_bits, name="sum")
+    if modulus_bits == 64:
+        return y.view(np.int64).copy()
+    signed = y.astype(np.int64)
+    half = 1 << (modulus_bits - 1)
+    return np.where(signed >= half, signed - (1 << modulus_bits), signed)
+
+
+def check_residues(y: np.ndarray, modulus_bits: int, name: str = "array") -> np.ndarray:
+    """Check that ``y`` is a uint64 numpy array of residues in ``[0, 2^k)``; return it unchanged."""
+    if not isinstance(y, np.ndarray) or y.dtype != np.uint64:
+        got = y.dtype if isinstance(y, np.ndarray | torch.Tensor) else type(y).__name__
+        raise TypeError(f"{name} must be a numpy uint64 array, got {got}")
+    if modulus_bits < 64 and y.size and int(y.max()) >= (1 << modulus_bits):
+        raise ValueError(f"{name} has values outside the modulus 2^{modulus_bits}")
+    return y
+
+
+def _check_sum_fits(max_abs: int, max_clients: int, modulus_bits: int) -> None:
+    """Raise if ``max_clients`` values of magnitude ``max_abs`` could overflow the signed range."""
+    limit = (1 << (modulus_bits - 1)) - 1
+    if max_clients * max_abs > limit:
+        raise OverflowError(
+            f"a sum of {max_clients} values of magnitude up to {max_abs} can exceed 2^{modulus_bits - 1} - 1 "
+            f"and wrap modulo 2^{modulus_bits}; lower the scale/bound or raise modulus_bits"
+        )
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy view/copy of an array or tensor (torch tensors are detached and moved to CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def moment_clip(max_tokens: int, activation_bound: float) -> float:
+    """Public bound on ``|Σ_t x_ti x_tj|`` (and ``Σ_t x_ti²``) over at most ``max_tokens`` tokens.
+
+    With every activation public-bounded by ``|x| <= activation_bound``, each entry of a Wanda
+    squared-norm sum or of a SparseGPT Gram sum is at most ``max_tokens · activation_bound²``.
+    Both arguments must be public (configuration, not a client's measured values).
+    """
+    if max_tokens < 1 or not activation_bound > 0:
+        raise ValueError("max_tokens must be >= 1 and activation_bound > 0")
+    return float(max_tokens) * float(activation_bound) ** 2
+
+
+class FixedPoint:
+    """Fixed-point code of floats as integers modulo 2^k.
+
+    ``encode`` clips each value to ``[-clip, clip]`` and maps it to ``rint(x · 2^scale_bits) mod 2^k``
+    (two's complement). Clients' encodings are added modulo 2^k and ``decode_sum`` maps the sum back.
+
+    Overflow: the constructor raises ``OverflowError`` unless
+    ``max_clients · rint(clip · 2^scale_bits) <= 2^(k-1) - 1``, so any sum of up to ``max_clients``
+    encodings decodes without wrap-around. ``for_bound`` picks the largest such ``scale_bits``.
+
+    Error bound: rounding moves each value by at most half a unit, ``2^-(scale_bits+1)``, so for inputs
+    inside ``[-clip, clip]`` (unclipped) and ``n`` summands, per element,
+
+        |decode_sum(Σ_u encode(x_u), n) − Σ_u x_u| <= n · 2^-(scale_bits+1)  (+ float64 rounding),
+
+    where the float64 term is the single rounding of the exact decoded integer to float64, at most
+    ``2^-53 · |decoded|`` (zero while ``|Σ_u rint(x_u · 2^scale_bits)| <= 2^53``). The bound is tight:
+    values at ``(2m + ½) · 2^-scale_bits`` all round down by exactly half a unit. Inputs beyond
+    ``clip`` are additionally moved to ``±clip`` (a bias the caller controls through the public bound).
+    """
+
+    def __init__(self, scale_bits: int, clip: float, max_clients: int, modulus_bits: int = 64):
+        check_modulus_bits(modulus_bits)
+        if not isinstance(scale_bits, int) or abs(scale_bits) > 1000:
+            raise ValueError(f"scale_bits must be an int in [-1000, 1000], got {scale_bits!r}")
+        if not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"clip must be a positive finite float, got {clip!r}")
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be >= 1, got {max_clients}")
+        self.scale_bits = scale_bits
+        self.clip = float(clip)
+        self.max_clients = int(max_clients)
+        self.modulus_bits = modulus_bits
+        # rint is monotone, so |rint(x·2^s)| <= rint(clip·2^s) for every |x| <= clip.
+        scaled_clip = math.ldexp(self.clip, scale_bits)
+        if not math.isfinite(scaled_clip):
+            raise OverflowError(f"clip · 2^{scale_bits} is not a finite float")
+        self.max_int = int(np.rint(scaled_clip))
+        _check_sum_fits(self.max_int, self.max_clients, modulus_bits)
+
+    @classmethod
+    def for_bound(cls, clip: float, max_clients: int, modulus_bits: int = 64) -> FixedPoint:
+        """The code with the finest scale (largest ``scale_bits``) that cannot overflow."""
+        if not (math.isfinite(clip) and clip > 0) or max_clients < 1:
+            raise ValueError("clip must be positive and finite, max_clients >= 1")
+        limit = (1 << (check_modulus_bits(modulus_bits) - 1)) - 1
+        scale_bits = math.floor(math.log2(limit / (max_clients * clip)))
+        for candidate in (scale_bits + 1, scale_bits, scale_bits - 1, scale_bits - 2):
+            try:
+                return cls(candidate, clip, max_clients, modulus_bits)
+            except OverflowError:
+                continue
+        raise OverflowError(f"no scale fits clip={clip} with {max_clients} clients in 2^{modulus_bits}")
+
+    def __repr__(self) -> str:
+        return (
+            f"FixedPoint(scale_bits={self.scale_bits}, clip={self.clip}, max_clients={self.max_clients}, "
+            f"modulus_bits={self.modulus_bits})"
+        )
+
+    def error_bound(self, num_summands: int) -> float:
+        """Worst-case rounding error ``n · 2^-(scale_bits+1)`` of a decoded sum of unclipped values."""
+        return num_summands * math.ldexp(1.0, -(self.scale_bits + 1))
+
+    def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Clip to ``[-clip, clip]``, scale by ``2^scale_bits``, round, and reduce modulo 2^k (same shape)."""
+        values = _as_numpy(x).astype(np.float64)  # copy, never mutates x
+        if not np.all(np.isfinite(values)):
+            raise ValueError("cannot encode NaN or infinite values")
+        clipped = np.clip(values, -self.clip, self.clip)
+        num_clipped = int(np.count_nonzero(clipped != values))
+        if num_clipped:
+            logger.debug(
+                "fixed-point encoding clipped %d of %d values to ±%g", num_clipped, values.size, self.clip
+            )
+        units = np.rint(np.ldexp(clipped, self.scale_bits)).astype(np.int64)
+        return reduce_(units.astype(np.uint64), self.modulus_bits)
+
+    def decode_sum(self, y: np.ndarray, num_summands: int) -> np.ndarray:
+        """Decode a sum (mod 2^k) of ``num_summands`` encodings to float64."""
+        if not 1 <= num_summands <= self.max_clients:
+            raise ValueError(f"num_summands must be in [1, {self.max_clients}], got {num_summands}")
+        return np.ldexp(to_signed(y, self.modulus_bits).astype(np.float64), -self.scale_bits)
+
+
+class IntegerCode:
+    """Exact code of integers (token counts, mask votes) as residues modulo 2^k.
+
+    ``encode`` requires ``|x| <= max_abs`` (raises otherwise; counts are never silently clipped) and the
+    constructor raises ``OverflowError`` unless ``max_clients · max_abs <= 2^(k-1) - 1``, so decoded sums
+    of up to ``max_clients`` encodings are exact.
+    """
+
+    def __init__(self, max_abs: int, max_clients: int, modulus_bits: int = 64):
+        check_modulus_bits(modulus_bits)
+        if max_abs < 1 or max_clients < 1:
+            raise ValueError("max_abs and max_clients must be >= 1")
+        self.max_abs = int(max_abs)
+        self.max_clients = int(max_clients)
+        self.modulus_bits = modulus_bits
+        _check_sum_fits(self.max_abs, self.max_clients, modulus_bits)
+
+    def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Residues modulo 2^k of an integer or boolean array (same shape)."""
+        values = _as_numpy(x)
+        if values.dtype == np.bool_:
+            values = values.astype(np.int64)
+        if not np.issubdtype(values.dtype, np.integer):
+            raise TypeError(f"IntegerCode encodes integer arrays, got {values.dtype}")
+        if values.dtype == np.uint64 and values.size and int(values.max()) > self.max_abs:
+            raise ValueError(f"integer values exceed the public bound max_abs={self.max_abs}")
+        signed = values.astype(np.int64)
+        if signed.size and (int(signed.min()) < -self.max_abs or int(signed.max()) > self.max_abs):
+            raise ValueError(f"integer values exceed the public bound max_abs={self.max_abs}")
+        return reduce_(signed.astype(np.uint64), self.modulus_bits)
+
+    def decode_sum(self, y: np.ndarray, num_summands: int) -> np.ndarray:
+        """Decode a sum (mod 2^k) of ``num_summands`` encodings to exact int64."""
+        if not 1 <= num_summands <= self.max_clients:
+            raise ValueError(f"num_summands must be in [1, {self.max_clients}], got {num_summands}")
+        return to_signed(y, self.modulus_bits)

@@ -1,0 +1,113 @@
+"""Cryptographic building blocks, all taken from the ``cryptography`` package (nothing home-made).
+
+- key agreement: X25519;
+- key derivation: HKDF-SHA256 with a per-purpose ``info`` label (domain separation);
+- encryption of Shamir shares sent between clients through the server: AES-256-GCM with a random
+  96-bit nonce, under a key that differs per direction (sender, receiver);
+- mask expansion (PRG): the ChaCha20 keystream under a 32-byte seed and an all-zero nonce, read as
+  little-endian uint64 words. Every seed is used for exactly one stream (one masked vector).
+
+``random_bytes`` arguments are callables ``n -> n bytes``: ``os.urandom`` in real use, or
+``seeded_random_bytes`` for reproducible tests and simulations only.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+logger = logging.getLogger(__name__)
+
+RandomBytes = Callable[[int], bytes]
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+_LABEL = b"fedprune/secagg/v1/"
+MASK_INFO = _LABEL + b"pairwise-mask-seed"
+SHARE_KEY_INFO = _LABEL + b"share-encryption-key"
+SHARE_AAD = _LABEL + b"share"
+TEST_RANDOMNESS_INFO = _LABEL + b"deterministic-test-randomness"
+
+
+def pack_ids(*ids: int) -> bytes:
+    """Client ids as 8-byte big-endian unsigned integers."""
+    return struct.pack(f">{len(ids)}Q", *ids)
+
+
+def hkdf_sha256(secret: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
+    """HKDF-SHA256 (RFC 5869) of ``secret`` with an empty salt and the given ``info`` label."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def new_private_key(random_bytes: RandomBytes) -> X25519PrivateKey:
+    """A fresh X25519 private key from 32 random bytes."""
+    return X25519PrivateKey.from_private_bytes(random_bytes(KEY_BYTES))
+
+
+def public_bytes(private_key: X25519PrivateKey) -> bytes:
+    """The 32-byte raw public key of a private key."""
+    return private_key.public_key().public_bytes_raw()
+
+
+def agree(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """The X25519 shared secret with a peer's raw public key (raises ValueError on a bad key)."""
+    return private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
+def pairwise_mask_seed(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """The seed ``s_uv = HKDF(X25519(s_u^SK, s_v^PK))``; both ends derive the same 32 bytes."""
+    return hkdf_sha256(agree(private_key, peer_public), MASK_INFO)
+
+
+def share_key(private_key: X25519PrivateKey, peer_public: bytes, sender: int, receiver: int) -> bytes:
+    """The AES-256-GCM key for shares sent from ``sender`` to ``receiver`` (one key per direction)."""
+    return hkdf_sha256(agree(private_key, peer_public), SHARE_KEY_INFO + pack_ids(sender, receiver))
+
+
+def share_aad(sender: int, receiver: int) -> bytes:
+    """Associated data binding a share ciphertext to its sender and receiver."""
+    return SHARE_AAD + pack_ids(sender, receiver)
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes, random_bytes: RandomBytes) -> bytes:
+    """``nonce || AES-GCM(key, nonce, plaintext, aad)`` with a fresh random nonce."""
+    nonce = random_bytes(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """Decrypt ``seal``'s output (raises ``cryptography.exceptions.InvalidTag`` if tampered)."""
+    return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+
+
+def prg_words(seed: bytes, length: int) -> np.ndarray:
+    """``length`` pseudo-random uint64 words: the ChaCha20 keystream under ``seed`` (zero nonce)."""
+    if len(seed) != KEY_BYTES:
+        raise ValueError(f"PRG seed must be {KEY_BYTES} bytes, got {len(seed)}")
+    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    stream = encryptor.update(bytes(8 * length))
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)  # (length,), writable copy
+
+
+def seeded_random_bytes(seed: int, stream: int = 0) -> RandomBytes:
+    """Deterministic ``n -> bytes`` from (seed, stream): ChaCha20 under HKDF(seed). TESTS ONLY.
+
+    Anyone who knows ``seed`` can recompute every key and mask, so this must never be used with a
+    guessable seed outside tests and reproducible simulations.
+    """
+    key = hkdf_sha256(str(int(seed)).encode(), TEST_RANDOMNESS_INFO + pack_ids(stream))
+    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+    def random_bytes(n: int) -> bytes:
+        return encryptor.update(bytes(n))
+
+    return random_bytes

@@ -1,0 +1,258 @@
+"""The server party of secure aggregation: routes messages and recovers only the sum of the inputs.
+
+Client sets, as in Bonawitz et al. (2017): U1 advertised keys, U2 ⊆ U1 shared keys, U3 ⊆ U2 sent a
+valid masked input (the *survivors*); ``dropped = U2 \\ U3``. The result is Σ_{u in U3} x_u mod 2^k.
+For each survivor u the server reconstructs ``b_u`` from ``threshold`` shares and removes ``PRG(b_u)``;
+for each dropped v it reconstructs ``s_v^SK`` and removes the pairwise masks its surviving neighbours
+added for v. The masks between two survivors cancel. A client whose message is malformed is excluded
+(recorded in ``rejected``) exactly like a client that dropped out at that step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedprune.secure.client import apply_mask_, mask_sign, share_point
+from fedprune.secure.encoding import check_modulus_bits, modulus_mask, reduce_
+from fedprune.secure.graph import Graph, check_graph, complete_graph, restrict
+from fedprune.secure.messages import (
+    EncryptedShare,
+    InvalidMessageError,
+    KeyAdvert,
+    MaskedInput,
+    SecAggError,
+    TooFewSurvivorsError,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from fedprune.secure.primitives import KEY_BYTES, pairwise_mask_seed, prg_words, public_bytes
+from fedprune.secure.shamir import reconstruct_secret, share_from_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def validate_masked_input(client: int, message: object, length: int, modulus_bits: int) -> np.ndarray:
+    """The vector of a masked input, or ``InvalidMessageError`` naming ``client``.
+
+    Valid: a ``MaskedInput`` from ``client`` whose vector is a 1-D numpy uint64 array of ``length``
+    residues modulo 2^k.
+    """
+    if not isinstance(message, MaskedInput) or message.client != client:
+        raise InvalidMessageError(client, "message is not this client's MaskedInput")
+    vector = message.vector
+    if not isinstance(vector, np.ndarray):
+        raise InvalidMessageError(client, f"masked vector is a {type(vector).__name__}, not a numpy array")
+    if vector.dtype != np.uint64:
+        raise InvalidMessageError(client, f"masked vector has dtype {vector.dtype}, expected uint64")
+    if vector.shape != (length,):
+        raise InvalidMessageError(client, f"masked vector has shape {vector.shape}, expected ({length},)")
+    if modulus_bits < 64 and length and int(vector.max()) > int(modulus_mask(modulus_bits)):
+        raise InvalidMessageError(client, f"masked vector has values outside the modulus 2^{modulus_bits}")
+    return vector
+
+
+class SecAggServer:
+    """The server's state for one secure-aggregation instance over vectors of ``vector_length``.
+
+    ``neighbours`` is the public communication graph (``graph.ring_graph`` for SecAgg+); ``None`` means
+    the complete graph over the clients that advertise keys (Bonawitz et al.; fine for ~16 clients).
+    Methods must be called in order, once each; every client rejected along the way is recorded in
+    ``rejected`` with the reason.
+    """
+
+    def __init__(
+        self,
+        vector_length: int,
+        threshold: int,
+        neighbours: Mapping[int, Collection[int]] | None = None,
+        modulus_bits: int = 64,
+    ):
+        if vector_length < 0 or threshold < 2:
+            raise ValueError("vector_length must be >= 0 and threshold >= 2")
+        self.vector_length = int(vector_length)
+        self.threshold = int(threshold)
+        self.modulus_bits = check_modulus_bits(modulus_bits)
+        self._graph_spec = None if neighbours is None else check_graph(neighbours)
+        self.rejected: dict[int, str] = {}
+        self.graph: Graph = {}
+        self.adverts: dict[int, KeyAdvert] = {}
+        self.sharers: frozenset[int] = frozenset()  # U2
+        self.survivors: frozenset[int] = frozenset()  # U3
+        self.dropped: frozenset[int] = frozenset()  # U2 \ U3
+        self._inputs: dict[int, np.ndarray] = {}
+        self._stage = "keys"
+
+    def _advance(self, expected: str, new: str) -> None:
+        if self._stage != expected:
+            raise SecAggError(f"server: step out of order (at {self._stage!r}, needs {expected!r})")
+        self._stage = new
+
+    def _reject(self, error: InvalidMessageError) -> None:
+        logger.warning("secure aggregation excludes %s", error)
+        self.rejected[error.client] = error.reason
+
+    def _require(self, clients: Collection[int], step: str) -> None:
+        if len(clients) < self.threshold:
+            raise TooFewSurvivorsError(
+                f"server: only {len(clients)} clients completed {step}, need threshold {self.threshold}"
+            )
+
+    def collect_keys(self, adverts: Mapping[int, KeyAdvert]) -> dict[int, dict[int, KeyAdvert]]:
+        """Round 1: accept key adverts (keyed by sender); return each client's neighbours' adverts."""
+        self._advance("keys", "shares")
+        seen: set[bytes] = set()
+        for client, advert in sorted(adverts.items()):
+            try:
+                self._check_advert(client, advert, seen)
+            except InvalidMessageError as error:
+                self._reject(error)
+                continue
+            seen.update((advert.enc_public, advert.mask_public))
+            self.adverts[client] = advert
+        self._require(self.adverts, "key advertisement")
+        spec = complete_graph(self.adverts) if self._graph_spec is None else self._graph_spec
+        self.graph = restrict(spec, self.adverts)
+        return {u: {v: self.adverts[v] for v in self.graph[u]} for u in self.graph}
+
+    def _check_advert(self, client: int, advert: object, seen: set[bytes]) -> None:
+        if not isinstance(advert, KeyAdvert) or advert.client != client:
+            raise InvalidMessageError(client, "message is not this client's KeyAdvert")
+        if self._graph_spec is not None and client not in self._graph_spec:
+            raise InvalidMessageError(client, "not in the communication graph")
+        for key in (advert.enc_public, advert.mask_public):
+            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+                raise InvalidMessageError(client, f"public keys must be {KEY_BYTES} bytes")
+            if key in seen or advert.enc_public == advert.mask_public:
+                raise InvalidMessageError(client, "public key repeats another key")
+
+    def route_shares(
+        self, shares: Mapping[int, Mapping[int, EncryptedShare]]
+    ) -> dict[int, dict[int, EncryptedShare]]:
+        """Round 2: accept ``{sender: {receiver: share}}``; return ``{receiver: {sender: share}}``.
+
+        A sender is kept only if it addressed exactly one share to each of its neighbours.
+        """
+        self._advance("shares", "masked")
+        accepted = {}
+        for sender, bundle in sorted(shares.items()):
+            try:
+                accepted[sender] = self._check_bundle(sender, bundle)
+            except InvalidMessageError as error:
+                self._reject(error)
+        self.sharers = frozenset(accepted)
+        self._require(self.sharers, "key sharing")
+        return {v: {u: accepted[u][v] for u in self.graph[v] & self.sharers} for v in self.sharers}
+
+    def _check_bundle(self, sender: int, bundle: object) -> dict[int, EncryptedShare]:
+        if sender not in self.graph:
+            raise InvalidMessageError(sender, "sent shares without advertising keys")
+        if not isinstance(bundle, Mapping) or set(bundle) != set(self.graph[sender]):
+            raise InvalidMessageError(sender, "shares are not addressed to exactly its neighbours")
+        for receiver, share in bundle.items():
+            ok = isinstance(share, EncryptedShare) and isinstance(share.ciphertext, bytes)
+            if not ok or (share.sender, share.receiver) != (sender, receiver):
+                raise InvalidMessageError(sender, f"malformed share for client {receiver}")
+        return dict(bundle)
+
+    def collect_masked_inputs(self, inputs: Mapping[int, MaskedInput]) -> UnmaskRequest:
+        """Round 3: validate masked inputs (keyed by sender); return the unmask request for survivors.
+
+        Invalid vectors (wrong length, dtype, or values outside the modulus) are rejected with a
+        reason naming the client, and that client is treated as dropped.
+        """
+        self._advance("masked", "unmask")
+        for client, message in sorted(inputs.items()):
+            try:
+                if client not in self.sharers:
+                    raise InvalidMessageError(client, "sent a masked input without completing key sharing")
+                self._inputs[client] = validate_masked_input(
+                    client, message, self.vector_length, self.modulus_bits
+                )
+            except InvalidMessageError as error:
+                self._reject(error)
+        self.survivors = frozenset(self._inputs)
+        self.dropped = self.sharers - self.survivors
+        self._require(self.survivors, "masked input")
+        return UnmaskRequest(self.survivors, self.dropped)
+
+    def reconstruct_sum(self, replies: Mapping[int, UnmaskReply]) -> np.ndarray:
+        """Round 4: from the survivors' unmask replies, the sum Σ_{u in survivors} x_u mod 2^k (uint64).
+
+        Raises ``TooFewSurvivorsError`` (no partial output) when any needed secret has fewer than
+        ``threshold`` shares.
+        """
+        self._advance("unmask", "done")
+        seed_points: dict[int, dict[int, int]] = {u: {} for u in self.survivors}
+        key_points: dict[int, dict[int, int]] = {v: {} for v in self.dropped}
+        answered = 0
+        for holder, reply in sorted(replies.items()):
+            try:
+                seeds, keys = self._check_reply(holder, reply)
+            except InvalidMessageError as error:
+                self._reject(error)
+                continue
+            answered += 1
+            for u, share in seeds.items():
+                seed_points[u][share_point(holder)] = share
+            for v, share in keys.items():
+                key_points[v][share_point(holder)] = share
+        if answered < self.threshold:
+            raise TooFewSurvivorsError(
+                f"server: only {answered} clients answered the unmask request, need {self.threshold}"
+            )
+        seeds = {
+            u: self._reconstruct(u, points, "self-mask seed b").to_bytes(KEY_BYTES, "big")
+            for u, points in seed_points.items()
+        }
+        keys = {v: self._reconstruct_key(v, points) for v, points in key_points.items()}
+        total = np.zeros(self.vector_length, dtype=np.uint64)  # (length,)
+        for u in sorted(self.survivors):
+            np.add(total, self._inputs[u], out=total)
+            np.subtract(total, prg_words(seeds[u], self.vector_length), out=total)
+        for v, key in sorted(keys.items()):
+            for u in sorted(self.graph[v] & self.survivors):
+                # u added mask_sign(u, v) · PRG(s_uv); remove it.
+                apply_mask_(total, pairwise_mask_seed(key, self.adverts[u].mask_public), -mask_sign(u, v))
+        self._inputs = {}
+        return reduce_(total, self.modulus_bits)
+
+    def _check_reply(self, holder: int, reply: object) -> tuple[dict[int, int], dict[int, int]]:
+        if holder not in self.survivors:
+            raise InvalidMessageError(holder, "sent an unmask reply but is not a survivor")
+        if not isinstance(reply, UnmaskReply) or reply.client != holder:
+            raise InvalidMessageError(holder, "message is not this client's UnmaskReply")
+        may_hold = self.graph[holder] | {holder}
+        if not set(reply.seed_shares) <= (self.survivors & may_hold):
+            raise InvalidMessageError(holder, "seed shares for clients that are not surviving neighbours")
+        if not set(reply.key_shares) <= (self.dropped & may_hold):
+            raise InvalidMessageError(holder, "key shares for clients that are not dropped neighbours")
+        try:
+            seeds = {u: share_from_bytes(s) for u, s in reply.seed_shares.items()}
+            keys = {v: share_from_bytes(s) for v, s in reply.key_shares.items()}
+        except ValueError as error:
+            raise InvalidMessageError(holder, f"malformed share: {error}") from error
+        return seeds, keys
+
+    def _reconstruct(self, client: int, points: dict[int, int], what: str) -> int:
+        if len(points) < self.threshold:
+            raise TooFewSurvivorsError(
+                f"server: {what} of client {client} has {len(points)} shares, need {self.threshold}"
+            )
+        try:
+            secret = reconstruct_secret(points, self.threshold)
+        except ValueError as error:
+            raise SecAggError(f"server: shares of the {what} of client {client}: {error}") from error
+        if secret >= 1 << (8 * KEY_BYTES):
+            raise SecAggError(f"server: reconstructed {what} of client {client} is not a 32-byte value")
+        return secret
+
+    def _reconstruct_key(self, client: int, points: dict[int, int]) -> X25519PrivateKey:
+        secret = self._reconstruct(client, points, "mask key s^SK")
+        key = X25519PrivateKey.from_private_bytes(secret.to_bytes(KEY_BYTES, "big"))
+        if public_bytes(key) != self.adverts[client].mask_public:
+            raise SecAggError(f"server: reconstructed mask key of client {client} does not match its advert")
+        return key

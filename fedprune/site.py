@@ -1,0 +1,105 @@
+"""A site's side of the layer-synchronous protocols: private block inputs kept between rounds.
+
+The site keeps the inputs of the block it is about to be asked for, so that one round costs the same at
+block 30 as at block 0. Per round it either reports statistics of the dense block (``stats_sync``) or its
+own mask of the block (``mask_vote_sync``); then it applies the globally pruned block and runs it once to
+get the next block's inputs. Nothing here ever leaves the site except what the caller encodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedprune.masks import Pattern
+from fedprune.models import find_blocks, find_prunable_layers
+from fedprune.pruners.base import Pruner
+from fedprune.sequential import (
+    BlockInputs,
+    apply_weights_,
+    capture_block_inputs,
+    collect_block_stats,
+    prune_layers,
+    run_block,
+)
+from fedprune.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteState:
+    """Inputs of block ``block`` for the site's calibration windows."""
+
+    inputs: BlockInputs
+    block: int
+    tokens: int
+
+
+def start_site(model: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> SiteState:
+    """Embed the site's windows: the inputs of block 0."""
+    inputs = capture_block_inputs(model, calib_ids, batch_size)
+    return SiteState(inputs=inputs, block=0, tokens=inputs.num_tokens)
+
+
+def _check_block(state: SiteState, block: int) -> None:
+    if state.block != block:
+        raise ValueError(f"site holds the inputs of block {state.block}, was asked for block {block}")
+
+
+def site_block_stats(model: nn.Module, state: SiteState, block: int, stat_kind: str) -> dict[str, Stats]:
+    """Summed statistics of every prunable layer of dense ``block`` on the site's inputs."""
+    _check_block(state, block)
+    _, blocks = find_blocks(model)
+    return collect_block_stats(blocks[block], state.inputs, stat_kind)
+
+
+def site_block_masks(
+    model: nn.Module, state: SiteState, block: int, pruner: Pruner, sparsity: float, pattern: Pattern
+) -> dict[str, torch.Tensor]:
+    """The site's own keep-masks of ``block`` (pruned locally on a copy; the model is not changed)."""
+    _check_block(state, block)
+    _, blocks = find_blocks(model)
+    stats = collect_block_stats(blocks[block], state.inputs, pruner.stat_kind)
+    results = prune_layers(blocks[block], stats, pruner, sparsity, pattern)
+    return {name: r.mask for name, r in results.items()}
+
+
+def advance_site_(model: nn.Module, state: SiteState, block: int, weights: dict[str, torch.Tensor]) -> None:
+    """Write the globally pruned ``block`` into ``model`` and move the site's inputs past it."""
+    _check_block(state, block)
+    _, blocks = find_blocks(model)
+    apply_weights_(blocks[block], weights)
+    if block + 1 < len(blocks):
+        state.inputs = run_block(blocks[block], state.inputs)
+    state.block = block + 1
+
+
+def local_masks(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    pruner: Pruner,
+    sparsity: float,
+    pattern: Pattern,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """One-shot: prune a private copy of the whole model sequentially; its keep-masks by ``<block>.<layer>``."""
+    from fedprune.sequential import prune_model_
+
+    local = copy.deepcopy(model)
+    report = prune_model_(
+        local, calib_ids, pruner, sparsity, pattern, batch_size, progress=False, keep_masks=True
+    )
+    return report.masks
+
+
+def block_layer_shapes(model: nn.Module, block: int) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` shapes of the prunable layers of one block, by name."""
+    from fedprune.models import get_weight
+
+    _, blocks = find_blocks(model)
+    return {name: tuple(get_weight(m).shape) for name, m in find_prunable_layers(blocks[block]).items()}
