@@ -49,7 +49,7 @@ def global_model(
     prune_masks: dict[str, torch.Tensor],
     codes: torch.Tensor,
     kind: str = "sign",
-    init_scale: float = 1e-2,
+    init_scale: float = 0.1,
 ) -> nn.Module:
     """Supermask model of the flat global ``codes`` over the frozen weights of ``base_model``."""
     full_codes = scatter_kept(codes, prune_masks, fill=1)
@@ -67,8 +67,8 @@ def client_update(
     batch_size: int,
     seed: int,
     kind: str = "sign",
-    init_scale: float = 1e-2,
-    optimizer: str = "adam",
+    init_scale: float = 0.1,
+    optimizer: str = "sgd",
 ) -> torch.Tensor:
     """Train locally from the global ``codes``; return the packed new codes of the kept weights (uint8)."""
     model = global_model(base_model, prune_masks, codes, kind, init_scale)
@@ -94,8 +94,8 @@ def run_in_process(
     batch_size: int,
     seed: int,
     kind: str = "sign",
-    init_scale: float = 1e-2,
-    optimizer: str = "adam",
+    init_scale: float = 0.1,
+    optimizer: str = "sgd",
 ) -> list[RoundLog]:
     """Run ``rounds`` of HideNseek with every client in ``clients`` (``(x, y)`` each) taking part.
 

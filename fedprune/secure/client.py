@@ -130,12 +130,6 @@ class SecAggClient:
                 f"client {self.client_id}: threshold {threshold} not in [2, {len(holders)}] "
                 f"(this client and its {len(peers)} neighbours)"
             )
-        if 2 * threshold <= len(holders):
-            logger.warning(
-                "threshold %d <= half of %d share holders: no guarantee against a malicious server",
-                threshold,
-                len(holders),
-            )
         self._threshold = threshold
         self._peers = peers
         self._seed = self._random_bytes(KEY_BYTES)  # b_u

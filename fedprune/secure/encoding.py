@@ -133,13 +133,18 @@ class FixedPoint:
         if not (math.isfinite(clip) and clip > 0) or max_clients < 1:
             raise ValueError("clip must be positive and finite, max_clients >= 1")
         limit = (1 << (check_modulus_bits(modulus_bits) - 1)) - 1
-        scale_bits = math.floor(math.log2(limit / (max_clients * clip)))
-        for candidate in (scale_bits + 1, scale_bits, scale_bits - 1, scale_bits - 2):
-            try:
-                return cls(candidate, clip, max_clients, modulus_bits)
-            except OverflowError:
-                continue
-        raise OverflowError(f"no scale fits clip={clip} with {max_clients} clients in 2^{modulus_bits}")
+
+        def fits(scale_bits: int) -> bool:
+            scaled = math.ldexp(clip, scale_bits)
+            return math.isfinite(scaled) and max_clients * int(np.rint(scaled)) <= limit
+
+        estimate = math.log2(limit) - math.log2(max_clients) - math.log2(clip)
+        scale_bits = min(1000, max(-1000, math.floor(estimate)))
+        while scale_bits < 1000 and fits(scale_bits + 1):
+            scale_bits += 1
+        while scale_bits > -1000 and not fits(scale_bits):
+            scale_bits -= 1
+        return cls(scale_bits, clip, max_clients, modulus_bits)
 
     def __repr__(self) -> str:
         return (

@@ -116,6 +116,14 @@ class SecAggServer:
         self._require(self.adverts, "key advertisement")
         spec = complete_graph(self.adverts) if self._graph_spec is None else self._graph_spec
         self.graph = restrict(spec, self.adverts)
+        smallest = min(len(vs) + 1 for vs in self.graph.values())
+        if 2 * self.threshold <= smallest:
+            logger.warning(
+                "threshold %d is at most half of the %d share holders of some client; Bonawitz et al. "
+                "recommend a threshold above half (protection against a deviating server)",
+                self.threshold,
+                smallest,
+            )
         return {u: {v: self.adverts[v] for v in self.graph[u]} for u in self.graph}
 
     def _check_advert(self, client: int, advert: object, seen: set[bytes]) -> None:

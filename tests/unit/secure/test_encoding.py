@@ -1,0 +1,118 @@
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from fedprune.secure.encoding import FixedPoint, IntegerCode, moment_clip, to_signed
+
+
+def _modular_sum(encoded: list[np.ndarray]) -> np.ndarray:
+    total = np.zeros_like(encoded[0])
+    for y in encoded:
+        total += y  # uint64 wraps modulo 2^64
+    return total
+
+
+def test_round_trip_of_representable_values_is_exact():
+    code = FixedPoint(scale_bits=8, clip=100.0, max_clients=4)
+    x = np.array([1.5, -2.25, 0.0, 99.0, -100.0, 1 / 256])
+    y = code.encode(x)
+    assert y.dtype == np.uint64
+    assert y[1] == np.uint64(2**64 - 576)  # -2.25 · 256 in two's complement
+    assert code.decode_sum(y, 1).tolist() == x.tolist()
+    # torch input gives the same code and is not modified
+    t = torch.tensor(x)
+    assert np.array_equal(code.encode(t), y) and t.tolist() == x.tolist()
+
+
+def test_values_beyond_clip_are_clipped():
+    code = FixedPoint(scale_bits=4, clip=2.0, max_clients=2)
+    assert code.decode_sum(code.encode(np.array([5.0, -7.0, 1.0])), 1).tolist() == [2.0, -2.0, 1.0]
+
+
+def test_worst_case_rounding_error_is_reached_and_not_exceeded():
+    s, n = 4, 5
+    code = FixedPoint(scale_bits=s, clip=100.0, max_clients=8)
+    # x · 2^s = 2m + 1/2 with m even rounds (half to even) down by exactly half a unit.
+    x = np.array([(2 * m + 0.5) / 2**s for m in (0, 2, 4, 10)] + [-(2 * 6 + 0.5) / 2**s])
+    decoded = code.decode_sum(_modular_sum([code.encode(x)] * n), n)
+    error = np.abs(decoded - n * x)
+    assert code.error_bound(n) == n * 2.0 ** -(s + 1)
+    assert np.all(error == code.error_bound(n))  # the bound is attained, i.e. tight
+
+
+def test_random_inputs_stay_within_the_stated_bound():
+    rng = np.random.default_rng(0)
+    n, s = 7, 10
+    code = FixedPoint(scale_bits=s, clip=50.0, max_clients=n)
+    xs = [rng.uniform(-50, 50, size=300) for _ in range(n)]
+    decoded = code.decode_sum(_modular_sum([code.encode(x) for x in xs]), n)
+    errors = [abs(Fraction(float(d)) - sum(Fraction(float(x[i])) for x in xs)) for i, d in enumerate(decoded)]
+    assert max(errors) <= Fraction(n, 2 ** (s + 1))
+    assert max(errors) > Fraction(n, 2 ** (s + 1)) / 4  # rounding errors really occur
+
+
+def test_integer_counts_are_exact_beyond_float64_precision():
+    code = IntegerCode(max_abs=2**59, max_clients=8)
+    counts = [np.array([2**59 - 1, -(2**59) + 3, 7, 0], dtype=np.int64) for _ in range(8)]
+    counts[3] = np.array([2**59 - 3, -5, -7, 1], dtype=np.int64)
+    total = code.decode_sum(_modular_sum([code.encode(c) for c in counts]), 8)
+    expected = [sum(int(c[i]) for c in counts) for i in range(4)]
+    assert total.tolist() == expected
+    assert float(expected[0]) != expected[0]  # float64 could not hold this sum exactly
+
+
+def test_mask_votes_from_bools():
+    code = IntegerCode(max_abs=1, max_clients=3)
+    votes = [torch.tensor([True, False, True]), torch.tensor([True, True, False]), torch.tensor([1, 0, 0])]
+    assert code.decode_sum(_modular_sum([code.encode(v) for v in votes]), 3).tolist() == [3, 1, 1]
+
+
+def test_overflow_guard():
+    FixedPoint(scale_bits=30, clip=2.0**31, max_clients=2)  # 2 · 2^61 fits below 2^63
+    with pytest.raises(OverflowError):
+        FixedPoint(scale_bits=30, clip=2.0**31, max_clients=4)  # 4 · 2^61 = 2^63 would wrap
+    with pytest.raises(OverflowError):
+        IntegerCode(max_abs=2**62, max_clients=2)
+    FixedPoint(scale_bits=4, clip=100.0, max_clients=20, modulus_bits=16)  # 20 · 1600 <= 32767
+    with pytest.raises(OverflowError):
+        FixedPoint(scale_bits=4, clip=100.0, max_clients=21, modulus_bits=16)
+
+
+def test_for_bound_picks_the_finest_safe_scale():
+    code = FixedPoint.for_bound(clip=1000.0, max_clients=16)
+    with pytest.raises(OverflowError):
+        FixedPoint(code.scale_bits + 1, 1000.0, 16)
+    # the worst case (all clients at +clip, or all at -clip) decodes without wrapping
+    for sign in (1.0, -1.0):
+        y = _modular_sum([code.encode(np.array([sign * 1000.0]))] * 16)
+        assert code.decode_sum(y, 16).tolist() == [sign * 16000.0]
+    # one more summand than declared is refused rather than silently wrapped
+    with pytest.raises(ValueError):
+        code.decode_sum(y, 17)
+
+
+def test_encode_rejects_bad_values():
+    with pytest.raises(ValueError):
+        FixedPoint(8, 1.0, 2).encode(np.array([math.nan]))
+    with pytest.raises(ValueError):
+        IntegerCode(max_abs=10, max_clients=2).encode(np.array([11]))
+    with pytest.raises(TypeError):
+        IntegerCode(max_abs=10, max_clients=2).encode(np.array([1.5]))
+
+
+def test_small_modulus_is_reduced_and_decoded_signed():
+    code = FixedPoint(scale_bits=2, clip=10.0, max_clients=3, modulus_bits=12)
+    y = code.encode(np.array([-1.0, 2.5]))
+    assert y.tolist() == [2**12 - 4, 10]
+    assert to_signed(np.array([2**12 - 4], dtype=np.uint64), 12).tolist() == [-4]
+    with pytest.raises(ValueError):
+        code.decode_sum(np.array([2**12], dtype=np.uint64), 1)
+
+
+def test_moment_clip_bounds_gram_entries():
+    x = torch.tensor([[2.0, -2.0], [1.0, 2.0], [-2.0, 0.5]])  # (tokens, in), |x| <= 2
+    assert moment_clip(3, 2.0) == 12.0
+    assert float((x.T @ x).abs().max()) <= moment_clip(3, 2.0)
