@@ -31,7 +31,7 @@ def run_centralized(cfg: DictConfig, out_dir: Path) -> dict:
     pattern = parse_pattern(str(cfg.pattern))
     model, tokenizer, _ = load_model_and_tokenizer(cfg)
     data = load_run_data(cfg, tokenizer)
-    calib_ids = calibration_windows(cfg, data.calib_docs, int(cfg.seed))
+    calib_ids = calibration_windows(cfg, data.calib_docs)
     dense = evaluate(cfg, model, data.eval_ids, "dense")
     prune_start = time.perf_counter()
     report = prune_model_(
@@ -62,7 +62,5 @@ def run_centralized(cfg: DictConfig, out_dir: Path) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "seed": int(cfg.seed),
     }
-    write_outputs(
-        out_dir, metrics, report.layer_sparsity, model if cfg.save_model else None, tokenizer
-    )
+    write_outputs(out_dir, metrics, report.layer_sparsity, model if cfg.save_model else None, tokenizer)
     return metrics

@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from fedprune.data.assets import resolve_corpus_path, resolve_model_path
 from fedprune.data.corpus import load_works, split_works
-from fedprune.data.windows import eval_windows, sample_windows, tokenize_works
+from fedprune.data.sites import pooled_windows
+from fedprune.data.windows import eval_windows, tokenize_works
 from fedprune.eval import perplexity
 from fedprune.masks import parse_pattern
 from fedprune.models import load_causal_lm, load_tokenizer
@@ -38,9 +39,18 @@ def load_run_data(cfg: DictConfig, tokenizer: object) -> RunData:
     return RunData(calib_docs, eval_windows(eval_docs, int(cfg.data.seq_len), max_windows))
 
 
-def calibration_windows(cfg: DictConfig, docs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
-    """``data.calib_windows`` random windows of ``data.seq_len`` tokens from ``docs``."""
-    return sample_windows(docs, int(cfg.data.calib_windows), int(cfg.data.seq_len), seed)
+def calibration_windows(cfg: DictConfig, docs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The pooled calibration set: every site's windows stacked (``federation.num_clients`` sites,
+    ``federation.partitioner``), so a centralized run uses exactly the data a federation would."""
+    fed = cfg.federation
+    return pooled_windows(
+        str(fed.partitioner),
+        docs,
+        int(fed.num_clients),
+        int(cfg.data.calib_windows),
+        int(cfg.data.seq_len),
+        int(cfg.seed),
+    )
 
 
 def load_model_and_tokenizer(cfg: DictConfig) -> tuple[torch.nn.Module, object, Path]:

@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from cli.centralized import run_centralized
 from cli.common import summary_table
-from cli.validate import ConfigError, validate_common
+from cli.local import run_local
+from cli.validate import ConfigError, validate_common, validate_federation
 from fedprune.data.assets import AssetError
 
 logger = logging.getLogger("fedprune")
@@ -21,9 +22,20 @@ logger = logging.getLogger("fedprune")
 # conf/ beside the packages (an absolute path works for console scripts and `python -m` alike)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
+
 # protocol name -> job(cfg, out_dir) -> metrics. Hydra's `protocol` config group maps onto this.
+def _simulated(cfg: DictConfig, out_dir: Path) -> dict:
+    from cli.federated import run_simulated  # imports flwr (and Ray) only when needed
+
+    return run_simulated(cfg, out_dir)
+
+
 PROTOCOLS: dict[str, Callable[[DictConfig, Path], dict]] = {
     "centralized": run_centralized,
+    "local": run_local,
+    "stats_sync": _simulated,
+    "mask_vote": _simulated,
+    "mask_vote_sync": _simulated,
 }
 
 
@@ -31,10 +43,10 @@ def validate(cfg: DictConfig) -> None:
     """Every check that can run before the model loads."""
     if cfg.protocol.name not in PROTOCOLS:
         raise ConfigError(
-            f"config key 'protocol.name': unknown protocol {cfg.protocol.name!r}; "
-            f"known: {sorted(PROTOCOLS)}"
+            f"config key 'protocol.name': unknown protocol {cfg.protocol.name!r}; known: {sorted(PROTOCOLS)}"
         )
     validate_common(cfg)
+    validate_federation(cfg)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:

@@ -83,3 +83,42 @@ def validate_common(cfg: DictConfig) -> None:
     )
     _check(int(cfg.batch_size) >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
     _check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")
+
+
+def validate_federation(cfg: DictConfig) -> None:
+    """Checks of the ``federation`` group and the protocol options."""
+    from fedprune.data.sites import SITE_PARTITIONERS
+    from fedprune.masks import GROUPS
+
+    fed = cfg.federation
+    clients = int(fed.num_clients)
+    _check(clients >= 1, "federation.num_clients", f"must be >= 1, got {clients}")
+    _check(
+        1 <= int(fed.min_clients) <= clients,
+        "federation.min_clients",
+        f"must be in [1, num_clients={clients}], got {fed.min_clients}",
+    )
+    _check(
+        str(fed.partitioner) in SITE_PARTITIONERS,
+        "federation.partitioner",
+        f"unknown partitioner {fed.partitioner!r}; known: {sorted(SITE_PARTITIONERS)}",
+    )
+    _check(
+        int(cfg.data.calib_windows) >= clients,
+        "data.calib_windows",
+        f"{cfg.data.calib_windows} windows cannot be split over {clients} sites",
+    )
+    _check(float(fed.cpus_per_client) > 0, "federation.cpus_per_client", "must be > 0")
+    protocol = cfg.protocol
+    if "group" in protocol:
+        _check(
+            str(protocol.group) in GROUPS, "protocol.group", f"must be one of {GROUPS}, got {protocol.group}"
+        )
+    if str(protocol.name) == "stats_sync":
+        pruner = get_pruner(cfg.pruner.name, **cfg.pruner.get("params", {}))
+        _check(
+            pruner.stat_kind is not None,
+            "pruner.name",
+            f"stats_sync needs a pruner with calibration statistics; {pruner.name!r} is data-free "
+            "(use protocol=mask_vote or centralized)",
+        )

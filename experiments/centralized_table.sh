@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-multirun/centralized_table}
-cmd=".venv/bin/fedprune -m pruner=magnitude,wanda,sparsegpt pattern=unstructured,2:4 sparsity=0.5 \
+cmd=".venv/bin/fedprune -m protocol=centralized pruner=magnitude,wanda,sparsegpt pattern=unstructured,2:4 sparsity=0.5 \
 data.calib_windows=128 data.seq_len=512 data.eval_windows=32 save_model=false progress=false \
 hydra.sweep.dir=$out"
 eval "$cmd"

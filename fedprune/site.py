@@ -70,13 +70,22 @@ def site_block_masks(
 
 
 def advance_site_(model: nn.Module, state: SiteState, block: int, weights: dict[str, torch.Tensor]) -> None:
-    """Write the globally pruned ``block`` into ``model`` and move the site's inputs past it."""
+    """Move the site's inputs past the globally pruned ``block`` (applied to a copy; ``model`` unchanged)."""
     _check_block(state, block)
     _, blocks = find_blocks(model)
-    apply_weights_(blocks[block], weights)
     if block + 1 < len(blocks):
-        state.inputs = run_block(blocks[block], state.inputs)
+        pruned = copy.deepcopy(blocks[block])
+        apply_weights_(pruned, weights)
+        state.inputs = run_block(pruned, state.inputs)
     state.block = block + 1
+
+
+def weights_from_masks(model: nn.Module, block: int, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pruned weights of ``block``: the model's dense weights times the keep-masks."""
+    from fedprune.models import get_weight
+
+    layers = find_prunable_layers(find_blocks(model)[1][block])
+    return {name: get_weight(layers[name]) * mask for name, mask in masks.items()}
 
 
 def local_masks(

@@ -17,9 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("pruner,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
-def test_run_writes_metrics_sparsity_and_loadable_model(
-    make_cfg, tiny_assets, tmp_path, pruner, pattern
-):
+def test_run_writes_metrics_sparsity_and_loadable_model(make_cfg, tiny_assets, tmp_path, pruner, pattern):
     cfg = make_cfg(f"pruner={pruner}", f"pattern={pattern}")
     metrics = run(cfg, tmp_path)
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -93,3 +91,10 @@ def test_pruned_weights_really_zero(make_cfg, tmp_path):
     w = model.model.layers[0].mlp.down_proj.weight
     assert (w == 0).float().mean().item() == pytest.approx(0.5)
     assert torch.isfinite(w).all()
+
+
+def test_local_reports_every_site(make_cfg, tmp_path):
+    metrics = run(make_cfg("protocol=local", "federation.num_clients=2", "save_model=false"), tmp_path)
+    assert len(metrics["ppl_per_client"]) == 2
+    assert metrics["ppl_pruned"] == pytest.approx(sum(metrics["ppl_per_client"]) / 2)
+    assert metrics["calib_tokens"] == 8 * 16

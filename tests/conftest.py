@@ -3,7 +3,7 @@ from hydra import compose, initialize_config_dir
 
 from tests.tiny_models import save_tiny_checkpoint, write_tiny_corpus
 
-CONF_DIR = str((__import__("pathlib").Path(__file__).parents[2] / "conf").resolve())
+CONF_DIR = str((__import__("pathlib").Path(__file__).parents[1] / "conf").resolve())
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,11 @@ def make_cfg(tiny_assets):
             "data.eval_windows=6",
             "batch_size=4",
             "progress=false",
+            "protocol=centralized",
+            "federation.num_clients=2",
         ]
+        keys = {o.split("=", 1)[0] for o in overrides}
+        base = [o for o in base if o.split("=", 1)[0] not in keys]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(config_name="config", overrides=base + list(overrides))
 

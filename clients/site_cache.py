@@ -1,0 +1,69 @@
+"""A site's state between rounds, on the site's own disk, keyed by run and site.
+
+flwr does not keep a ClientApp's process between messages (a fresh process per message under the
+Deployment Engine, any free actor in simulation), so block inputs (tens of MB) live in a per-run local
+folder and only small metadata travels in ``context.state``. Also a per-process cache of dense models:
+they are read-only here (pruned blocks are applied to copies), so sharing them is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedprune.data.assets import cache_root
+from fedprune.models import load_causal_lm
+from fedprune.site import SiteState
+
+logger = logging.getLogger(__name__)
+
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def dense_model(path: str, dtype: str = "float32") -> torch.nn.Module:
+    """The dense model at ``path``, loaded once per process; callers must not modify it."""
+    key = (str(path), dtype)
+    if key not in _MODELS:
+        _MODELS.clear()  # one model per process at a time
+        _MODELS[key] = load_causal_lm(path, dtype=getattr(torch, dtype))
+    return _MODELS[key]
+
+
+def state_dir(run_key: str, site_key: str) -> Path:
+    """The folder of one site's state for one run."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{run_key}-{site_key}")
+    return cache_root() / "site_state" / safe
+
+
+def save_state(run_key: str, site_key: str, state: SiteState) -> None:
+    """Write the state atomically (a reader never sees half a file)."""
+    folder = state_dir(run_key, site_key)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    payload = {"hidden": state.inputs.hidden, "kwargs": state.inputs.kwargs, "block": state.block}
+    payload["tokens"] = state.tokens
+    torch.save(payload, tmp)
+    os.replace(tmp, folder / "state.pt")
+
+
+def load_state(run_key: str, site_key: str) -> SiteState:
+    """Read a site's state, with a clear error if the run was never started here."""
+    from fedprune.sequential import BlockInputs
+
+    path = state_dir(run_key, site_key) / "state.pt"
+    if not path.exists():
+        raise RuntimeError(f"no state for run {run_key} at this site: the 'start' message never arrived")
+    payload = torch.load(path, weights_only=False)
+    inputs = BlockInputs(hidden=payload["hidden"], kwargs=payload["kwargs"])
+    return SiteState(inputs=inputs, block=payload["block"], tokens=payload["tokens"])
+
+
+def drop_state(run_key: str, site_key: str) -> None:
+    """Delete a site's state for a run."""
+    shutil.rmtree(state_dir(run_key, site_key), ignore_errors=True)

@@ -1,0 +1,85 @@
+"""Real Flower simulations (Ray backend) of 3 sites on a tiny Llama with a tiny corpus."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import Array, Context, Message
+from flwr.clientapp import ClientApp
+from transformers import AutoModelForCausalLM
+
+import clients.client_app as real
+from cli.federated import run_simulated
+from cli.main import run
+from server.rounds import FederationError
+
+pytestmark = pytest.mark.integration
+
+FED = ["federation.num_clients=3", "federation.min_clients=2", "data.calib_windows=12"]
+
+
+def _weights(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return {n: p.detach() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+
+
+def test_stats_sync_sparsegpt_equals_centralized(make_cfg, tmp_path):
+    central = run(make_cfg("pruner=sparsegpt", "protocol=centralized", *FED), tmp_path / "c")
+    federated = run(make_cfg("pruner=sparsegpt", "protocol=stats_sync", *FED), tmp_path / "f")
+    assert federated["num_clients"] == 3 and federated["calib_tokens"] == central["calib_tokens"]
+    assert federated["rounds"] == 1 + 2 + 1  # start, one per block, finish
+    assert federated["bytes_up_per_client"] > 0 and federated["bytes_down_per_client"] > 0
+    expected, got = _weights(tmp_path / "c" / "model"), _weights(tmp_path / "f" / "model")
+    for name in expected:
+        assert torch.equal(expected[name] == 0, got[name] == 0), name
+        assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-4), name
+    assert federated["ppl_pruned"] == pytest.approx(central["ppl_pruned"], rel=1e-4)
+
+
+def test_mask_vote_one_shot_uploads_one_bit_per_weight(make_cfg, tmp_path):
+    metrics = run(make_cfg("pruner=wanda", "protocol=mask_vote", "protocol.group=row", *FED), tmp_path)
+    assert metrics["rounds"] == 1 and metrics["num_clients"] == 3
+    assert metrics["sparsity_actual"] == pytest.approx(0.5)
+    prunable = sum(w.numel() for w in _weights(tmp_path / "model").values())
+    # 1 bit per prunable weight, plus a small header per array (name and npy header)
+    assert prunable / 8 <= metrics["bytes_up_per_client"] <= prunable / 8 + 14 * 200
+    layers = json.loads((tmp_path / "sparsity.json").read_text())
+    assert all(v == pytest.approx(0.5) for v in layers.values())
+
+
+# A client app whose site 0 sends NaN statistics: the server must leave it out and go on.
+bad_app = ClientApp()
+
+
+def _poison(reply: Message) -> Message:
+    if "payload" in reply.content:
+        record = reply.content["payload"]
+        first = sorted(k for k in record.keys() if k.startswith("total."))[0]
+        values = record[first].numpy().copy()
+        values[0] = float("nan")
+        record[first] = Array(values)
+    return reply
+
+
+bad_app.query("start")(real.start)
+bad_app.query("finish")(real.finish)
+
+
+@bad_app.train("stats")
+def _bad_stats(msg: Message, context: Context) -> Message:
+    reply = real.stats(msg, context)
+    return _poison(reply) if context.node_config["partition-id"] == 0 else reply
+
+
+def test_malformed_reply_is_left_out(make_cfg, tmp_path):
+    metrics = run_simulated(make_cfg("pruner=wanda", "protocol=stats_sync", *FED), tmp_path, bad_app)
+    assert len(metrics["rejected"]) == 2  # one per block
+    assert all("NaN" in r["reason"] for r in metrics["rejected"])
+    assert (tmp_path / "metrics.json").exists()
+
+
+def test_too_few_valid_replies_stops_without_output(make_cfg, tmp_path):
+    cfg = make_cfg("pruner=wanda", "protocol=stats_sync", *FED[:1], "federation.min_clients=3", FED[2])
+    with pytest.raises(FederationError, match="min_clients=3"):
+        run_simulated(cfg, tmp_path, bad_app)
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model").exists()
