@@ -11,6 +11,8 @@ from pathlib import Path
 
 COLUMNS = [
     ("protocol", "protocol", "{}"),
+    ("group", "group", "{}"),
+    ("scaling", "scaling", "{}"),
     ("pruner", "pruner", "{}"),
     ("pattern", "pattern", "{}"),
     ("sparsity", "sparsity_actual", "{:.3f}"),
@@ -19,6 +21,7 @@ COLUMNS = [
     ("× dense", None, "{:.2f}"),
     ("calib tokens", "calib_tokens", "{}"),
     ("eval tokens", "eval_tokens", "{}"),
+    ("up bytes/client", "bytes_up_per_client", "{:.0f}"),
     ("prune s", "prune_s", "{:.0f}"),
     ("wall s", "wall_s", "{:.0f}"),
 ]
@@ -37,7 +40,7 @@ def markdown(rows: list[dict]) -> str:
         cells = []
         for _, key, fmt in COLUMNS:
             value = m["ppl_pruned"] / m["ppl_dense"] if key is None else m.get(key, "")
-            cells.append(fmt.format(value) if value != "" else "")
+            cells.append("" if value in ("", None) else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -110,15 +110,23 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 @torch.no_grad()
 def collect_block_stats(block: nn.Module, inputs: BlockInputs, stat_kind: str | None) -> dict[str, Stats]:
-    """Summed statistics of the inputs of each prunable layer of ``block`` (empty if data-free)."""
+    """Summed statistics of the inputs of each prunable layer of ``block`` (empty if data-free).
+
+    Layers fed the very same tensor (q/k/v, gate/up) share one computation per micro-batch.
+    """
     if stat_kind is None:
         return {}
     layers = find_prunable_layers(block)
     collected: dict[str, Stats] = {}
+    # per micro-batch: id(input tensor) -> (the tensor, kept alive so its id is not reused; its statistics)
+    shared: dict[int, tuple[torch.Tensor, Stats]] = {}
 
     def make_hook(name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple, _output: object) -> None:
-            part = batch_stats(stat_kind, args[0])
+            x = args[0]
+            if id(x) not in shared:
+                shared[id(x)] = (x, batch_stats(stat_kind, x))
+            part = shared[id(x)][1]
             collected[name] = add_stats(collected[name], part) if name in collected else part
 
         return hook
@@ -126,10 +134,12 @@ def collect_block_stats(block: nn.Module, inputs: BlockInputs, stat_kind: str | 
     handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     try:
         for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
+            shared.clear()
             block(h, **kw)
     finally:
         for handle in handles:
             handle.remove()
+    shared.clear()
     return collected
 
 
