@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,10 +14,11 @@ from fedprune.data.assets import resolve_corpus_path, resolve_model_path
 from fedprune.data.corpus import load_works, split_works
 from fedprune.data.sites import pooled_windows
 from fedprune.data.windows import eval_windows, tokenize_works
-from fedprune.eval import perplexity
-from fedprune.masks import parse_pattern
-from fedprune.models import load_causal_lm, load_tokenizer
-from fedprune.outputs import save_model_atomic, write_json_atomic
+from fedprune.eval import Perplexity, perplexity
+from fedprune.masks import Pattern, parse_pattern
+from fedprune.models import load_causal_lm, load_tokenizer, model_sparsity
+from fedprune.outputs import peak_rss_mb, save_model_atomic, write_json_atomic
+from fedprune.pruners import Pruner, get_pruner
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +104,46 @@ def summary_table(metrics: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+@dataclass
+class Prepared:
+    """What every protocol's job starts from: the method, the dense model, the data, dense perplexity."""
+
+    pruner: Pruner
+    pattern: Pattern
+    model: torch.nn.Module
+    tokenizer: object
+    data: RunData
+    dense: Perplexity
+    start: float = field(default_factory=time.perf_counter)
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Build the pruner, load model, tokenizer and data, and evaluate the dense model."""
+    start = time.perf_counter()
+    params = cfg.pruner.get("params", {})
+    pruner = get_pruner(cfg.pruner.name, **(dict(params) if params else {}))
+    model, tokenizer, _ = load_model_and_tokenizer(cfg)
+    data = load_run_data(cfg, tokenizer)
+    dense = evaluate(cfg, model, data.eval_ids, "dense")
+    return Prepared(pruner, parse_pattern(str(cfg.pattern)), model, tokenizer, data, dense, start)
+
+
+def base_metrics(cfg: DictConfig, prep: Prepared, ppl_pruned: float, calib_tokens: int, **extra) -> dict:
+    """The metrics every protocol reports, then protocol-specific ``extra`` ones, then timing and memory."""
+    metrics = {
+        "model": str(cfg.model.name),
+        "protocol": str(cfg.protocol.name),
+        "pruner": prep.pruner.name,
+        "pattern": str(prep.pattern),
+        "sparsity": target_sparsity(cfg),
+        "sparsity_actual": model_sparsity(prep.model),
+        "ppl_dense": prep.dense.value,
+        "ppl_pruned": ppl_pruned,
+        "calib_tokens": calib_tokens,
+        "eval_tokens": prep.dense.tokens,
+        **extra,
+    }
+    metrics.update(wall_s=time.perf_counter() - prep.start, peak_rss_mb=peak_rss_mb(), seed=int(cfg.seed))
+    return metrics

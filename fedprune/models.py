@@ -99,3 +99,14 @@ def prunable_parameter_count(model: nn.Module) -> int:
     """Number of weights in all prunable layers of all decoder blocks."""
     _, blocks = find_blocks(model)
     return sum(m.weight.numel() for b in blocks for m in find_prunable_layers(b).values())
+
+
+def model_sparsity(model: nn.Module) -> float:
+    """Fraction of exactly-zero weights over all prunable layers of all decoder blocks."""
+    _, blocks = find_blocks(model)
+    zeros = total = 0
+    for block in blocks:
+        for layer in find_prunable_layers(block).values():
+            zeros += int((layer.weight == 0).sum())
+            total += layer.weight.numel()
+    return zeros / total if total else 0.0

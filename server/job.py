@@ -15,10 +15,7 @@ from pathlib import Path
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from cli.common import evaluate, load_model_and_tokenizer, load_run_data, target_sparsity, write_outputs
-from fedprune.masks import parse_pattern
-from fedprune.outputs import peak_rss_mb
-from fedprune.pruners import get_pruner
+from cli.common import base_metrics, evaluate, prepare, target_sparsity, write_outputs
 from server.rounds import Federation
 from server.workflows import WORKFLOWS, FederatedJob, FederatedOutcome
 
@@ -58,19 +55,15 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 120.0) -> list[int
 
 def run_federated(cfg: DictConfig, out_dir: Path, launch: Launcher) -> dict:
     """Prune the model with the configured protocol over the grid that ``launch`` provides."""
-    start = time.perf_counter()
+    prep = prepare(cfg)
     pruner_params = OmegaConf.to_container(cfg.pruner.get("params", {}), resolve=True)
-    pruner = get_pruner(cfg.pruner.name, **pruner_params)
-    pattern = parse_pattern(str(cfg.pattern))
-    model, tokenizer, _ = load_model_and_tokenizer(cfg)
-    data = load_run_data(cfg, tokenizer)
-    dense = evaluate(cfg, model, data.eval_ids, "dense")
+    voting = "mask_vote" in str(cfg.protocol.name)
     job = FederatedJob(
-        model=model,
-        pruner=pruner,
+        model=prep.model,
+        pruner=prep.pruner,
         pruner_params=pruner_params,
         sparsity=target_sparsity(cfg),
-        pattern=pattern,
+        pattern=prep.pattern,
         group=str(cfg.protocol.get("group", "layer")),
         scaling=bool(cfg.protocol.get("scaling", False)),
         seed=int(cfg.seed),
@@ -82,9 +75,8 @@ def run_federated(cfg: DictConfig, out_dir: Path, launch: Launcher) -> dict:
     def server_main(grid: Grid) -> None:
         nodes = wait_for_nodes(grid, int(cfg.federation.num_clients))
         timeout = cfg.federation.get("round_timeout")
-        fed = Federation(
-            grid, nodes, int(cfg.federation.min_clients), None if timeout is None else float(timeout)
-        )
+        timeout = None if timeout is None else float(timeout)
+        fed = Federation(grid, nodes, int(cfg.federation.min_clients), timeout)
         result["outcome"] = WORKFLOWS[str(cfg.protocol.name)](fed, job)
         result["fed"] = fed
 
@@ -95,45 +87,23 @@ def run_federated(cfg: DictConfig, out_dir: Path, launch: Launcher) -> dict:
     federated_s = time.perf_counter() - federated_start
     outcome: FederatedOutcome = result["outcome"]
     fed: Federation = result["fed"]
-    pruned = evaluate(cfg, model, data.eval_ids, "pruned")
-    weights = {k: 1 for k in outcome.layer_sparsity}
-    metrics = {
-        "model": str(cfg.model.name),
-        "protocol": str(cfg.protocol.name),
-        "pruner": pruner.name,
-        "pattern": str(pattern),
-        "sparsity": target_sparsity(cfg),
-        "sparsity_actual": _weighted_sparsity(model, outcome, weights),
-        "ppl_dense": dense.value,
-        "ppl_pruned": pruned.value,
-        "calib_tokens": outcome.calib_tokens,
-        "eval_tokens": pruned.tokens,
-        "num_clients": outcome.num_clients,
-        "partition": str(cfg.federation.partitioner),
-        "group": job.group if "mask_vote" in str(cfg.protocol.name) else None,
-        "scaling": job.scaling if "mask_vote" in str(cfg.protocol.name) else None,
-        "rounds": len(fed.round_seconds),
-        "round_wall_s": [round(s, 3) for s in fed.round_seconds],
-        "bytes_up_per_client": fed.mean_bytes(fed.bytes_up),
-        "bytes_down_per_client": fed.mean_bytes(fed.bytes_down),
-        "rejected": [{"round": r, "node": n, "reason": why} for r, n, why in fed.rejected],
-        "prune_s": federated_s,
-        "wall_s": time.perf_counter() - start,
-        "peak_rss_mb": peak_rss_mb(),
-        "seed": int(cfg.seed),
-    }
-    write_outputs(out_dir, metrics, outcome.layer_sparsity, model if cfg.save_model else None, tokenizer)
+    pruned = evaluate(cfg, prep.model, prep.data.eval_ids, "pruned")
+    metrics = base_metrics(
+        cfg,
+        prep,
+        pruned.value,
+        outcome.calib_tokens,
+        num_clients=outcome.num_clients,
+        partition=str(cfg.federation.partitioner),
+        group=job.group if voting else None,
+        scaling=job.scaling if voting else None,
+        rounds=len(fed.round_seconds),
+        round_wall_s=[round(s, 3) for s in fed.round_seconds],
+        bytes_up_per_client=fed.mean_bytes(fed.bytes_up),
+        bytes_down_per_client=fed.mean_bytes(fed.bytes_down),
+        rejected=[{"round": r, "node": n, "reason": why} for r, n, why in fed.rejected],
+        prune_s=federated_s,
+    )
+    model = prep.model if cfg.save_model else None
+    write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer)
     return metrics
-
-
-def _weighted_sparsity(model, outcome: FederatedOutcome, _weights: dict) -> float:
-    """Fraction of zero weights over all prunable layers of the pruned model."""
-    from fedprune.models import find_blocks, find_prunable_layers
-
-    _, blocks = find_blocks(model)
-    zeros = total = 0
-    for block in blocks:
-        for layer in find_prunable_layers(block).values():
-            zeros += int((layer.weight == 0).sum())
-            total += layer.weight.numel()
-    return zeros / total if total else 0.0
