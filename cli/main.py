@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 
 from cli.centralized import run_centralized
 from cli.common import summary_table
+from cli.hidenseek import summary_table as hidenseek_summary
+from cli.hidenseek import validate_hidenseek
 from cli.local import run_local
 from cli.validate import ConfigError, validate_common, validate_federation
 from fedprune.data.assets import AssetError
@@ -30,13 +32,24 @@ def _simulated(cfg: DictConfig, out_dir: Path) -> dict:
     return run_simulated(cfg, out_dir)
 
 
+def _hidenseek(cfg: DictConfig, out_dir: Path) -> dict:
+    from cli.hidenseek import run_hidenseek  # imports flwr (and Ray) only when needed
+
+    return run_hidenseek(cfg, out_dir)
+
+
 PROTOCOLS: dict[str, Callable[[DictConfig, Path], dict]] = {
     "centralized": run_centralized,
     "local": run_local,
     "stats_sync": _simulated,
     "mask_vote": _simulated,
     "mask_vote_sync": _simulated,
+    "hidenseek": _hidenseek,
 }
+
+# protocols with their own config checks and summary instead of the LLM ones (no model or corpus)
+OWN_CHECKS: dict[str, Callable[[DictConfig], None]] = {"hidenseek": validate_hidenseek}
+SUMMARIES: dict[str, Callable[[dict], str]] = {"hidenseek": hidenseek_summary}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -45,6 +58,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"config key 'protocol.name': unknown protocol {cfg.protocol.name!r}; known: {sorted(PROTOCOLS)}"
         )
+    if cfg.protocol.name in OWN_CHECKS:
+        OWN_CHECKS[cfg.protocol.name](cfg)
+        return
     validate_common(cfg)
     validate_federation(cfg)
 
@@ -53,7 +69,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Validate, run the protocol's job, print the summary."""
     validate(cfg)
     metrics = PROTOCOLS[cfg.protocol.name](cfg, out_dir)
-    print(summary_table(metrics))
+    print(SUMMARIES.get(cfg.protocol.name, summary_table)(metrics))
     print(f"  outputs            {out_dir}")
     return metrics
 

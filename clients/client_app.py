@@ -167,3 +167,4 @@ def local_prune(msg: Message, context: Context) -> Message:
 def finish(msg: Message, context: Context) -> Message:
     drop_state(str(msg.content["config"]["run_key"]), _site_key(context))
     return _reply(msg, None, {"tokens": 0})
+import clients.hidenseek_client  # noqa: E402,F401  (registers hidenseek handlers)

@@ -4,24 +4,27 @@ Registered on the shared ClientApp (``clients.client_app.app``) as ``train.hiden
 carries all a site needs (simulation gives clients no run config), so a site keeps no state between
 rounds and a site that joins late starts from the current global model:
 
-``config``  variant, model (arch, hidden, init, seed), data (test_fraction, alpha, min_size, seed),
-            local training (epochs, lr, momentum, batch_size, init_scale, optimizer), round, num_kept,
-            num_total.
+``config``  ``variant``, model (``arch``, ``hidden``, ``init``, ``model_seed``), data
+            (``test_fraction``, ``alpha``, ``min_size``, ``data_seed``), local training (``epochs``,
+            ``lr``, ``momentum``, ``batch_size``, ``init_scale``, ``optimizer``, ``seed``),
+            ``aggregation``, ``round``, ``num_kept``.
 ``update``  ``mask``: the server's keep-mask over all prunable weights, 1 bit each (absent for dense
-            FedAvg, which keeps all); ``codes``: the global signs/codes of the kept weights, 1 bit each
-            (supermask variants); or ``weights``: the kept weights as float32 (FedAvg variants).
+            FedAvg, which keeps all); then ``codes``: the global signs (or binary codes) of the kept
+            weights, 1 bit each (supermask variants), or ``weights``: the kept weights as float32
+            (FedAvg variants).
 
 The frozen random weights are never sent: both ends rebuild them from ``model_seed``. The reply's
-``payload`` holds ``codes`` (``ceil(num_kept / 8)`` uint8), ``scores`` (``num_kept`` float32, for
-``aggregation=score_average``) or ``weights`` (``num_kept`` float32); ``metrics`` holds
-``num_examples``, ``partition_id`` and ``crc``, the CRC-32 of the ``update`` the site trained from.
+``payload`` holds ``codes`` (``ceil(num_kept / 8)`` uint8), ``scores`` (``num_kept`` float32, with
+``aggregation=score_average``) or ``weights`` (``num_kept`` float32); its ``metrics`` hold
+``num_examples``, ``partition_id`` and ``crc``, the CRC-32 of the ``update`` the site started from.
 
-The wire codec here (:func:`encode_mask`, :func:`decode_mask`, :func:`state_crc`) is shared with the
-server (``server/hidenseek_workflow.py``).
+The wire codec (:func:`encode_mask`, :func:`decode_mask`, :func:`update_crc`) and
+:func:`with_weights` are shared with the server (``server/hidenseek_workflow.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import zlib
 from functools import lru_cache
@@ -29,8 +32,199 @@ from functools import lru_cache
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
 
 from clients.client_app import app
-from fedprune.hidenseek.aggregate import gather_kept, pack_signs, scatter_kept
-from fedprune.hidenseek.data import dirichlet_label_partition, load_digits_split
-from fedprune.hidenseek.masks_wire import *  # noqa: F401,F403  (placeholder removed below)
+from fedprune.hidenseek.aggregate import gather_kept, num_kept_weights, pack_signs, scatter_kept, unpack_signs
+from fedprune.hidenseek.data import DigitsSplit, dirichlet_label_partition, load_digits_split
+from fedprune.hidenseek.models import build_model, prunable_weights
+from fedprune.hidenseek.rounds import global_model
+from fedprune.hidenseek.sign_supermask import learned_codes, supermask_layers, train_scores
+from fedprune.hidenseek.train import local_sgd
+from fedprune.masks import pack_bits, unpack_bits
+
+logger = logging.getLogger(__name__)
+
+SUPERMASK_KINDS = {"sign_supermask": "sign", "binary_supermask": "binary"}
+FEDAVG_VARIANTS = ("fedavg_dense", "fedavg_pruned")
+VARIANTS = (*SUPERMASK_KINDS, *FEDAVG_VARIANTS)
+AGGREGATIONS = ("vote", "score_average")
+ROUND_SEED_STRIDE = 10_000  # site p in round r trains with seed + 10_000 * r + p
+
+
+def encode_mask(masks: dict[str, torch.Tensor]) -> np.ndarray:
+    """All keep-masks, concatenated in key order, 1 bit each: ``(ceil(total / 8),)`` uint8."""
+    flat = torch.cat([mask.reshape(-1) for mask in masks.values()])  # (total,)
+    return pack_bits(flat).numpy()
+
+
+def decode_mask(packed: np.ndarray, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_mask` for weights of ``shapes``; ValueError on a wrong size or dtype."""
+    sizes = [int(np.prod(shape)) for shape in shapes.values()]
+    flat = unpack_bits(torch.from_numpy(np.ascontiguousarray(packed)), (sum(sizes),))  # (total,) bool
+    return {
+        name: chunk.reshape(shape).clone()
+        for (name, shape), chunk in zip(shapes.items(), torch.split(flat, sizes), strict=True)
+    }
+
+
+def keep_all(shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """All-True masks (dense FedAvg)."""
+    return {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items()}
+
+
+def update_crc(arrays: dict[str, np.ndarray]) -> int:
+    """CRC-32 over the arrays' names and bytes in name order (what a site started its round from)."""
+    crc = 0
+    for name in sorted(arrays):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(arrays[name]).tobytes(), crc)
+    return crc
+
+
+def weight_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """``"<module>.weight" -> shape`` of every prunable layer, in module order."""
+    return {name: weight.shape for name, weight in prunable_weights(model).items()}
+
+
+def with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose prunable weights are ``weights`` (same names and shapes)."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, weight in prunable_weights(copied).items():
+            weight.copy_(weights[name])
+    return copied
+
+
+def frozen_model(config: ConfigRecord) -> nn.Module:
+    """The seeded random network both ends rebuild (its weights never travel)."""
+    return build_model(
+        str(config["arch"]), int(config["model_seed"]), str(config["init"]), hidden=int(config["hidden"])
+    )
+
+
+@lru_cache(maxsize=2)
+def _digits(test_fraction: float, seed: int) -> DigitsSplit:
+    return load_digits_split(test_fraction, seed)
+
+
+def site_data(
+    config: ConfigRecord, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The site's Dirichlet(alpha) share of the digits training split: ``x (n, 64)``, ``y (n,)``."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is not in [0, {num_partitions})")
+    split = _digits(float(config["test_fraction"]), int(config["data_seed"]))
+    parts = dirichlet_label_partition(
+        split.y_train,
+        num_partitions,
+        float(config["alpha"]),
+        int(config["data_seed"]),
+        int(config["min_size"]),
+    )
+    index = parts[partition_id]
+    return split.x_train[index], split.y_train[index]
+
+
+def _round_masks(model: nn.Module, update: dict[str, np.ndarray], num_kept: int) -> dict[str, torch.Tensor]:
+    shapes = weight_shapes(model)
+    masks = decode_mask(update["mask"], shapes) if "mask" in update else keep_all(shapes)
+    if num_kept_weights(masks) != num_kept:
+        raise ValueError(f"mask keeps {num_kept_weights(masks)} weights, config says {num_kept}")
+    return masks
+
+
+def train_supermask(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    packed_codes: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ConfigRecord,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Train scores from the global codes; ``{"codes": packed}`` or ``{"scores": float32}`` of kept weights."""
+    num_kept = num_kept_weights(masks)
+    codes = unpack_signs(torch.from_numpy(np.ascontiguousarray(packed_codes)), num_kept)  # (n_kept,)
+    kind = SUPERMASK_KINDS[str(config["variant"])]
+    start = global_model(model, masks, codes, kind, float(config["init_scale"]))
+    trained = train_scores(
+        start,
+        x,
+        y,
+        int(config["epochs"]),
+        float(config["lr"]),
+        int(config["batch_size"]),
+        seed,
+        str(config["optimizer"]),
+        float(config["momentum"]),
+    )
+    if str(config["aggregation"]) == "score_average":
+        scores = {key: layer.scores.detach() for key, layer in supermask_layers(trained).items()}
+        return {"scores": gather_kept(scores, masks).float().numpy()}
+    return {"codes": pack_signs(gather_kept(learned_codes(trained), masks)).numpy()}
+
+
+def train_weights(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    flat_weights: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ConfigRecord,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Local SGD from the global kept weights (pruned ones stay 0); ``{"weights": float32 kept}``."""
+    weights = scatter_kept(torch.from_numpy(np.ascontiguousarray(flat_weights)), masks, fill=0.0)
+    dense = str(config["variant"]) == "fedavg_dense"
+    trained = local_sgd(
+        with_weights(model, weights),
+        x,
+        y,
+        int(config["epochs"]),
+        float(config["lr"]),
+        int(config["batch_size"]),
+        seed,
+        float(config["momentum"]),
+        None if dense else masks,
+    )
+    kept = gather_kept({k: w.detach() for k, w in prunable_weights(trained).items()}, masks)  # (n_kept,)
+    return {"weights": kept.float().numpy()}
+
+
+def local_round(
+    config: ConfigRecord, update: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, partition_id: int
+) -> dict[str, np.ndarray]:
+    """One site's round for any variant: the reply payload."""
+    variant = str(config["variant"])
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+    model = frozen_model(config)
+    masks = _round_masks(model, update, int(config["num_kept"]))
+    seed = int(config["seed"]) + ROUND_SEED_STRIDE * int(config["round"]) + partition_id
+    if variant in SUPERMASK_KINDS:
+        return train_supermask(model, masks, update["codes"], x, y, config, seed)
+    weights = update["weights"]
+    if weights.dtype != np.float32 or weights.shape != (num_kept_weights(masks),):
+        raise ValueError(
+            f"weights must be float32 ({num_kept_weights(masks)},), got {weights.dtype} {weights.shape}"
+        )
+    return train_weights(model, masks, weights, x, y, config, seed)
+
+
+@app.train("hidenseek")
+def hidenseek_train(msg: Message, context: Context) -> Message:
+    """``train.hidenseek``: one local round on the site's partition of digits."""
+    config = msg.content["config"]
+    update = {key: array.numpy() for key, array in msg.content["update"].items()}
+    partition_id = int(context.node_config["partition-id"])
+    x, y = site_data(config, partition_id, int(context.node_config["num-partitions"]))
+    payload = local_round(config, update, x, y, partition_id)
+    metrics = {"num_examples": int(y.numel()), "partition_id": partition_id, "crc": update_crc(update)}
+    content = RecordDict(
+        {
+            "payload": ArrayRecord({key: Array(value) for key, value in payload.items()}),
+            "metrics": MetricRecord(metrics),
+        }
+    )
+    return Message(content, reply_to=msg)

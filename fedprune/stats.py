@@ -50,11 +50,29 @@ def sq_norm_sum(x: torch.Tensor) -> torch.Tensor:
     return xw.pow(2).sum(dim=1).double().sum(dim=0)
 
 
-def gram_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ over tokens of x xᵀ. ``x``: ``(..., tokens, in)`` -> ``(in, in)`` float64."""
+GRAM_TILE = 256  # features per tile: only tiles on and above the diagonal are multiplied
+
+
+def gram_sum(x: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
+    """Σ over tokens of x xᵀ. ``x``: ``(..., tokens, in)`` -> ``(in, in)`` float64.
+
+    The Gram matrix is symmetric, so it is computed tile by tile, upper tiles only (about half the
+    multiply-adds for wide inputs), each per window and summed over windows in float64.
+    """
     xw = _as_windows(x.detach())  # (windows, tokens, in)
-    per_window = torch.bmm(xw.transpose(1, 2), xw)  # (windows, in, in)
-    return per_window.double().sum(dim=0)
+    n = xw.shape[-1]
+    out = torch.empty(n, n, dtype=torch.float64)
+    starts = range(0, n, tile)
+    for i in starts:
+        xi = xw[:, :, i : i + tile].transpose(1, 2)  # (windows, tile_i, tokens)
+        for j in starts:
+            if j < i:
+                continue
+            block = torch.bmm(xi, xw[:, :, j : j + tile]).double().sum(dim=0)  # (tile_i, tile_j)
+            out[i : i + tile, j : j + tile] = block
+            if j > i:
+                out[j : j + tile, i : i + tile] = block.t()
+    return out
 
 
 STAT_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

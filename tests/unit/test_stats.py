@@ -43,3 +43,11 @@ def test_mismatched_stats_rejected():
         empty_stats("sq_norm", 3).mean()
     with pytest.raises(KeyError):
         batch_stats("nope", torch.ones(2, 2))
+
+
+def test_tiled_gram_equals_full_product():
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 11, dtype=torch.float64)
+    full = sum(w.t() @ w for w in x)
+    for tile in (1, 4, 11, 64):
+        assert torch.allclose(gram_sum(x, tile=tile), full, rtol=1e-12, atol=1e-12)
