@@ -29,7 +29,7 @@ def _cfg(*overrides):
 
 
 def test_hidenseek_simulation_learns_and_uploads_one_bit_per_kept_weight(tmp_path):
-    cfg = _cfg("protocol.rounds=4", "protocol.synflow_iterations=20", "protocol.alpha=1.0")
+    cfg = _cfg("protocol.rounds=4", "protocol.local_epochs=2", "protocol.synflow_iterations=20", "protocol.alpha=1.0")
     metrics = run(cfg, tmp_path)
     accuracy = metrics["accuracy"]
     assert len(accuracy) == 1 + 4
@@ -80,7 +80,7 @@ class _LateGrid:
 
 
 def test_late_site_gets_current_signs_and_malformed_reply_is_left_out():
-    cfg = _cfg("protocol.rounds=3", "protocol.synflow_iterations=10")
+    cfg = _cfg("protocol.rounds=3", "protocol.local_epochs=1", "protocol.synflow_iterations=10")
     job = build_job(cfg)
     result = {}
 
