@@ -100,8 +100,18 @@ def summary_table(metrics: dict) -> str:
         ("perplexity dense", f"{metrics['ppl_dense']:.3f}"),
         ("perplexity pruned", f"{metrics['ppl_pruned']:.3f}"),
         ("tokens calib / eval", f"{metrics['calib_tokens']} / {metrics['eval_tokens']}"),
-        ("wall time", f"{metrics['wall_s']:.1f} s"),
     ]
+    if metrics.get("num_clients"):
+        rows += [
+            ("sites / rounds", f"{metrics['num_clients']} / {metrics['rounds']}"),
+            (
+                "bytes per site up / down",
+                f"{metrics['bytes_up_per_client'] / 1e6:.2f} MB / {metrics['bytes_down_per_client'] / 1e6:.2f} MB",
+            ),
+        ]
+    if metrics.get("rejected"):
+        rows.append(("rejected replies", str(len(metrics["rejected"]))))
+    rows.append(("wall time", f"{metrics['wall_s']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 

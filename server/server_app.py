@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from cli.common import summary_table  # noqa: E402
-from cli.main import validate  # noqa: E402
+from cli.main import SUMMARIES, validate  # noqa: E402
 from cli.validate import ConfigError  # noqa: E402
 from server.job import run_federated  # noqa: E402
 from server.workflows import WORKFLOWS  # noqa: E402
@@ -81,13 +81,23 @@ def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfi
         return compose(config_name="config", overrides=overrides)
 
 
+def _hidenseek_job(cfg: DictConfig, out_dir: Path, launch) -> dict:
+    from cli.hidenseek import run_hidenseek
+
+    return run_hidenseek(cfg, out_dir, launch=launch)
+
+
+# protocol name -> job(cfg, out_dir, launch) for the protocols that run over a federation
+GRID_JOBS = {**{name: run_federated for name in WORKFLOWS}, "hidenseek": _hidenseek_job}
+
+
 def check_federated(cfg: DictConfig) -> None:
     """The CLI's checks, and a protocol that runs over a federation."""
     validate(cfg)
-    if str(cfg.protocol.name) not in WORKFLOWS:
+    if str(cfg.protocol.name) not in GRID_JOBS:
         raise ConfigError(
             f"config key 'protocol.name': {cfg.protocol.name!r} does not run over a federation; "
-            f"under flwr run use one of {sorted(WORKFLOWS)}"
+            f"under flwr run use one of {sorted(GRID_JOBS)}"
         )
 
 
@@ -123,6 +133,6 @@ def main(grid: Grid, context: Context) -> None:
     check_federated(cfg)
     logger.info("run %s: %s -> %s", context.run_id, " ".join(overrides) or "(defaults)", out_dir)
     write_config(out_dir, cfg, overrides)
-    metrics = run_federated(cfg, out_dir, launch=lambda server_main: server_main(grid))
-    print(summary_table(metrics))
+    metrics = GRID_JOBS[str(cfg.protocol.name)](cfg, out_dir, lambda server_main: server_main(grid))
+    print(SUMMARIES.get(str(cfg.protocol.name), summary_table)(metrics))
     print(f"  outputs            {out_dir}")

@@ -327,3 +327,23 @@ def test_bad_config_fails_fast_with_the_key_named(deployment, tiny_assets, tmp_p
     assert "config key 'sparsity'" in output, output[-3000:]
     assert time.perf_counter() - start < 120
     assert not (out_dir / "metrics.json").exists()
+
+
+def test_hidenseek_runs_under_deployment(deployment, tmp_path):
+    overrides = [
+        "protocol=hidenseek",
+        f"federation.num_clients={NUM_SITES}",
+        "federation.min_clients=1",
+        "protocol.rounds=2",
+        "protocol.local_epochs=1",
+        "protocol.synflow_iterations=5",
+        "protocol.alpha=1.0",
+        "progress=false",
+    ]
+    out_dir = tmp_path / "hidenseek"
+    code, output = deployment.flwr_run(overrides, out_dir)
+    assert code == 0 and (out_dir / "metrics.json").exists(), f"{output[-3000:]}\n{deployment.logs()}"
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["protocol"] == "hidenseek" and len(metrics["accuracy"]) == 1 + 2
+    assert all(0.0 <= a <= 1.0 for a in metrics["accuracy"])
+    assert (out_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,6 +12,7 @@ import clients.hidenseek_client as real
 from cli.federated import simulation_launcher
 from cli.hidenseek import build_job
 from cli.main import run
+from cli.validate import ConfigError
 from server.hidenseek_workflow import run_hidenseek_rounds
 from server.job import wait_for_nodes
 from server.rounds import Federation
@@ -29,7 +30,9 @@ def _cfg(*overrides):
 
 
 def test_hidenseek_simulation_learns_and_uploads_one_bit_per_kept_weight(tmp_path):
-    cfg = _cfg("protocol.rounds=4", "protocol.local_epochs=2", "protocol.synflow_iterations=20", "protocol.alpha=1.0")
+    cfg = _cfg(
+        "protocol.rounds=4", "protocol.local_epochs=2", "protocol.synflow_iterations=20", "protocol.alpha=1.0"
+    )
     metrics = run(cfg, tmp_path)
     accuracy = metrics["accuracy"]
     assert len(accuracy) == 1 + 4
@@ -105,3 +108,18 @@ def test_late_site_gets_current_signs_and_malformed_reply_is_left_out():
     number, _, reason = fed.rejected[0]
     assert number == 2 and "codes must be uint8" in reason
     assert 0.0 < records[-1].accuracy <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("protocol.density=0", "protocol.density"),
+        ("protocol.variant=signs", "protocol.variant"),
+        ("protocol.prune=snip", "protocol.prune"),
+        ("federation.min_clients=4", "federation.min_clients"),
+    ],
+)
+def test_bad_hidenseek_config_names_the_key(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        run(_cfg(override), tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
