@@ -179,20 +179,12 @@ def prune_block_(
 
 @dataclass
 class PruneReport:
-    """Per-layer sparsity (``"<block>.<layer>"`` -> fraction pruned) and the number of calibration tokens."""
+    """Per-layer sparsity (``"<blocks>.<block>.<layer>"`` -> fraction pruned), calibration tokens, and the
+    keep-masks by ``"<block>.<layer>"`` when asked for (overall sparsity: :func:`fedprune.models.model_sparsity`)."""
 
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     calib_tokens: int = 0
-    layer_weights: dict[str, int] = field(default_factory=dict)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # "<block>.<layer>" keys, if kept
-
-    @property
-    def sparsity(self) -> float:
-        """Weighted mean sparsity over all pruned layers."""
-        total = sum(self.layer_weights.values())
-        if not total:
-            return 0.0
-        return sum(self.layer_sparsity[k] * n for k, n in self.layer_weights.items()) / total
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def prune_model_(
@@ -222,7 +214,6 @@ def prune_model_(
         for name, mask in masks.items():
             key = f"{blocks_name}.{index}.{name}"
             report.layer_sparsity[key] = sparsity_of(mask)
-            report.layer_weights[key] = mask.numel()
             if keep_masks:
                 report.masks[f"{index}.{name}"] = mask
         if inputs is not None and index + 1 < len(blocks):

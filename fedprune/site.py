@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedprune.masks import Pattern
-from fedprune.models import find_blocks, find_prunable_layers
+from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners.base import Pruner
 from fedprune.sequential import (
     BlockInputs,
@@ -24,6 +24,7 @@ from fedprune.sequential import (
     capture_block_inputs,
     collect_block_stats,
     prune_layers,
+    prune_model_,
     run_block,
 )
 from fedprune.stats import Stats
@@ -80,10 +81,10 @@ def advance_site_(model: nn.Module, state: SiteState, block: int, weights: dict[
     state.block = block + 1
 
 
-def weights_from_masks(model: nn.Module, block: int, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def weights_from_masks(
+    model: nn.Module, block: int, masks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Pruned weights of ``block``: the model's dense weights times the keep-masks."""
-    from fedprune.models import get_weight
-
     layers = find_prunable_layers(find_blocks(model)[1][block])
     return {name: get_weight(layers[name]) * mask for name, mask in masks.items()}
 
@@ -97,8 +98,6 @@ def local_masks(
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
     """One-shot: prune a private copy of the whole model sequentially; its keep-masks by ``<block>.<layer>``."""
-    from fedprune.sequential import prune_model_
-
     local = copy.deepcopy(model)
     report = prune_model_(
         local, calib_ids, pruner, sparsity, pattern, batch_size, progress=False, keep_masks=True
@@ -108,7 +107,5 @@ def local_masks(
 
 def block_layer_shapes(model: nn.Module, block: int) -> dict[str, tuple[int, int]]:
     """``(out, in)`` shapes of the prunable layers of one block, by name."""
-    from fedprune.models import get_weight
-
     _, blocks = find_blocks(model)
     return {name: tuple(get_weight(m).shape) for name, m in find_prunable_layers(blocks[block]).items()}

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fedprune.aggregation.block import aggregate_stats, prune_block_from_stats_, vote_block_
 from fedprune.masks import Pattern, sparsity_of
-from fedprune.models import find_blocks, layer_input_features
+from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
 from fedprune.payload import decode_masks, decode_stats, encode_masks, encode_weights
 from fedprune.pruners.base import Pruner
 from fedprune.site import block_layer_shapes
@@ -106,8 +106,6 @@ def _validator(job: FederatedJob, block: int, message_type: str, tokens: dict[in
     shapes = block_layer_shapes(job.model, block)
     if message_type == "masks":
         return lambda node, reply: decode_masks(reply_arrays(reply), shapes)
-    from fedprune.models import find_prunable_layers
-
     widths = {name: layer_input_features(m) for name, m in find_prunable_layers(blocks[block]).items()}
     return lambda node, reply: decode_stats(reply_arrays(reply), job.pruner.stat_kind, widths, tokens[node])
 
