@@ -140,6 +140,17 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(pruner, parse_pattern(str(cfg.pattern)), model, tokenizer, data, dense, start)
 
 
+def privacy_metrics(privacy: str, plan) -> dict:
+    """``privacy`` and, with secure aggregation, its threshold and fixed-point scale; with DP, the
+    achieved ``dp_epsilon``, ``dp_delta`` and the noise std of the sum ``dp_sigma`` (a ``SecurePlan``)."""
+    metrics: dict = {"privacy": privacy}
+    if plan is not None:
+        metrics.update(secagg_threshold=plan.threshold, secagg_scale_bits=plan.value_code().scale_bits)
+    if plan is not None and plan.dp_sigma > 0:
+        metrics.update(dp_epsilon=plan.dp_epsilon, dp_delta=plan.dp_delta, dp_sigma=plan.dp_sigma)
+    return metrics
+
+
 def base_metrics(cfg: DictConfig, prep: Prepared, ppl_pruned: float, calib_tokens: int, **extra) -> dict:
     """The metrics every protocol reports, then protocol-specific ``extra`` ones, then timing and memory."""
     metrics = {

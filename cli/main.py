@@ -16,7 +16,7 @@ from cli.common import summary_table
 from cli.hidenseek import summary_table as hidenseek_summary
 from cli.hidenseek import validate_hidenseek
 from cli.local import run_local
-from cli.validate import ConfigError, validate_common, validate_federation
+from cli.validate import ConfigError, validate_common, validate_federation, validate_privacy
 from fedprune.data.assets import AssetError
 
 logger = logging.getLogger("fedprune")
@@ -59,6 +59,7 @@ def validate(cfg: DictConfig) -> None:
             f"config key 'protocol.name': unknown protocol {cfg.protocol.name!r}; known: {sorted(PROTOCOLS)}"
         )
     if cfg.protocol.name in OWN_CHECKS:
+        validate_privacy(cfg)
         OWN_CHECKS[cfg.protocol.name](cfg)
         return
     validate_common(cfg)

@@ -90,6 +90,7 @@ def validate_federation(cfg: DictConfig) -> None:
     from fedprune.data.sites import SITE_PARTITIONERS
     from fedprune.masks import GROUPS
 
+    validate_privacy(cfg)
     fed = cfg.federation
     clients = int(fed.num_clients)
     _check(clients >= 1, "federation.num_clients", f"must be >= 1, got {clients}")
@@ -122,3 +123,49 @@ def validate_federation(cfg: DictConfig) -> None:
             f"stats_sync needs a pruner with calibration statistics; {pruner.name!r} is data-free "
             "(use protocol=mask_vote or centralized)",
         )
+
+
+SECURE_PROTOCOLS = ("mask_vote", "mask_vote_sync", "stats_sync")  # where secure aggregation applies
+DP_PROTOCOLS = ("stats_sync",)  # where the Gaussian mechanism on statistics applies
+
+
+def validate_privacy(cfg: DictConfig) -> None:
+    """Checks of the ``privacy`` group (any protocol: a secure setting where it cannot apply is an error)."""
+    from fedprune.secure.plan import PRIVACY_SETTINGS
+
+    privacy = cfg.get("privacy")
+    if privacy is None:
+        return
+    name = str(privacy.get("name"))
+    _check(
+        name in PRIVACY_SETTINGS, "privacy.name", f"unknown privacy {name!r}; known: {list(PRIVACY_SETTINGS)}"
+    )
+    if name == "none":
+        return
+    protocol = str(cfg.protocol.name)
+    _check(
+        protocol in SECURE_PROTOCOLS,
+        "privacy.name",
+        f"{name} needs a protocol whose server sums site payloads ({', '.join(SECURE_PROTOCOLS)}); "
+        f"protocol {protocol!r} has none to protect this way",
+    )
+    sites = int(cfg.federation.num_clients)
+    threshold = privacy.get("threshold")
+    if threshold is not None:
+        _check(
+            2 <= int(threshold) <= sites,
+            "privacy.threshold",
+            f"must be in [2, federation.num_clients={sites}], got {threshold}",
+        )
+    _check(sites >= 2, "federation.num_clients", f"secure aggregation needs >= 2 sites, got {sites}")
+    _check(int(privacy.get("modulus_bits", 64)) in range(8, 65), "privacy.modulus_bits", "must be in [8, 64]")
+    _check(float(privacy.token_bound) > 0, "privacy.token_bound", f"must be > 0, got {privacy.token_bound}")
+    if name != "secagg_dp":
+        return
+    _check(
+        protocol in DP_PROTOCOLS,
+        "privacy.name",
+        f"secagg_dp adds noise to statistics: use protocol {' or '.join(DP_PROTOCOLS)}, not {protocol!r}",
+    )
+    _check(float(privacy.epsilon) > 0, "privacy.epsilon", f"must be > 0, got {privacy.epsilon}")
+    _check(0 < float(privacy.delta) < 1, "privacy.delta", f"must be in (0, 1), got {privacy.delta}")

@@ -12,6 +12,7 @@ Messages
 ``train.stats``       [apply block b-1] then statistics of block b (``stats_sync``).
 ``train.masks``       [apply block b-1] then the site's own masks of block b (``mask_vote_sync``).
 ``train.local_prune`` prune a private copy of the whole model, upload all masks (``mask_vote``).
+``train.secagg``      any of the three above through secure aggregation (``clients/secagg_client.py``).
 ``query.finish``      delete the site's state of the run.
 """
 
@@ -55,7 +56,7 @@ def _arrays(record: ArrayRecord) -> dict:
     return {key: array.numpy() for key, array in record.items()}
 
 
-def _site_key(context: Context) -> str:
+def site_key_of(context: Context) -> str:
     node = context.node_config
     return f"p{node['partition-id']}" if "partition-id" in node else f"n{context.node_id}"
 
@@ -111,60 +112,77 @@ def start(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     model = _model(config)
     state = start_site(model, _calibration_ids(config, context), int(config["batch_size"]))
-    save_state(str(config["run_key"]), _site_key(context), state)
+    save_state(str(config["run_key"]), site_key_of(context), state)
     return _reply(msg, None, {"tokens": state.tokens})
 
 
-def _block_round(msg: Message, context: Context, compute) -> Message:
+def block_payload(msg: Message, context: Context, compute) -> tuple[dict, int]:
+    """[Apply block b-1], then ``compute(model, state, config)``: the payload arrays and the site's tokens."""
     config = msg.content["config"]
-    run_key, site_key = str(config["run_key"]), _site_key(context)
+    run_key, site_key = str(config["run_key"]), site_key_of(context)
     model = _model(config)
     state = load_state(run_key, site_key)
     _apply_update_(model, state, config, msg.content)
     arrays = compute(model, state, config)
     save_state(run_key, site_key, state)
-    return _reply(msg, arrays, {"tokens": state.tokens})
+    return arrays, state.tokens
 
 
-@app.train("stats")
-def stats(msg: Message, context: Context) -> Message:
-    def compute(model, state, config):
-        return encode_stats(site_block_stats(model, state, int(config["block"]), str(config["stat_kind"])))
-
-    return _block_round(msg, context, compute)
+def _block_round(msg: Message, context: Context, compute) -> Message:
+    arrays, tokens = block_payload(msg, context, compute)
+    return _reply(msg, arrays, {"tokens": tokens})
 
 
-@app.train("masks")
-def masks(msg: Message, context: Context) -> Message:
-    def compute(model, state, config):
-        pattern = parse_pattern(str(config["pattern"]))
-        block_masks = site_block_masks(
-            model, state, int(config["block"]), _pruner(config), float(config["sparsity"]), pattern
-        )
-        return encode_masks(block_masks)
-
-    return _block_round(msg, context, compute)
+def stats_payload(model, state, config, token_bound: float | None = None) -> dict:
+    """This site's statistics of block ``config['block']`` as ``encode_stats`` arrays."""
+    block, kind = int(config["block"]), str(config["stat_kind"])
+    return encode_stats(site_block_stats(model, state, block, kind, token_bound))
 
 
-@app.train("local_prune")
-def local_prune(msg: Message, context: Context) -> Message:
+def masks_payload(model, state, config) -> dict[str, torch.Tensor]:
+    """This site's own keep-masks of block ``config['block']``."""
+    pattern = parse_pattern(str(config["pattern"]))
+    return site_block_masks(
+        model, state, int(config["block"]), _pruner(config), float(config["sparsity"]), pattern
+    )
+
+
+def local_prune_payload(msg: Message, context: Context) -> tuple[dict[str, torch.Tensor], int]:
+    """This site's keep-masks of its privately pruned whole model, and its tokens."""
     config = msg.content["config"]
-    model = _model(config)
     calib_ids = _calibration_ids(config, context)
     all_masks = local_masks(
-        model,
+        _model(config),
         calib_ids,
         _pruner(config),
         float(config["sparsity"]),
         parse_pattern(str(config["pattern"])),
         int(config["batch_size"]),
     )
-    tokens = int(calib_ids.numel())
+    return all_masks, int(calib_ids.numel())
+
+
+@app.train("stats")
+def stats(msg: Message, context: Context) -> Message:
+    return _block_round(msg, context, stats_payload)
+
+
+@app.train("masks")
+def masks(msg: Message, context: Context) -> Message:
+    return _block_round(msg, context, lambda *args: encode_masks(masks_payload(*args)))
+
+
+@app.train("local_prune")
+def local_prune(msg: Message, context: Context) -> Message:
+    all_masks, tokens = local_prune_payload(msg, context)
     return _reply(msg, encode_masks(all_masks), {"tokens": tokens})
 
 
 @app.query("finish")
 def finish(msg: Message, context: Context) -> Message:
-    drop_state(str(msg.content["config"]["run_key"]), _site_key(context))
+    drop_state(str(msg.content["config"]["run_key"]), site_key_of(context))
     return _reply(msg, None, {"tokens": 0})
+
+
 import clients.hidenseek_client  # noqa: E402,F401  (registers hidenseek handlers)
+import clients.secagg_client  # noqa: E402,F401  (registers the secure-aggregation handler)

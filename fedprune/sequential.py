@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import find_blocks, find_prunable_layers, get_weight, set_weight_
 from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
+from fedprune.secure.dp import clip_tokens
 from fedprune.stats import Stats, add_stats, batch_stats
 
 logger = logging.getLogger(__name__)
@@ -109,10 +110,14 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 
 @torch.no_grad()
-def collect_block_stats(block: nn.Module, inputs: BlockInputs, stat_kind: str | None) -> dict[str, Stats]:
+def collect_block_stats(
+    block: nn.Module, inputs: BlockInputs, stat_kind: str | None, token_bound: float | None = None
+) -> dict[str, Stats]:
     """Summed statistics of the inputs of each prunable layer of ``block`` (empty if data-free).
 
-    Layers fed the very same tensor (q/k/v, gate/up) share one computation per micro-batch.
+    Layers fed the very same tensor (q/k/v, gate/up) share one computation per micro-batch. With
+    ``token_bound`` (differential privacy), each token's input vector is first clipped to that L2 norm
+    (the block itself runs unchanged).
     """
     if stat_kind is None:
         return {}
@@ -125,7 +130,8 @@ def collect_block_stats(block: nn.Module, inputs: BlockInputs, stat_kind: str | 
         def hook(_module: nn.Module, args: tuple, _output: object) -> None:
             x = args[0]
             if id(x) not in shared:
-                shared[id(x)] = (x, batch_stats(stat_kind, x))
+                seen = x if token_bound is None else clip_tokens(x, token_bound)
+                shared[id(x)] = (x, batch_stats(stat_kind, seen))
             part = shared[id(x)][1]
             collected[name] = add_stats(collected[name], part) if name in collected else part
 

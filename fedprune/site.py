@@ -52,11 +52,14 @@ def _check_block(state: SiteState, block: int) -> None:
         raise ValueError(f"site holds the inputs of block {state.block}, was asked for block {block}")
 
 
-def site_block_stats(model: nn.Module, state: SiteState, block: int, stat_kind: str) -> dict[str, Stats]:
-    """Summed statistics of every prunable layer of dense ``block`` on the site's inputs."""
+def site_block_stats(
+    model: nn.Module, state: SiteState, block: int, stat_kind: str, token_bound: float | None = None
+) -> dict[str, Stats]:
+    """Summed statistics of every prunable layer of dense ``block`` on the site's inputs (``token_bound``:
+    clip each token's layer input to this L2 norm first, for differential privacy)."""
     _check_block(state, block)
     _, blocks = find_blocks(model)
-    return collect_block_stats(blocks[block], state.inputs, stat_kind)
+    return collect_block_stats(blocks[block], state.inputs, stat_kind, token_bound)
 
 
 def site_block_masks(

@@ -15,8 +15,9 @@ from pathlib import Path
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from cli.common import base_metrics, evaluate, prepare, target_sparsity, write_outputs
+from cli.common import base_metrics, evaluate, prepare, privacy_metrics, target_sparsity, write_outputs
 from server.rounds import Federation
+from server.secure_rounds import plan_from_config
 from server.workflows import WORKFLOWS, FederatedJob, FederatedOutcome
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def run_federated(cfg: DictConfig, out_dir: Path, launch: Launcher) -> dict:
         seed=int(cfg.seed),
         site_config=site_config(cfg, uuid.uuid4().hex[:12]),
         progress=bool(cfg.progress),
+        privacy=str(cfg.privacy.name),
+        plan=plan_from_config(cfg, prep.model),
     )
     result: dict = {}
 
@@ -103,6 +106,7 @@ def run_federated(cfg: DictConfig, out_dir: Path, launch: Launcher) -> dict:
         bytes_down_per_client=fed.mean_bytes(fed.bytes_down),
         rejected=[{"round": r, "node": n, "reason": why} for r, n, why in fed.rejected],
         prune_s=federated_s,
+        **privacy_metrics(job.privacy, job.plan),
     )
     model = prep.model if cfg.save_model else None
     write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer)

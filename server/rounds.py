@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -61,13 +61,15 @@ class Federation:
         arrays: dict[str, np.ndarray] | None,
         validate: Callable[[int, Message], T],
         nodes: Iterable[int] | None = None,
+        node_arrays: Mapping[int, dict[str, np.ndarray]] | None = None,
     ) -> dict[int, T]:
         """Send one message to each node; return ``{node: validate(node, reply)}`` for the valid replies.
 
         A reply that errored, came from a node that was not asked, or fails ``validate`` (raising
         :class:`PayloadError` or ``ValueError``) is logged with its reason and left out; a node whose
         handler raised is dropped for the rest of the run. Raises :class:`FederationError` when fewer
-        than ``min_clients`` valid replies remain.
+        than ``min_clients`` valid replies remain. ``node_arrays`` adds a ``secagg`` record of arrays
+        addressed to one node (secure-aggregation routing).
         """
         start = time.perf_counter()
         number = len(self.round_seconds)
@@ -77,6 +79,8 @@ class Federation:
             content = RecordDict({"config": ConfigRecord(config)})
             if arrays:
                 content["update"] = array_record(arrays)
+            if node_arrays is not None:
+                content["secagg"] = array_record(node_arrays[node])
             self.bytes_down[node] += message_bytes(content)
             messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
         replies = self.grid.send_and_receive(messages, timeout=self.timeout)

@@ -5,6 +5,10 @@
                     centralized code (identical result to centralized pruning on the pooled data).
 ``mask_vote_sync``  per block: sites send their own masks; the server votes (FedPrLLM, iterative).
 ``mask_vote``       one round: sites prune their own copies fully and send all masks (FedPrLLM one-shot).
+
+Privacy (the Hydra ``privacy`` group): ``PRIVACY`` maps a setting to how the server obtains the SUM of
+the sites' payloads: in the clear (``none``), or by secure aggregation (``secagg``, ``secagg_dp``:
+``server/secure_rounds.py``), where it never sees one site's statistics or masks.
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from fedprune.aggregation.block import aggregate_stats, prune_block_from_stats_, vote_block_
+from fedprune.aggregation.block import aggregate_stats, prune_block_from_stats_, vote_block_from_counts_
+from fedprune.aggregation.mask_vote import vote_counts
 from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
 from fedprune.payload import decode_masks, decode_stats, encode_masks, encode_weights
 from fedprune.pruners.base import Pruner
+from fedprune.secure.plan import SecurePlan
 from fedprune.site import block_layer_shapes
+from fedprune.stats import Stats
 from server.rounds import Federation, reply_arrays
+from server.secure_rounds import secure_stats, secure_vote_counts
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,8 @@ class FederatedJob:
     seed: int
     site_config: dict  # model path, corpus, windows, ... sent to every site
     progress: bool = True
+    privacy: str = "none"  # none | secagg | secagg_dp
+    plan: SecurePlan | None = None  # public secure-aggregation parameters (privacy != none)
 
 
 @dataclass
@@ -80,9 +90,54 @@ def _update_arrays(masks: dict, weights: dict, send_weights: bool) -> tuple[dict
     return (encode_weights(weights), "weights") if send_weights else (encode_masks(masks), "masks")
 
 
-def _layer_sync(
-    fed: Federation, job: FederatedJob, message_type: str, aggregate: Callable
-) -> FederatedOutcome:
+Votes = tuple[dict[str, torch.Tensor], int, dict[int, int]]  # keep counts per layer, sites, tokens
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """How the server gets the sum of the sites' payloads of one round (plain or secure)."""
+
+    stats: Callable[[Federation, FederatedJob, dict, dict | None, dict[str, int], dict[int, int]], dict]
+    votes: Callable[[Federation, FederatedJob, str, dict, dict | None, dict], Votes]
+
+
+def _plain_stats(fed, job, config, update, widths, tokens) -> dict[str, Stats]:
+    kind = job.pruner.stat_kind
+
+    def validate(node, reply):
+        return decode_stats(reply_arrays(reply), kind, widths, tokens[node])
+
+    return aggregate_stats(list(fed.round("train.stats", config, update, validate).values()))
+
+
+def _plain_votes(fed, job, task, config, update, shapes) -> Votes:
+    tokens: dict[int, int] = {}
+
+    def validate(node, reply):
+        tokens[node] = int(reply.content["metrics"]["tokens"])
+        return decode_masks(reply_arrays(reply), shapes)
+
+    masks = list(fed.round(f"train.{task}", config, update, validate).values())
+    counts = {name: vote_counts([m[name] for m in masks]) for name in shapes}
+    return counts, len(masks), {n: tokens[n] for n in tokens}
+
+
+def _secure_stats(fed, job, config, update, widths, tokens) -> dict[str, Stats]:
+    return secure_stats(fed, config, update, job.plan, job.pruner.stat_kind, widths, tokens)
+
+
+def _secure_votes(fed, job, task, config, update, shapes) -> Votes:
+    return secure_vote_counts(fed, task, config, update, job.plan, shapes)
+
+
+PRIVACY: dict[str, Aggregator] = {
+    "none": Aggregator(_plain_stats, _plain_votes),
+    "secagg": Aggregator(_secure_stats, _secure_votes),
+    "secagg_dp": Aggregator(_secure_stats, _secure_votes),
+}
+
+
+def _layer_sync(fed: Federation, job: FederatedJob, message_type: str, step: Callable) -> FederatedOutcome:
     """The per-block loop shared by the layer-synchronous protocols."""
     outcome = FederatedOutcome()
     tokens = _start(fed, job)
@@ -91,9 +146,7 @@ def _layer_sync(
     update, update_kind = None, "masks"
     for block in tqdm(range(len(blocks)), desc=f"federated {message_type}", disable=not job.progress):
         config = {**job.site_config, **_method_config(job), "block": block, "update_kind": update_kind}
-        validate = _validator(job, block, message_type, tokens)
-        replies = fed.round(f"train.{message_type}", config, update, validate)
-        masks, weights, send_weights = aggregate(block, list(replies.values()))
+        masks, weights, send_weights = step(block, config, update, tokens)
         _record(outcome, blocks_name, block, masks)
         update, update_kind = _update_arrays(masks, weights, send_weights)
     fed.round("query.finish", job.site_config, None, lambda node, reply: None)
@@ -101,40 +154,44 @@ def _layer_sync(
     return outcome
 
 
-def _validator(job: FederatedJob, block: int, message_type: str, tokens: dict[int, int]) -> Callable:
-    blocks = find_blocks(job.model)[1]
-    shapes = block_layer_shapes(job.model, block)
-    if message_type == "masks":
-        return lambda node, reply: decode_masks(reply_arrays(reply), shapes)
-    widths = {name: layer_input_features(m) for name, m in find_prunable_layers(blocks[block]).items()}
-    return lambda node, reply: decode_stats(reply_arrays(reply), job.pruner.stat_kind, widths, tokens[node])
-
-
 def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     """Exact federated pruning: summed statistics, centralized pruning code, per block."""
     if job.pruner.stat_kind is None:
         raise ValueError(f"stats_sync needs a pruner with statistics; {job.pruner.name!r} is data-free")
+    blocks = find_blocks(job.model)[1]
 
-    def aggregate(block: int, site_stats: list) -> tuple[dict, dict, bool]:
-        stats = aggregate_stats(site_stats)
+    def step(
+        block: int, config: dict, update: dict | None, tokens: dict[int, int]
+    ) -> tuple[dict, dict, bool]:
+        layers = find_prunable_layers(blocks[block])
+        widths = {name: layer_input_features(m) for name, m in layers.items()}
+        stats = PRIVACY[job.privacy].stats(fed, job, config, update, widths, tokens)
         masks, weights = prune_block_from_stats_(
             job.model, block, stats, job.pruner, job.sparsity, job.pattern
         )
         return masks, weights, job.pruner.updates_weights
 
-    return _layer_sync(fed, job, "stats", aggregate)
+    return _layer_sync(fed, job, "stats", step)
+
+
+def _vote(job: FederatedJob, block: int, counts: dict, num_sites: int) -> tuple[dict, dict]:
+    return vote_block_from_counts_(
+        job.model, block, counts, num_sites, job.sparsity, job.pattern, job.group, job.scaling, job.seed
+    )
 
 
 def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     """FedPrLLM iterative: per block, the sites' own masks are voted into the global mask."""
 
-    def aggregate(block: int, site_masks: list) -> tuple[dict, dict, bool]:
-        masks, weights = vote_block_(
-            job.model, block, site_masks, job.sparsity, job.pattern, job.group, job.scaling, job.seed
-        )
+    def step(
+        block: int, config: dict, update: dict | None, tokens: dict[int, int]
+    ) -> tuple[dict, dict, bool]:
+        shapes = block_layer_shapes(job.model, block)
+        counts, num_sites, _ = PRIVACY[job.privacy].votes(fed, job, "masks", config, update, shapes)
+        masks, weights = _vote(job, block, counts, num_sites)
         return masks, weights, job.scaling
 
-    return _layer_sync(fed, job, "masks", aggregate)
+    return _layer_sync(fed, job, "masks", step)
 
 
 def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
@@ -147,22 +204,14 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
         for name, shape in block_layer_shapes(job.model, b).items()
     }
     config = {**job.site_config, **_method_config(job)}
-    tokens: dict[int, int] = {}
-
-    def validate(node, reply):
-        tokens[node] = int(reply.content["metrics"]["tokens"])
-        return decode_masks(reply_arrays(reply), shapes)
-
-    replies = list(fed.round("train.local_prune", config, None, validate).values())
+    counts, num_sites, tokens = PRIVACY[job.privacy].votes(fed, job, "local_prune", config, None, shapes)
     for block in range(len(blocks)):
         prefix = f"{block}."
-        site_masks = [{k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)} for m in replies]
-        masks, _ = vote_block_(
-            job.model, block, site_masks, job.sparsity, job.pattern, job.group, job.scaling, job.seed
-        )
+        block_counts = {k[len(prefix) :]: v for k, v in counts.items() if k.startswith(prefix)}
+        masks, _ = _vote(job, block, block_counts, num_sites)
         _record(outcome, blocks_name, block, masks)
-    outcome.calib_tokens = sum(tokens[n] for n in tokens)
-    outcome.num_clients = len(replies)
+    outcome.calib_tokens = sum(tokens.values())
+    outcome.num_clients = num_sites
     return outcome
 
 

@@ -48,12 +48,29 @@ def vote_block_(
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Aggregate the sites' masks of ``block`` by voting and apply it to the global dense weights."""
+    counts = {name: vote_counts([m[name] for m in site_masks]) for name in site_masks[0]}
+    return vote_block_from_counts_(
+        model, block, counts, len(site_masks), sparsity, pattern, group, scaling, seed
+    )
+
+
+def vote_block_from_counts_(
+    model: nn.Module,
+    block: int,
+    counts: dict[str, torch.Tensor],
+    num_sites: int,
+    sparsity: float,
+    pattern: Pattern,
+    group: str,
+    scaling: bool,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Vote ``block`` from per-weight keep counts of ``num_sites`` sites (e.g. a secure sum of votes)."""
     _, blocks = find_blocks(model)
     masks, weights = {}, {}
     for name, layer in find_prunable_layers(blocks[block]).items():
-        counts = vote_counts([m[name] for m in site_masks])
-        keep = select_by_votes(counts, sparsity, pattern, group, seed + block)
+        keep = select_by_votes(counts[name], sparsity, pattern, group, seed + block)
         masks[name] = keep
-        weights[name] = apply_vote(get_weight(layer), keep, counts, len(site_masks), scaling)
+        weights[name] = apply_vote(get_weight(layer), keep, counts[name], num_sites, scaling)
     apply_weights_(blocks[block], weights)
     return masks, weights

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedprune.secure.encoding import check_modulus_bits, check_residues, reduce_
 from fedprune.secure.messages import (
@@ -100,6 +101,47 @@ class SecAggClient:
         self._enc_key = None
         self._mask_key = None
         self._seed = b""
+
+    def to_state(self) -> dict:
+        """This client's state between rounds as JSON-safe plain data (hex strings, ints).
+
+        Holds private keys and secrets: it must stay on the client's own disk (never sent anywhere).
+        """
+
+        def raw(key) -> str:
+            return "" if key is None else key.private_bytes_raw().hex()
+
+        return {
+            "client_id": self.client_id,
+            "modulus_bits": self.modulus_bits,
+            "stage": self._stage,
+            "threshold": self._threshold,
+            "peers": {str(v): [a.enc_public.hex(), a.mask_public.hex()] for v, a in self._peers.items()},
+            "held": {str(v): [k, s] for v, (k, s) in self._held.items()},
+            "enc_key": raw(self._enc_key),
+            "mask_key": raw(self._mask_key),
+            "seed": self._seed.hex(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, random_bytes: RandomBytes = os.urandom) -> SecAggClient:
+        """Inverse of :meth:`to_state`."""
+        client = cls(int(state["client_id"]), int(state["modulus_bits"]), random_bytes)
+
+        def key(text: str):
+            return X25519PrivateKey.from_private_bytes(bytes.fromhex(text)) if text else None
+
+        client._stage = str(state["stage"])
+        client._threshold = int(state["threshold"])
+        client._peers = {
+            int(v): KeyAdvert(int(v), bytes.fromhex(e), bytes.fromhex(m))
+            for v, (e, m) in state["peers"].items()
+        }
+        client._held = {int(v): (int(k), int(s)) for v, (k, s) in state["held"].items()}
+        client._enc_key = key(state["enc_key"])
+        client._mask_key = key(state["mask_key"])
+        client._seed = bytes.fromhex(state["seed"])
+        return client
 
     def _advance(self, expected: str, new: str) -> None:
         if self._stage != expected:

@@ -1,0 +1,149 @@
+"""The site's side of secure aggregation (``train.secagg``): thin glue over ``fedprune.secure``.
+
+One secure sum is four messages with ``secagg.stage`` = ``advertise`` / ``share`` / ``mask`` /
+``unmask`` (see ``server/secure_rounds.py``). At ``advertise`` the site computes its plain payload
+(``secagg.task``: ``stats``, ``masks`` or ``local_prune``), encodes it as one uint64 vector with the
+public codes of the plan, adds its share of DP noise (``secagg_dp``), and keeps vector and fresh keys on
+its own disk (each message may run in a fresh process); they never leave the site except masked.
+Fresh keys and seeds per secure sum: masks are never reused across blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+from flwr.app import Context, Message
+
+from clients.client_app import (
+    _reply,
+    app,
+    block_payload,
+    local_prune_payload,
+    masks_payload,
+    site_key_of,
+    stats_payload,
+)
+from clients.site_cache import state_dir
+from fedprune.secure import SecAggClient
+from fedprune.secure.codec import encode_stats_vector, pack_votes
+from fedprune.secure.dp import site_noise
+from fedprune.secure.plan import SecurePlan
+from fedprune.secure.wire import (
+    advert_to_arrays,
+    peers_from_arrays,
+    reply_to_arrays,
+    request_from_arrays,
+    shares_from_arrays,
+    shares_to_arrays,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _paths(msg: Message, context: Context):
+    folder = state_dir(str(msg.content["config"]["run_key"]), site_key_of(context))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "secagg.json", folder / "secagg_input.npy"
+
+
+def _save_client(path, client: SecAggClient) -> None:
+    """Write the client's secrets atomically, readable by this user only."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(client.to_state(), handle)
+    os.replace(tmp, path)
+
+
+def _load_client(path) -> SecAggClient:
+    if not path.exists():
+        raise RuntimeError("no secure-aggregation state at this site: 'advertise' never arrived")
+    return SecAggClient.from_state(json.loads(path.read_text()))
+
+
+def _votes_vector(masks: dict, plan: SecurePlan) -> np.ndarray:
+    """Sorted layers' keep-masks, each packed in count fields (see ``codec.pack_votes``)."""
+    return np.concatenate(
+        [
+            pack_votes(masks[name].numpy().astype(bool), plan.max_sites, plan.modulus_bits)
+            for name in sorted(masks)
+        ]
+    )
+
+
+def _stats_vector(arrays: dict, plan: SecurePlan) -> np.ndarray:
+    """Statistics slots (+ this site's share of DP noise) and counts as one vector."""
+    if plan.dp_sigma > 0:
+        rng = np.random.default_rng()  # OS entropy
+        for key in [k for k in arrays if k.startswith("total.")]:
+            arrays[key] = arrays[key] + site_noise(arrays[key].shape, plan.dp_sigma, plan.threshold, rng)
+    return encode_stats_vector(arrays, plan.value_code(), plan.count_code())
+
+
+def _payload(msg: Message, context: Context, plan: SecurePlan) -> tuple[np.ndarray, dict, int]:
+    """This site's encoded vector, its public metadata arrays and its tokens."""
+    task = str(msg.content["config"]["secagg.task"])
+    if task == "stats":
+        bound = plan.token_bound if plan.dp_sigma > 0 else None
+        arrays, tokens = block_payload(msg, context, lambda *args: stats_payload(*args, token_bound=bound))
+        return _stats_vector(arrays, plan), {"index": arrays["index"]}, tokens
+    if task == "masks":
+        masks, tokens = block_payload(msg, context, masks_payload)
+    elif task == "local_prune":
+        masks, tokens = local_prune_payload(msg, context)
+    else:
+        raise ValueError(f"unknown secure-aggregation task {task!r}")
+    return _votes_vector(masks, plan), {}, tokens
+
+
+def _advertise(msg: Message, context: Context, plan: SecurePlan) -> Message:
+    client_path, input_path = _paths(msg, context)
+    vector, public, tokens = _payload(msg, context, plan)
+    np.save(input_path, vector)
+    client = SecAggClient(int(context.node_id), plan.modulus_bits)
+    advert = client.advertise_keys()
+    _save_client(client_path, client)
+    return _reply(msg, {**advert_to_arrays(advert), **public}, {"tokens": tokens})
+
+
+def _share(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
+    client_path, _ = _paths(msg, context)
+    client = _load_client(client_path)
+    shares = client.share_keys(peers_from_arrays(arrays), plan.threshold)
+    _save_client(client_path, client)
+    return _reply(msg, shares_to_arrays(shares, outgoing=True), {"tokens": 0})
+
+
+def _mask(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
+    client_path, input_path = _paths(msg, context)
+    client = _load_client(client_path)
+    vector = np.load(input_path)
+    masked = client.masked_input(vector, shares_from_arrays(client.client_id, arrays, outgoing=False))
+    _save_client(client_path, client)
+    input_path.unlink()
+    return _reply(msg, {"masked": masked.vector}, {"tokens": 0})
+
+
+def _unmask(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
+    client_path, _ = _paths(msg, context)
+    client = _load_client(client_path)
+    reply = client.unmask(request_from_arrays(arrays))
+    client_path.unlink()  # one protocol instance per key pair
+    return _reply(msg, reply_to_arrays(reply), {"tokens": 0})
+
+
+STAGES = {"share": _share, "mask": _mask, "unmask": _unmask}
+
+
+@app.train("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    plan = SecurePlan.from_config(config)
+    stage = str(config["secagg.stage"])
+    if stage == "advertise":
+        return _advertise(msg, context, plan)
+    arrays = {k: v.numpy() for k, v in msg.content["secagg"].items()}
+    return STAGES[stage](msg, context, plan, arrays)

@@ -1,0 +1,91 @@
+"""Differential privacy for summed statistics: token clipping, Gaussian noise, zCDP accounting.
+
+Neighbouring datasets: one calibration window of ``seq_len`` tokens at one site is replaced by another
+(token counts, fixed by the configuration, are public). Every token's layer-input vector is clipped to
+L2 norm ``bound`` before it enters the statistics, so one window moves a layer's statistic (Wanda
+``Σ_t x_t²`` or the Gram upper triangle of ``Σ_t x_t x_tᵀ``) by at most ``2 · seq_len · bound²`` in L2
+(``‖x x_ᵀ‖_F = ‖x‖²`` and ``‖x²‖_2 <= ‖x‖²``), and a block of ``slots`` distinct layer inputs by
+``sqrt(slots)`` times that. Each block is one release of the Gaussian mechanism; releases compose
+(adaptively) in zero-concentrated DP (Bun & Steinke 2016): ``rho = releases · Δ² / (2 σ²)``, converted
+to ``(epsilon, delta)`` with ``epsilon = rho + 2 sqrt(rho ln(1/delta))``.
+
+Distributed noise: each site adds ``N(0, σ² / min_sites)``; the server only ever sees (under secure
+aggregation) a sum of at least ``min_sites`` (the Shamir threshold) sites' noise, variance >= ``σ²``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def clip_tokens(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """Scale every token vector (last dim) of ``x`` to L2 norm at most ``bound`` (unchanged if within)."""
+    if not bound > 0:
+        raise ValueError(f"bound must be > 0, got {bound}")
+    norms = torch.linalg.vector_norm(x.double(), dim=-1, keepdim=True)  # (..., 1)
+    factor = torch.clamp(bound / torch.clamp(norms, min=1e-300), max=1.0)
+    return torch.where(norms > bound, (x.double() * factor).to(x.dtype), x)
+
+
+def window_sensitivity(seq_len: int, bound: float, slots: int) -> float:
+    """L2 sensitivity of one block's statistics to replacing one window: ``2 · seq_len · bound² · √slots``."""
+    if seq_len < 1 or slots < 1 or not bound > 0:
+        raise ValueError("seq_len and slots must be >= 1 and bound > 0")
+    return 2.0 * seq_len * bound**2 * math.sqrt(slots)
+
+
+def gaussian_rho(sensitivity: float, sigma: float, releases: int = 1) -> float:
+    """zCDP of ``releases`` Gaussian mechanisms with L2 ``sensitivity`` and noise std ``sigma``."""
+    if not sigma > 0 or sensitivity < 0 or releases < 1:
+        raise ValueError("sigma must be > 0, sensitivity >= 0, releases >= 1")
+    return releases * sensitivity**2 / (2.0 * sigma**2)
+
+
+def check_delta(delta: float) -> float:
+    """Validate delta in (0, 1)."""
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    return float(delta)
+
+
+def rho_to_epsilon(rho: float, delta: float) -> float:
+    """``(epsilon, delta)``-DP implied by ``rho``-zCDP: ``epsilon = rho + 2 sqrt(rho ln(1/delta))``."""
+    if rho < 0:
+        raise ValueError(f"rho must be >= 0, got {rho}")
+    return rho + 2.0 * math.sqrt(rho * math.log(1.0 / check_delta(delta)))
+
+
+def epsilon_to_rho(epsilon: float, delta: float) -> float:
+    """The largest ``rho`` whose ``rho_to_epsilon`` is ``epsilon`` (inverse of :func:`rho_to_epsilon`)."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    log_term = math.log(1.0 / check_delta(delta))
+    return (math.sqrt(log_term + epsilon) - math.sqrt(log_term)) ** 2
+
+
+def calibrate_sigma(epsilon: float, delta: float, sensitivity: float, releases: int) -> float:
+    """Noise std ``σ`` of the summed statistic so that ``releases`` releases are ``(epsilon, delta)``-DP."""
+    rho = epsilon_to_rho(epsilon, delta)
+    return sensitivity * math.sqrt(releases / (2.0 * rho))
+
+
+def site_noise(shape: tuple[int, ...], sigma: float, min_sites: int, rng: np.random.Generator) -> np.ndarray:
+    """One site's share of the noise: ``N(0, σ² / min_sites)`` per entry, float64."""
+    if min_sites < 1 or sigma < 0:
+        raise ValueError("min_sites must be >= 1 and sigma >= 0")
+    return rng.normal(0.0, sigma / math.sqrt(min_sites), size=shape)
+
+
+def psd_project(matrix: torch.Tensor) -> torch.Tensor:
+    """The nearest (Frobenius) positive semi-definite matrix to a symmetric one: negative eigenvalues -> 0.
+
+    Post-processing of a noisy Gram sum (costs no privacy), so that SparseGPT's Cholesky succeeds.
+    """
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0)) @ vectors.T

@@ -1,0 +1,105 @@
+"""The public parameters of one run's secure aggregation (and DP), fixed by the server from its config.
+
+Everything here is public: the configuration, the model's shape, the number of sites. Nothing depends
+on any site's values. The server sends ``to_config()`` with every secure-aggregation message.
+
+Encoding of statistics (per layer slot, all slots share the bound): each site's statistic is a sum
+over at most ``max_tokens`` tokens (``data.calib_windows · data.seq_len``, public) of ``x_i x_j`` with
+token vectors of L2 norm at most ``token_bound``, so every entry is within ``clip = max_tokens ·
+token_bound²`` (plus ``8 σ_site`` of DP noise). ``FixedPoint.for_bound(clip, max_sites, modulus_bits)``
+takes the finest scale ``2^-scale_bits`` at which ``max_sites`` such values cannot overflow, with
+deterministic round-half-to-even; the decoded sum of ``n`` sites is within ``n · 2^-(scale_bits+1)`` of
+the exact float sum per entry (``FixedPoint.error_bound``). Without DP the token vectors are not clipped
+(so ``secagg`` computes the same statistics as ``none``); an entry beyond ``clip`` is clipped to it and
+logged. Token counts use ``IntegerCode(max_tokens)``: exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+from fedprune.secure.dp import calibrate_sigma, gaussian_rho, rho_to_epsilon, window_sensitivity
+from fedprune.secure.encoding import FixedPoint, IntegerCode
+
+logger = logging.getLogger(__name__)
+
+PRIVACY_SETTINGS = ("none", "secagg", "secagg_dp")
+
+
+@dataclass(frozen=True)
+class SecurePlan:
+    """Public parameters of secure aggregation (``dp_sigma`` > 0: with distributed Gaussian noise)."""
+
+    threshold: int
+    modulus_bits: int
+    max_sites: int
+    max_tokens: int
+    token_bound: float
+    dp_sigma: float = 0.0  # std of the noise in the SUM; each site adds std dp_sigma / sqrt(threshold)
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+
+    @property
+    def site_sigma(self) -> float:
+        """Noise std each site adds per entry."""
+        return self.dp_sigma / math.sqrt(self.threshold)
+
+    def value_code(self) -> FixedPoint:
+        """Fixed-point code of statistic entries (see the module docstring)."""
+        clip = self.max_tokens * self.token_bound**2 + 8.0 * self.site_sigma
+        return FixedPoint.for_bound(clip, self.max_sites, self.modulus_bits)
+
+    def count_code(self) -> IntegerCode:
+        """Exact code of token counts."""
+        return IntegerCode(self.max_tokens, self.max_sites, self.modulus_bits)
+
+    def to_config(self) -> dict:
+        """Flat ``secagg.<field>`` entries for a message config."""
+        return {f"secagg.{k}": v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config) -> SecurePlan:
+        """Inverse of :meth:`to_config` (``config``: any mapping holding those keys)."""
+        ints = {"threshold", "modulus_bits", "max_sites", "max_tokens"}
+        fields = cls.__dataclass_fields__
+        return cls(**{k: (int if k in ints else float)(config[f"secagg.{k}"]) for k in fields})
+
+
+def make_plan(
+    *,
+    threshold: int,
+    modulus_bits: int,
+    max_sites: int,
+    max_tokens: int,
+    token_bound: float,
+    epsilon: float | None = None,
+    delta: float | None = None,
+    seq_len: int = 1,
+    releases: int = 1,
+    slots: int = 1,
+) -> SecurePlan:
+    """A plan; with ``epsilon`` and ``delta``, ``dp_sigma`` is calibrated for ``releases`` block releases
+    of at most ``slots`` statistics each (sensitivity :func:`window_sensitivity`)."""
+    base = dict(
+        threshold=threshold,
+        modulus_bits=modulus_bits,
+        max_sites=max_sites,
+        max_tokens=max_tokens,
+        token_bound=float(token_bound),
+    )
+    if epsilon is None:
+        return SecurePlan(**base)
+    sensitivity = window_sensitivity(seq_len, token_bound, slots)
+    sigma = calibrate_sigma(epsilon, float(delta), sensitivity, releases)
+    achieved = rho_to_epsilon(gaussian_rho(sensitivity, sigma, releases), float(delta))
+    logger.info(
+        "DP: sensitivity %.4g per release, %d releases, sigma %.4g -> epsilon %.4g, delta %.2g",
+        sensitivity,
+        releases,
+        sigma,
+        achieved,
+        delta,
+    )
+    return SecurePlan(**base, dp_sigma=sigma, dp_epsilon=achieved, dp_delta=float(delta))

@@ -1,0 +1,113 @@
+"""Secure-aggregation messages as flat ``{key: numpy array}`` dicts (any transport's array records).
+
+Keys carry client ids in decimal (``enc.<v>``, ``share.<v>``, ...); byte strings travel as uint8
+arrays, id sets and masked vectors as uint64 arrays. Parsers raise ``ValueError`` on anything
+malformed, so a transport's validation can reject the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from fedprune.secure.messages import EncryptedShare, KeyAdvert, UnmaskReply, UnmaskRequest
+
+logger = logging.getLogger(__name__)
+
+
+def _bytes(arrays: dict[str, np.ndarray], key: str) -> bytes:
+    value = arrays[key]
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
+        raise ValueError(f"{key}: expected a 1-D uint8 array")
+    return value.tobytes()
+
+
+def _u8(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def _ids(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, str]:
+    """``{client id: key}`` of the keys ``<prefix>.<id>``."""
+    out = {}
+    for key in arrays:
+        if key.startswith(prefix + "."):
+            tail = key[len(prefix) + 1 :]
+            if not tail.isdigit():
+                raise ValueError(f"bad client id in key {key!r}")
+            out[int(tail)] = key
+    return out
+
+
+def advert_to_arrays(advert: KeyAdvert) -> dict[str, np.ndarray]:
+    """A client's own key advert."""
+    return {"enc": _u8(advert.enc_public), "mask": _u8(advert.mask_public)}
+
+
+def advert_from_arrays(client: int, arrays: dict[str, np.ndarray]) -> KeyAdvert:
+    """Inverse of :func:`advert_to_arrays`."""
+    return KeyAdvert(client, _bytes(arrays, "enc"), _bytes(arrays, "mask"))
+
+
+def peers_to_arrays(adverts: dict[int, KeyAdvert]) -> dict[str, np.ndarray]:
+    """The neighbours' adverts routed to one client."""
+    out = {}
+    for v, advert in adverts.items():
+        out[f"enc.{v}"] = _u8(advert.enc_public)
+        out[f"mask.{v}"] = _u8(advert.mask_public)
+    return out
+
+
+def peers_from_arrays(arrays: dict[str, np.ndarray]) -> dict[int, KeyAdvert]:
+    """Inverse of :func:`peers_to_arrays`."""
+    enc, mask = _ids(arrays, "enc"), _ids(arrays, "mask")
+    if set(enc) != set(mask):
+        raise ValueError("every neighbour needs both public keys")
+    return {v: KeyAdvert(v, _bytes(arrays, enc[v]), _bytes(arrays, mask[v])) for v in enc}
+
+
+def shares_to_arrays(shares: dict[int, EncryptedShare], outgoing: bool) -> dict[str, np.ndarray]:
+    """Sealed shares keyed by the other party (receiver if ``outgoing``, else sender)."""
+    return {f"share.{s.receiver if outgoing else s.sender}": _u8(s.ciphertext) for s in shares.values()}
+
+
+def shares_from_arrays(me: int, arrays: dict[str, np.ndarray], outgoing: bool) -> dict[int, EncryptedShare]:
+    """Inverse of :func:`shares_to_arrays` (``me``: the sender if ``outgoing``, else the receiver)."""
+    out = {}
+    for other, key in _ids(arrays, "share").items():
+        sender, receiver = (me, other) if outgoing else (other, me)
+        out[other] = EncryptedShare(sender, receiver, _bytes(arrays, key))
+    return out
+
+
+def request_to_arrays(request: UnmaskRequest) -> dict[str, np.ndarray]:
+    """The unmask request."""
+    return {
+        "survivors": np.array(sorted(request.survivors), dtype=np.uint64),
+        "dropped": np.array(sorted(request.dropped), dtype=np.uint64),
+    }
+
+
+def request_from_arrays(arrays: dict[str, np.ndarray]) -> UnmaskRequest:
+    """Inverse of :func:`request_to_arrays`."""
+    sets = []
+    for key in ("survivors", "dropped"):
+        value = arrays[key]
+        if value.dtype != np.uint64 or value.ndim != 1:
+            raise ValueError(f"{key}: expected a 1-D uint64 array")
+        sets.append(frozenset(int(v) for v in value))
+    return UnmaskRequest(*sets)
+
+
+def reply_to_arrays(reply: UnmaskReply) -> dict[str, np.ndarray]:
+    """A client's unmask reply."""
+    out = {f"seed.{v}": _u8(s) for v, s in reply.seed_shares.items()}
+    out.update({f"key.{v}": _u8(s) for v, s in reply.key_shares.items()})
+    return out
+
+
+def reply_from_arrays(client: int, arrays: dict[str, np.ndarray]) -> UnmaskReply:
+    """Inverse of :func:`reply_to_arrays`."""
+    seeds = {v: _bytes(arrays, k) for v, k in _ids(arrays, "seed").items()}
+    keys = {v: _bytes(arrays, k) for v, k in _ids(arrays, "key").items()}
+    return UnmaskReply(client, seeds, keys)

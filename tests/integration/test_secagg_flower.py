@@ -1,0 +1,189 @@
+"""Secure aggregation in real Flower simulations (3 sites, tiny Llama with 2 blocks).
+
+Every message the server receives is recorded (a grid wrapper in the ServerApp's process) and checked
+against each site's plain payload from a ``privacy=none`` run of the same job.
+"""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Context, Message
+from flwr.clientapp import ClientApp
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM
+
+import clients.client_app as real
+import clients.secagg_client as real_secagg
+from cli.federated import simulation_launcher
+from cli.main import validate
+from fedprune.secure.codec import encode_stats_vector
+from server.job import run_federated
+from server.rounds import FederationError
+from server.secure_rounds import SecureAggregationError, plan_from_config
+
+pytestmark = pytest.mark.integration
+
+FED = ["federation.num_clients=3", "federation.min_clients=2", "data.calib_windows=12"]
+SECAGG = ["privacy=secagg", "privacy.threshold=2", "privacy.token_bound=100"]
+
+
+class RecordingGrid:
+    """A grid that keeps every reply the server receives."""
+
+    def __init__(self, grid, log):
+        self.grid, self.log = grid, log
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.log.extend(replies)
+        return replies
+
+
+def _run(cfg, out_dir, app=None, log=None):
+    validate(cfg)
+    launch = simulation_launcher(cfg, app)
+    if log is not None:
+        inner = launch
+
+        def launch(server_main):
+            inner(lambda grid: server_main(RecordingGrid(grid, log)))
+
+    return run_federated(cfg, out_dir, launch)
+
+
+def _weights(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return {n: p.detach() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+
+
+def _arrays(reply):
+    out = []
+    for record in reply.content.array_records.values():
+        out.extend(array.numpy() for array in record.values())
+    return out
+
+
+def _assert_same_masks(expected_dir, got_dir, atol=1e-5):
+    expected, got = _weights(expected_dir), _weights(got_dir)
+    for name in expected:
+        assert torch.equal(expected[name] == 0, got[name] == 0), name
+        assert torch.allclose(expected[name], got[name], atol=atol, rtol=1e-4), name
+
+
+def test_server_sees_only_masked_stats_and_result_equals_plain(make_cfg, tmp_path):
+    plain_log, secure_log = [], []
+    plain_cfg = make_cfg("pruner=sparsegpt", "protocol=stats_sync", *FED)
+    secure_cfg = make_cfg("pruner=sparsegpt", "protocol=stats_sync", *FED, *SECAGG)
+    plain = _run(plain_cfg, tmp_path / "plain", log=plain_log)
+    secure = _run(secure_cfg, tmp_path / "secure", log=secure_log)
+    assert secure["privacy"] == "secagg" and plain["privacy"] == "none"
+    assert secure["rounds"] == 1 + 4 * 2 + 1 and not secure["rejected"]
+    _assert_same_masks(tmp_path / "plain" / "model", tmp_path / "secure" / "model")
+    assert secure["ppl_pruned"] == pytest.approx(plain["ppl_pruned"], rel=1e-5)
+
+    # each site's plain payload per block, and its encoding as the site would mask it
+    plan = plan_from_config(secure_cfg, AutoModelForCausalLM.from_pretrained(str(secure_cfg.model.path)))
+    plain_payloads = [
+        {k: a.numpy() for k, a in r.content["payload"].items()}
+        for r in plain_log
+        if r.metadata.message_type == "train.stats"
+    ]
+    assert len(plain_payloads) == 3 * 2
+    encoded = [encode_stats_vector(dict(p), plan.value_code(), plan.count_code()) for p in plain_payloads]
+    floats = [a for p in plain_payloads for k, a in p.items() if k.startswith("total.")]
+    received = [a for r in secure_log for a in _arrays(r)]
+    masked = [
+        r.content["payload"]["masked"].numpy() for r in secure_log if "masked" in r.content.get("payload", {})
+    ]
+    assert len(masked) == 3 * 2
+    for array in received:
+        for value in floats:  # no plain statistic, in any array of any message
+            assert not (array.nbytes >= value.nbytes and value.tobytes() in array.tobytes())
+        for vector in encoded:  # no encoded plain vector, not even one word in place
+            assert not (array.shape == vector.shape and (array == vector).any())
+    for vector in masked:  # one site's masked words look uniform: bytes and bits
+        counts = np.bincount(vector.view(np.uint8), minlength=256)
+        assert chisquare(counts).pvalue > 1e-4
+        bits = np.unpackbits(vector.view(np.uint8)).reshape(-1, 64).mean(axis=0)
+        assert np.all(np.abs(bits - 0.5) < 6 * 0.5 / np.sqrt(len(vector)))
+    plain_bytes = np.concatenate([v.view(np.uint8) for v in encoded])  # the test has power
+    assert chisquare(np.bincount(plain_bytes, minlength=256)).pvalue < 1e-10
+
+
+def test_mask_vote_sync_secagg_equals_plain_votes(make_cfg, tmp_path):
+    args = ["pruner=wanda", "protocol=mask_vote_sync", "protocol.scaling=true", *FED]
+    plain = _run(make_cfg(*args), tmp_path / "plain")
+    secure = _run(make_cfg(*args, *SECAGG), tmp_path / "secure")
+    assert not secure["rejected"] and secure["num_clients"] == 3
+    expected, got = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "secure" / "model")
+    for name in expected:  # exact vote counts: identical masks and identical scaled weights
+        assert torch.equal(expected[name], got[name]), name
+    assert secure["bytes_up_per_client"] > plain["bytes_up_per_client"]
+
+
+def test_mask_vote_one_shot_secagg_equals_plain(make_cfg, tmp_path):
+    args = ["pruner=wanda", "protocol=mask_vote", "protocol.group=row", *FED]
+    _run(make_cfg(*args), tmp_path / "plain")
+    secure = _run(make_cfg(*args, *SECAGG), tmp_path / "secure")
+    assert secure["rounds"] == 4 and secure["num_clients"] == 3
+    expected, got = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "secure" / "model")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+# Site 0 fails after sharing its keys (a SecAgg dropout), site 1 sends a masked vector one word too long.
+def _faulty(msg: Message, context: Context, wrong_length: bool = True) -> Message:
+    stage = str(msg.content["config"]["secagg.stage"])
+    first = int(msg.content["config"]["block"]) == 0
+    reply = real_secagg.secagg(msg, context)
+    site = context.node_config["partition-id"]
+    if site == 0 and first and stage == "mask":
+        raise RuntimeError("site 0 went away")
+    if wrong_length and site == 1 and first and stage == "mask":
+        masked = reply.content["payload"]["masked"].numpy()
+        reply.content["payload"]["masked"] = Array(np.concatenate([masked, masked[:1]]))
+    return reply
+
+
+faulty_app = ClientApp()
+faulty_app.query("start")(real.start)
+faulty_app.query("finish")(real.finish)
+faulty_app.train("secagg")(_faulty)
+drop_app = ClientApp()
+drop_app.query("start")(real.start)
+drop_app.query("finish")(real.finish)
+drop_app.train("secagg")(lambda msg, context: _faulty(msg, context, wrong_length=False))
+
+# the plain reference: sites 0 and 1 fail at block 0, so both blocks are pruned from sites 2 and 3
+plain_drop_app = ClientApp()
+plain_drop_app.query("start")(real.start)
+plain_drop_app.query("finish")(real.finish)
+
+
+@plain_drop_app.train("stats")
+def _plain_drop(msg: Message, context: Context) -> Message:
+    if context.node_config["partition-id"] in (0, 1):
+        raise RuntimeError("site went away")
+    return real.stats(msg, context)
+
+
+def test_survivors_sum_after_a_dropout_and_a_bad_vector(make_cfg, tmp_path):
+    args = ["pruner=wanda", "protocol=stats_sync", "federation.num_clients=4", "federation.min_clients=2"]
+    args.append("data.calib_windows=12")
+    _run(make_cfg(*args), tmp_path / "plain", plain_drop_app)
+    secure = _run(make_cfg(*args, *SECAGG), tmp_path / "secure", faulty_app)  # n=4, t=2
+    reasons = sorted(r["reason"] for r in secure["rejected"])
+    assert len(reasons) == 2 and "client error" in reasons[0] and "shape (" in reasons[1], reasons
+    assert secure["num_clients"] == 4
+    _assert_same_masks(tmp_path / "plain" / "model", tmp_path / "secure" / "model")
+
+
+def test_more_dropouts_than_the_threshold_allows_stop_without_output(make_cfg, tmp_path):
+    cfg = make_cfg("pruner=wanda", "protocol=stats_sync", *FED, *SECAGG[:2], "privacy.threshold=3")
+    with pytest.raises(FederationError) as error:
+        _run(cfg, tmp_path, drop_app)  # n=3, t=3: one dropout is one too many
+    assert isinstance(error.value, SecureAggregationError) and "need" in str(error.value)
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model").exists()
