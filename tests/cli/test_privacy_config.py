@@ -1,0 +1,47 @@
+"""Privacy config checks: fail before any model loads, naming the key."""
+
+import pytest
+
+from cli.main import validate
+from cli.validate import ConfigError
+from server.secure_rounds import default_threshold, plan_from_config
+from tests.tiny_models import tiny_model
+
+FED = ["protocol=stats_sync", "federation.num_clients=3", "data.calib_windows=12"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["privacy=secagg", "privacy.name=shiny"], "privacy.name"),
+        (["privacy=secagg", "protocol=centralized"], "privacy.name"),
+        (["privacy=secagg", "protocol=local"], "privacy.name"),
+        (["privacy=secagg", "protocol=hidenseek"], "privacy.name"),
+        (["privacy=secagg", "privacy.threshold=4"], "privacy.threshold"),
+        (["privacy=secagg", "privacy.threshold=1"], "privacy.threshold"),
+        (["privacy=secagg", "privacy.token_bound=0"], "privacy.token_bound"),
+        (["privacy=secagg_dp", "privacy.epsilon=0"], "privacy.epsilon"),
+        (["privacy=secagg_dp", "privacy.delta=1"], "privacy.delta"),
+        (["privacy=secagg_dp", "privacy.delta=0"], "privacy.delta"),
+        (["privacy=secagg_dp", "protocol=mask_vote"], "privacy.name"),
+    ],
+)
+def test_bad_privacy_config_names_the_key(make_cfg, overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        validate(make_cfg(*FED, *overrides))
+
+
+@pytest.mark.parametrize("protocol", ["stats_sync", "mask_vote", "mask_vote_sync"])
+def test_secagg_is_accepted_where_the_server_sums(make_cfg, protocol):
+    validate(make_cfg(*FED, f"protocol={protocol}", "privacy=secagg", "privacy.threshold=3"))
+
+
+def test_default_is_no_privacy_and_the_plan_follows_the_config(make_cfg):
+    assert (
+        make_cfg(*FED).privacy.name == "none"
+        and plan_from_config(make_cfg(*FED), tiny_model("llama")) is None
+    )
+    cfg = make_cfg(*FED, "privacy=secagg_dp", "privacy.epsilon=4", "privacy.delta=1e-6")
+    plan = plan_from_config(cfg, tiny_model("llama"))
+    assert plan.threshold == default_threshold(3) == 2 and plan.max_tokens == 12 * 16
+    assert plan.dp_epsilon == pytest.approx(4.0) and plan.dp_delta == 1e-6 and plan.dp_sigma > 0

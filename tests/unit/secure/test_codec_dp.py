@@ -1,0 +1,148 @@
+"""Hand-checked small cases: vote packing, statistics vectors, DP maths, the plan, the wire format."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedprune.payload import encode_stats
+from fedprune.secure import SecAggClient, SecAggServer
+from fedprune.secure.codec import (
+    decode_stats_vector,
+    encode_stats_vector,
+    field_bits,
+    pack_votes,
+    packed_length,
+    slot_sizes,
+    unpack_counts,
+)
+from fedprune.secure.dp import (
+    calibrate_sigma,
+    clip_tokens,
+    epsilon_to_rho,
+    gaussian_rho,
+    psd_project,
+    rho_to_epsilon,
+    site_noise,
+    window_sensitivity,
+)
+from fedprune.secure.plan import SecurePlan, make_plan
+from fedprune.secure.wire import (
+    peers_from_arrays,
+    peers_to_arrays,
+    reply_from_arrays,
+    reply_to_arrays,
+    request_from_arrays,
+    request_to_arrays,
+)
+from fedprune.stats import Stats
+
+
+def test_field_bits_and_packing_by_hand():
+    assert [field_bits(n) for n in (1, 2, 3, 4, 7, 8, 15, 16)] == [1, 2, 2, 3, 3, 4, 4, 5]
+    # 3 sites -> 2-bit fields, 32 per word; votes 1,0,1 -> 0b01_00_01 = 17
+    assert pack_votes(np.array([True, False, True]), 3).tolist() == [17]
+    assert packed_length(33, 3) == 2 and packed_length(10, 8, modulus_bits=16) == 3  # 4 fields per word
+
+
+def test_packed_vote_sums_are_exact_counts():
+    rng = np.random.default_rng(0)
+    n, size = 7, 1000
+    votes = rng.random((n, size)) < 0.5
+    total = np.zeros(packed_length(size, n), dtype=np.uint64)
+    for v in votes:
+        total += pack_votes(v, n)
+    assert np.array_equal(unpack_counts(total, size, n), votes.sum(axis=0))
+    everyone = sum(pack_votes(np.ones(size, bool), n) for _ in range(n))  # all fields at max n, no carry
+    assert (unpack_counts(everyone, size, n) == n).all()
+    assert packed_length(size, n) * 8 == 8 * math.ceil(size / 21)  # 3 bits, 21 counts per word
+
+
+def test_stats_vector_round_trip_within_the_stated_bound():
+    plan = SecurePlan(threshold=2, modulus_bits=64, max_sites=3, max_tokens=8, token_bound=1.0)
+    code, counts = plan.value_code(), plan.count_code()
+    # worst case: every value exactly halfway between grid points, rounded half to even (rint):
+    # 0.5, 1.5, 2.5 units -> 0, 2, 2, each off by half a unit; three sites -> error n/2 units, the bound
+    half = math.ldexp(1.0, -(code.scale_bits + 1))
+    values = torch.tensor([half, 3 * half, 5 * half], dtype=torch.float64)
+    site = {"a": Stats("sq_norm", values, 4), "b": Stats("sq_norm", values * 2, 4)}
+    arrays = encode_stats(site)
+    assert slot_sizes("sq_norm", arrays["index"].tolist(), [3, 3]) == [3, 3]
+    vectors = [encode_stats_vector(arrays, code, counts) for _ in range(3)]
+    decoded = decode_stats_vector(sum(vectors), [3, 3], code, counts, 3)
+    assert decoded["count"].tolist() == [12, 12]  # exact
+    error = np.abs(decoded["total.0"] - 3 * arrays["total.0"])
+    assert error.tolist() == [code.error_bound(3)] * 3  # the stated bound, attained
+    assert np.array_equal(decoded["total.1"], 3 * arrays["total.1"])  # whole units: exact
+
+
+def test_token_clipping_bounds_every_token_and_keeps_small_ones():
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
+    clipped = clip_tokens(x, 1.0)
+    assert torch.allclose(clipped[0], torch.tensor([0.6, 0.8])) and torch.equal(clipped[1], x[1])
+
+
+def test_zcdp_accounting_by_hand():
+    assert window_sensitivity(seq_len=4, bound=0.5, slots=4) == 2 * 4 * 0.25 * 2
+    assert gaussian_rho(sensitivity=2.0, sigma=4.0, releases=3) == pytest.approx(3 * 4 / 32)
+    rho, delta = 0.5, 1e-5
+    assert rho_to_epsilon(rho, delta) == pytest.approx(0.5 + 2 * math.sqrt(0.5 * math.log(1e5)))
+    assert epsilon_to_rho(rho_to_epsilon(rho, delta), delta) == pytest.approx(rho)
+    sigma = calibrate_sigma(8.0, delta, sensitivity=2.0, releases=30)
+    assert rho_to_epsilon(gaussian_rho(2.0, sigma, 30), delta) == pytest.approx(8.0)
+    assert calibrate_sigma(4.0, delta, 2.0, 30) > sigma  # smaller epsilon, more noise
+    with pytest.raises(ValueError):
+        rho_to_epsilon(0.1, 1.0)
+
+
+def test_distributed_noise_of_threshold_sites_has_the_central_variance():
+    rng = np.random.default_rng(0)
+    total = sum(site_noise((20000,), sigma=3.0, min_sites=4, rng=rng) for _ in range(4))
+    assert total.std() == pytest.approx(3.0, rel=0.03)
+
+
+def test_plan_calibrates_dp_and_travels_in_config():
+    plan = make_plan(
+        threshold=3,
+        modulus_bits=64,
+        max_sites=4,
+        max_tokens=64,
+        token_bound=1.0,
+        epsilon=2.0,
+        delta=1e-6,
+        seq_len=16,
+        releases=2,
+        slots=4,
+    )
+    assert plan.dp_epsilon == pytest.approx(2.0) and plan.dp_sigma > 0
+    assert plan.site_sigma == pytest.approx(plan.dp_sigma / math.sqrt(3))
+    assert SecurePlan.from_config(plan.to_config()) == plan
+
+
+def test_psd_projection():
+    m = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # eigenvalues 3, -1
+    p = psd_project(m)
+    assert torch.allclose(p, torch.full((2, 2), 1.5, dtype=torch.float64))
+
+
+def test_wire_round_trips_and_client_state_survives_a_restart():
+    vectors = {5: np.arange(4, dtype=np.uint64), 9: np.ones(4, dtype=np.uint64), 12: np.zeros(4, np.uint64)}
+    server = SecAggServer(4, threshold=2)
+
+    def restart(clients):  # each message is handled by a fresh object rebuilt from the saved state
+        return {u: SecAggClient.from_state(c.to_state()) for u, c in clients.items()}
+
+    clients = {u: SecAggClient(u) for u in vectors}
+    adverts = {u: c.advertise_keys() for u, c in clients.items()}
+    clients = restart(clients)
+    routed = {u: peers_from_arrays(peers_to_arrays(keys)) for u, keys in server.collect_keys(adverts).items()}
+    assert routed[5][9] == adverts[9]
+    shares = {u: clients[u].share_keys(routed[u], 2) for u in clients}
+    clients = restart(clients)
+    inboxes = server.route_shares(shares)
+    masked = {u: clients[u].masked_input(vectors[u], inboxes[u]) for u in clients}
+    clients = restart(clients)
+    request = request_from_arrays(request_to_arrays(server.collect_masked_inputs(masked)))
+    replies = {u: reply_from_arrays(u, reply_to_arrays(clients[u].unmask(request))) for u in clients}
+    assert server.reconstruct_sum(replies).tolist() == [1, 2, 3, 4]
