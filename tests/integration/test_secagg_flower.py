@@ -187,3 +187,11 @@ def test_more_dropouts_than_the_threshold_allows_stop_without_output(make_cfg, t
         _run(cfg, tmp_path, drop_app)  # n=3, t=3: one dropout is one too many
     assert isinstance(error.value, SecureAggregationError) and "need" in str(error.value)
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model").exists()
+
+
+def test_secagg_dp_reports_its_privacy_and_completes(make_cfg, tmp_path):
+    args = ["pruner=sparsegpt", "protocol=stats_sync", *FED, "privacy=secagg_dp", "privacy.epsilon=4"]
+    metrics = _run(make_cfg(*args, "privacy.token_bound=0.5", "privacy.delta=1e-6"), tmp_path)
+    assert metrics["privacy"] == "secagg_dp" and metrics["dp_delta"] == 1e-6
+    assert metrics["dp_epsilon"] == pytest.approx(4.0) and metrics["dp_sigma"] > 0
+    assert metrics["sparsity_actual"] == pytest.approx(0.5, abs=0.01) and np.isfinite(metrics["ppl_pruned"])
