@@ -2,22 +2,36 @@
 # Federated pruning of SmolLM2-135M on Flower (simulation): 8 sites, by_document partition, wanda and
 # sparsegpt, 50% unstructured and 2:4. Rows: centralized, local (mean over sites), mask_vote ×
 # {layer,row,column} × {scaling off,on}, mask_vote_sync, stats_sync. Columns come from each run's
-# metrics.json (perplexity, upload bytes per client, wall time).
-# Scale with WINDOWS / SEQ_LEN / EVAL (defaults: the paper setting 128 × 512; eval 32 windows).
-# Writes experiments/results/federated_smollm2.{md,json}.
+# metrics.json (perplexity, upload bytes per client, wall time). Every row is a real run of `fedprune`.
+# For each pruner and pattern, centralized and stats_sync run back to back (the wall-time benchmark
+# experiments/federation_bench.py compares them).
+# Scale with WINDOWS / SEQ_LEN / EVAL (defaults: the paper setting 128 × 512; eval 32 windows);
+# PRUNERS / PATTERNS restrict the grid. Writes experiments/results/federated_smollm2.{md,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-multirun/federated_table}
-common="pruner=wanda,sparsegpt pattern=unstructured,2:4 sparsity=0.5 federation.num_clients=8 \
-federation.partitioner=by_document data.calib_windows=${WINDOWS:-128} data.seq_len=${SEQ_LEN:-512} \
-data.eval_windows=${EVAL:-32} save_model=false progress=false"
-run() { .venv/bin/fedprune -m "$@" $common "hydra.sweep.dir=$out/$1"; }
-run protocol=centralized
-run protocol=local
-run protocol=mask_vote protocol.group=layer,row,column protocol.scaling=false,true
-run protocol=mask_vote_sync
-run protocol=stats_sync
-mkdir -p experiments/results
-.venv/bin/python experiments/make_table.py "$out" experiments/results/federated_smollm2 \
-  --title "Federated pruning, SmolLM2-135M, 8 sites, by_document" \
-  --command "WINDOWS=${WINDOWS:-128} SEQ_LEN=${SEQ_LEN:-512} EVAL=${EVAL:-32} bash experiments/federated_table.sh"
+windows=${WINDOWS:-128}; seq_len=${SEQ_LEN:-512}; eval=${EVAL:-32}
+common="sparsity=0.5 federation.num_clients=8 federation.partitioner=by_document \
+data.calib_windows=$windows data.seq_len=$seq_len data.eval_windows=$eval save_model=false progress=false"
+run() {  # run <dir> <overrides...>: one fedprune run, skipped if its metrics.json exists (resumable)
+  local dir="$out/$1"; shift
+  if [[ -f "$dir/metrics.json" ]]; then return; fi
+  .venv/bin/fedprune "$@" $common "hydra.run.dir=$dir"
+}
+for pattern in ${PATTERNS:-unstructured 2:4}; do
+  for pruner in ${PRUNERS:-wanda sparsegpt}; do
+    tag="${pruner}_${pattern/:/-}"
+    run "$tag/centralized" protocol=centralized pruner=$pruner pattern=$pattern
+    run "$tag/stats_sync" protocol=stats_sync pruner=$pruner pattern=$pattern
+    run "$tag/mask_vote_sync" protocol=mask_vote_sync pruner=$pruner pattern=$pattern
+    run "$tag/local" protocol=local pruner=$pruner pattern=$pattern
+    for group in layer row column; do
+      for scaling in false true; do
+        run "$tag/mask_vote_${group}_$scaling" protocol=mask_vote protocol.group=$group \
+          protocol.scaling=$scaling pruner=$pruner pattern=$pattern
+      done
+    done
+  done
+done
+cmd="WINDOWS=$windows SEQ_LEN=$seq_len EVAL=$eval bash experiments/federated_table.sh"
+.venv/bin/python experiments/federated_report.py "$out" experiments/results/federated_smollm2 --command "$cmd"

@@ -57,6 +57,13 @@ def _block_mask_unstructured(
     return mask.reshape(saliency.shape)
 
 
+def _group_mask_nm(group_t: torch.Tensor, d_group: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Prune-mask ``(m, out)`` of the M - N lowest w²/d² among each output's M inputs (stable ties)."""
+    saliency = group_t.pow(2) / d_group.pow(2)  # (m, out)
+    lowest = torch.argsort(saliency, dim=0, stable=True)[: pattern.m - pattern.n]
+    return torch.zeros_like(group_t, dtype=torch.bool).scatter_(0, lowest, True)
+
+
 def obs_prune(
     weight: torch.Tensor,
     hinv_factor: torch.Tensor,
@@ -83,29 +90,25 @@ def obs_prune(
         i2 = min(i1 + blocksize, in_features)
         # the block transposed, so that each column is a contiguous row: (count, out)
         w1t = w[:, i1:i2].t().contiguous()
-        q1t = torch.zeros_like(w1t)
-        err1t = torch.zeros_like(w1t)
+        err1t = torch.empty_like(w1t)
         hinv1 = hinv[i1:i2, i1:i2]
-        d1 = torch.diagonal(hinv1)
+        d1 = torch.diagonal(hinv1).reshape(-1, 1)  # (count, 1)
         mask1t = (
             torch.zeros_like(w1t, dtype=torch.bool)
             if nm
-            else _block_mask_unstructured(w1t.t(), d1, sparsity).t().contiguous()
+            else _block_mask_unstructured(w1t.t(), d1.reshape(-1), sparsity).t().contiguous()
         )
+        scale = mask1t / d1  # (count, out): 1/[H⁻¹]_ii where pruned, 0 where kept
         for i in range(i2 - i1):
             if nm and i % pattern.m == 0:
-                group = w1t[i : i + pattern.m].t()  # (out, m)
-                saliency = group.pow(2) / d1[i : i + pattern.m].pow(2).reshape(1, -1)
-                lowest = torch.argsort(saliency, dim=1, stable=True)[:, : pattern.m - pattern.n]
-                sub = torch.zeros_like(group, dtype=torch.bool).scatter_(1, lowest, True)
-                mask1t[i : i + pattern.m] |= sub.t()
-            col = w1t[i]
-            q = col.masked_fill(mask1t[i], 0.0)
-            q1t[i] = q
-            err = (col - q) / hinv1[i, i]
-            w1t[i:].sub_(torch.outer(hinv1[i, i:], err))
-            err1t[i] = err
-        w[:, i1:i2] = q1t.t()
+                group = slice(i, i + pattern.m)
+                mask1t[group] = _group_mask_nm(w1t[group], d1[group], pattern)
+                scale[group] = mask1t[group] / d1[group]
+            # err_i = (w_i - q_i) / d_i, with q_i = w_i where kept and 0 where pruned; after the update,
+            # row i of w1t holds q_i (its own update subtracts exactly w_i - q_i)
+            err = torch.mul(w1t[i], scale[i], out=err1t[i])
+            w1t[i:].addr_(hinv1[i, i:], err, alpha=-1.0)
+        w[:, i1:i2] = w1t.t()
         pruned[:, i1:i2] = mask1t.t()
         w[:, i2:] -= err1t.t() @ hinv[i1:i2, i2:]
     keep = ~pruned
