@@ -72,8 +72,12 @@ def _overrides(args: argparse.Namespace, *extra: str) -> list[str]:
 
 
 def _run(overrides: list[str], out_dir: Path) -> dict:
+    """One ``fedprune`` job; a finished run (its ``metrics.json`` exists) is read back, not rerun."""
     from cli.main import run
 
+    done = out_dir / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     logger.info("running %s", " ".join(overrides))
@@ -84,7 +88,9 @@ def _row(metrics: dict, reference: dict | None) -> dict:
     keys = ("protocol", "pruner", "privacy", "ppl_dense", "ppl_pruned", "wall_s", "bytes_up_per_client")
     row = {k: metrics.get(k) for k in keys}
     row["rounds"] = metrics.get("rounds")
-    row["wall_ratio"] = metrics["wall_s"] / reference["wall_s"] if reference else 1.0
+    row["prune_s"] = metrics.get("prune_s")
+    row["prune_ratio"] = metrics["prune_s"] / reference["prune_s"] if reference else 1.0
+    row["ppl_vs_none"] = metrics["ppl_pruned"] / reference["ppl_pruned"] - 1.0 if reference else 0.0
     for key in ("dp_epsilon", "dp_delta", "dp_sigma"):
         if key in metrics:
             row[key] = metrics[key]
@@ -95,14 +101,15 @@ def _table(rows: list[dict], command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        "| protocol | pruner | privacy | ε | ppl pruned | wall s | × none | MB up / site | rounds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| protocol | pruner | privacy | ε | ppl pruned | vs none | federated s | × none | wall s | MB up / site | rounds |",
+        "|" + " --- |" * 11,
     ]
     for r in rows:
         eps = f"{r['dp_epsilon']:.3g}" if "dp_epsilon" in r else "—"
         lines.append(
             f"| {r['protocol']} | {r['pruner']} | {r['privacy']} | {eps} | {r['ppl_pruned']:.3f} | "
-            f"{r['wall_s']:.1f} | {r['wall_ratio']:.2f} | {r['bytes_up_per_client'] / 1e6:.3f} | {r['rounds']} |"
+            f"{100 * r['ppl_vs_none']:+.3f}% | {r['prune_s']:.1f} | {r['prune_ratio']:.2f} | {r['wall_s']:.1f} | "
+            f"{r['bytes_up_per_client'] / 1e6:.3f} | {r['rounds']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -133,14 +140,17 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # every run's own outputs, per scale (resumable: finished runs are read back)
+    scale = f"{args.clients}sites_{args.windows}x{args.seq_len}_eval{args.eval_windows}_A{args.token_bound:g}"
+    runs = ROOT / "multirun" / "bench_privacy" / scale
     rows = []
     for protocol in args.protocols:
         for pruner in args.pruners:
             reference = None
             for privacy in ("none", "secagg"):
                 extra = [f"protocol={protocol}", f"pruner={pruner}", f"privacy={privacy}"]
-                metrics = _run(_overrides(args, *extra), args.out / "runs" / f"{protocol}_{pruner}_{privacy}")
+                metrics = _run(_overrides(args, *extra), runs / f"{protocol}_{pruner}_{privacy}")
                 rows.append(_row(metrics, reference))
                 reference = reference or metrics
     for epsilon in args.epsilons:
@@ -152,7 +162,7 @@ def main() -> None:
             f"privacy.delta={args.delta}",
             f"privacy.token_bound={args.token_bound}",
         ]
-        metrics = _run(_overrides(args, *extra), args.out / "runs" / f"dp_eps{epsilon:g}")
+        metrics = _run(_overrides(args, *extra), runs / f"dp_eps{epsilon:g}")
         rows.append(_row(metrics, None))
     command = "python experiments/bench_privacy.py " + " ".join(sys.argv[1:])
     (args.out.with_suffix(".json")).write_text(json.dumps({"command": command, "rows": rows}, indent=1))

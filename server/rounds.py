@@ -88,20 +88,20 @@ class Federation:
         for reply in replies:
             node = reply.metadata.src_node_id
             if node not in asked or node in valid:
-                self._reject(number, node, "reply from a node that was not asked (or a duplicate)")
+                self.reject(number, node, "reply from a node that was not asked (or a duplicate)")
                 continue
             if reply.has_error():
-                self._reject(number, node, f"client error: {reply.error.reason[:300]}")
+                self.reject(number, node, f"client error: {reply.error.reason[:300]}")
                 self.nodes = [n for n in self.nodes if n != node]
                 continue
             self.bytes_up[node] += message_bytes(reply.content)
             try:
                 valid[node] = validate(node, reply)
             except (PayloadError, ValueError, KeyError, TypeError) as error:
-                self._reject(number, node, f"malformed reply: {error}")
+                self.reject(number, node, f"malformed reply: {error}")
         missing = set(asked) - set(valid) - {n for r, n, _ in self.rejected if r == number}
         for node in missing:
-            self._reject(number, node, "no reply")
+            self.reject(number, node, "no reply")
         self.round_seconds.append(time.perf_counter() - start)
         if len(valid) < self.min_clients:
             raise FederationError(
@@ -110,7 +110,8 @@ class Federation:
             )
         return valid
 
-    def _reject(self, number: int, node: int, reason: str) -> None:
+    def reject(self, number: int, node: int, reason: str) -> None:
+        """Log and record that ``node``'s reply in round ``number`` was left out, and why."""
         logger.warning("round %d: rejected node %d: %s", number, node, reason)
         self.rejected.append((number, node, reason))
 

@@ -97,7 +97,7 @@ def secure_sum(
     got = fed.round(MESSAGE_TYPE, stage("advertise"), update, advertised)
     length, accepted = layout({node: meta for node, (_, meta) in got.items()})
     for node in sorted(set(got) - accepted):
-        fed._reject(len(fed.round_seconds) - 1, node, "public layout differs from the other sites'")
+        fed.reject(len(fed.round_seconds) - 1, node, "public layout differs from the other sites'")
     server = SecAggServer(length, plan.threshold, None, plan.modulus_bits)
     try:
         peer_keys = server.collect_keys({node: got[node][0] for node in accepted})
