@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 VARIANTS = ("sign_supermask", "binary_supermask", "fedavg_dense", "fedavg_pruned")
 PRUNE_METHODS = ("synflow", "magnitude", "random")
-AGGREGATIONS = ("vote", "score_average")
+AGGREGATIONS = ("vote", "score_average", "score_delta")
 ARCHS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam")
 PLOT_NAME = "accuracy.png"
@@ -71,13 +71,19 @@ def validate_hidenseek(cfg: DictConfig) -> None:
     _check(float(p.fedavg_lr) > 0.0, "protocol.fedavg_lr", f"must be > 0, got {p.fedavg_lr}")
     _check(0.0 <= float(p.momentum) < 1.0, "protocol.momentum", f"must be in [0, 1), got {p.momentum}")
     _check(float(p.init_scale) > 0.0, "protocol.init_scale", f"must be > 0, got {p.init_scale}")
+    _check(float(p.server_lr) > 0.0, "protocol.server_lr", f"must be > 0, got {p.server_lr}")
+    _check(
+        0.0 < float(p.delta_clip_quantile) <= 1.0,
+        "protocol.delta_clip_quantile",
+        f"must be in (0, 1], got {p.delta_clip_quantile}",
+    )
     _check(int(p.synflow_iterations) >= 1, "protocol.synflow_iterations", "must be >= 1")
     _check(0.0 < float(p.test_fraction) < 1.0, "protocol.test_fraction", "must be in (0, 1)")
     _check(int(p.min_client_samples) >= 1, "protocol.min_client_samples", "must be >= 1")
     _check(
         str(p.aggregation) == "vote" or str(p.variant) in ("sign_supermask", "binary_supermask"),
         "protocol.aggregation",
-        "score_average applies to the supermask variants only",
+        "score_average and score_delta apply to the supermask variants only",
     )
     fed = cfg.federation
     clients = int(fed.num_clients)
@@ -121,6 +127,7 @@ def site_config(cfg: DictConfig) -> dict:
         "batch_size": int(p.batch_size),
         "init_scale": float(p.init_scale),
         "optimizer": str(p.optimizer),
+        "delta_clip_quantile": float(p.delta_clip_quantile),
     }
 
 
@@ -142,6 +149,7 @@ def build_job(cfg: DictConfig):
         masks=masks,
         rounds=int(p.rounds),
         init_scale=float(p.init_scale),
+        server_lr=float(p.server_lr),
         site_config=site_config(cfg),
         x_test=split.x_test,
         y_test=split.y_test,
@@ -203,6 +211,8 @@ def outcome_metrics(cfg: DictConfig, job, outcome, fed, wall_s: float) -> dict:
         "rounds": job.rounds,
         "local_epochs": int(p.local_epochs),
         "lr": job.site_config["lr"],
+        "server_lr": job.server_lr,
+        "delta_clip_quantile": job.site_config["delta_clip_quantile"],
         "accuracy": [r.accuracy for r in outcome.records],
         "final_accuracy": outcome.records[-1].accuracy,
         "bytes_up_per_client_per_round": [

@@ -10,12 +10,15 @@ rounds and a site that joins late starts from the current global model:
             ``aggregation``, ``round``, ``num_kept``.
 ``update``  ``mask``: the server's keep-mask over all prunable weights, 1 bit each (absent for dense
             FedAvg, which keeps all); then ``codes``: the global signs (or binary codes) of the kept
-            weights, 1 bit each (supermask variants), or ``weights``: the kept weights as float32
-            (FedAvg variants).
+            weights, 1 bit each (supermask variants), ``scores``: the global scores of the kept
+            weights as float32 (``aggregation=score_delta``), or ``weights``: the kept weights as
+            float32 (FedAvg variants).
 
 The frozen random weights are never sent: both ends rebuild them from ``model_seed``. The reply's
-``payload`` holds ``codes`` (``ceil(num_kept / 8)`` uint8), ``scores`` (``num_kept`` float32, with
-``aggregation=score_average``) or ``weights`` (``num_kept`` float32); its ``metrics`` hold
+``payload`` holds ``codes`` (``ceil(num_kept / 8)`` uint8), ``codes`` and ``scale`` (stochastic signs
+of the score change and their float32 clip scale, with ``aggregation=score_delta``), ``scores``
+(``num_kept`` float32, with ``aggregation=score_average``) or ``weights`` (``num_kept`` float32); its
+``metrics`` hold
 ``num_examples``, ``partition_id`` and ``crc``, the CRC-32 of the ``update`` the site started from.
 
 The wire codec (:func:`encode_mask`, :func:`decode_mask`, :func:`update_crc`) and
@@ -35,10 +38,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from torch import nn
 
 from clients.client_app import app
-from fedprune.hidenseek.aggregate import gather_kept, num_kept_weights, pack_signs, scatter_kept, unpack_signs
+from fedprune.hidenseek.aggregate import (
+    delta_scale,
+    gather_kept,
+    num_kept_weights,
+    pack_signs,
+    scatter_kept,
+    stochastic_signs,
+    unpack_signs,
+)
 from fedprune.hidenseek.data import DigitsSplit, dirichlet_label_partition, load_digits_split
 from fedprune.hidenseek.models import build_model, prunable_weights
-from fedprune.hidenseek.rounds import global_model
+from fedprune.hidenseek.rounds import codes_of_scores, global_model, set_kept_scores_
 from fedprune.hidenseek.sign_supermask import learned_codes, supermask_layers, train_scores
 from fedprune.hidenseek.train import local_sgd
 from fedprune.masks import pack_bits, unpack_bits
@@ -48,7 +59,7 @@ logger = logging.getLogger(__name__)
 SUPERMASK_KINDS = {"sign_supermask": "sign", "binary_supermask": "binary"}
 FEDAVG_VARIANTS = ("fedavg_dense", "fedavg_pruned")
 VARIANTS = (*SUPERMASK_KINDS, *FEDAVG_VARIANTS)
-AGGREGATIONS = ("vote", "score_average")
+AGGREGATIONS = ("vote", "score_average", "score_delta")
 ROUND_SEED_STRIDE = 10_000  # site p in round r trains with seed + 10_000 * r + p
 
 
@@ -134,20 +145,44 @@ def _round_masks(model: nn.Module, update: dict[str, np.ndarray], num_kept: int)
     return masks
 
 
+def start_scores(masks: dict[str, torch.Tensor], update: dict[str, np.ndarray]) -> torch.Tensor | None:
+    """The global float32 scores of the kept weights (``score_delta``), or None when ``codes`` came."""
+    if "scores" not in update:
+        return None
+    scores = update["scores"]
+    if (
+        scores.dtype != np.float32
+        or scores.shape != (num_kept_weights(masks),)
+        or not np.isfinite(scores).all()
+    ):
+        raise ValueError(f"scores must be finite float32 ({num_kept_weights(masks)},), got {scores.shape}")
+    return torch.from_numpy(np.ascontiguousarray(scores))
+
+
 def train_supermask(
     model: nn.Module,
     masks: dict[str, torch.Tensor],
-    packed_codes: np.ndarray,
+    update: dict[str, np.ndarray],
     x: torch.Tensor,
     y: torch.Tensor,
     config: ConfigRecord,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    """Train scores from the global codes; ``{"codes": packed}`` or ``{"scores": float32}`` of kept weights."""
+    """Train scores from the global state; the reply payload for ``config["aggregation"]``.
+
+    ``vote``: ``{"codes": packed signs}``; ``score_average``: ``{"scores": float32}``; ``score_delta``:
+    ``{"codes": packed stochastic signs of the score change, "scale": float32 (1,)}``, all over the kept
+    weights.
+    """
     num_kept = num_kept_weights(masks)
-    codes = unpack_signs(torch.from_numpy(np.ascontiguousarray(packed_codes)), num_kept)  # (n_kept,)
     kind = SUPERMASK_KINDS[str(config["variant"])]
-    start = global_model(model, masks, codes, kind, float(config["init_scale"]))
+    global_scores = start_scores(masks, update)
+    if global_scores is None:
+        codes = unpack_signs(torch.from_numpy(np.ascontiguousarray(update["codes"])), num_kept)  # (n_kept,)
+        start = global_model(model, masks, codes, kind, float(config["init_scale"]))
+    else:
+        start = global_model(model, masks, codes_of_scores(global_scores), kind, float(config["init_scale"]))
+        set_kept_scores_(start, global_scores, masks)
     trained = train_scores(
         start,
         x,
@@ -159,9 +194,14 @@ def train_supermask(
         str(config["optimizer"]),
         float(config["momentum"]),
     )
+    scores = {key: layer.scores.detach() for key, layer in supermask_layers(trained).items()}
     if str(config["aggregation"]) == "score_average":
-        scores = {key: layer.scores.detach() for key, layer in supermask_layers(trained).items()}
         return {"scores": gather_kept(scores, masks).float().numpy()}
+    if global_scores is not None:
+        delta = gather_kept(scores, masks).float() - global_scores  # (n_kept,)
+        scale = delta_scale(delta, float(config["delta_clip_quantile"]))
+        signs = stochastic_signs(delta, scale, torch.Generator().manual_seed(seed))
+        return {"codes": pack_signs(signs).numpy(), "scale": np.array([scale], dtype=np.float32)}
     return {"codes": pack_signs(gather_kept(learned_codes(trained), masks)).numpy()}
 
 
@@ -203,7 +243,7 @@ def local_round(
     masks = _round_masks(model, update, int(config["num_kept"]))
     seed = int(config["seed"]) + ROUND_SEED_STRIDE * int(config["round"]) + partition_id
     if variant in SUPERMASK_KINDS:
-        return train_supermask(model, masks, update["codes"], x, y, config, seed)
+        return train_supermask(model, masks, update, x, y, config, seed)
     weights = update["weights"]
     if weights.dtype != np.float32 or weights.shape != (num_kept_weights(masks),):
         raise ValueError(

@@ -3,7 +3,8 @@
 # skew, alpha in {0.1, 1.0}; sign supermask (HideNseek), binary supermask and FedAvg of the SynFlow-pruned
 # subnetwork at densities 0.5, 0.2, 0.1; dense FedAvg. Columns come from each run's metrics.json: final
 # and best test accuracy, upload bytes per site per round and their ratio to dense FedAvg's.
-# Scale with ROUNDS (default 20), CLIENTS (default 3), EPOCHS (default 5).
+# Scale with ROUNDS (default 20), CLIENTS (default 3), EPOCHS (default 5). The supermask variants use
+# protocol.aggregation=vote (the paper's 1-bit majority vote); see hidenseek_skew.sh for score_delta.
 # Writes experiments/results/hidenseek_digits.{md,json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ out=${OUT:-multirun/hidenseek_table}
 rounds=${ROUNDS:-20}
 clients=${CLIENTS:-3}
 epochs=${EPOCHS:-5}
-common="protocol=hidenseek protocol.alpha=0.1,1.0 protocol.rounds=$rounds protocol.local_epochs=$epochs \
+common="protocol=hidenseek protocol.aggregation=vote protocol.alpha=0.1,1.0 protocol.rounds=$rounds protocol.local_epochs=$epochs \
 federation.num_clients=$clients federation.min_clients=$clients progress=false"
 .venv/bin/fedprune -m $common protocol.variant=sign_supermask,binary_supermask,fedavg_pruned \
   protocol.density=0.5,0.2,0.1 "hydra.sweep.dir=$out/pruned"

@@ -1,13 +1,15 @@
 """HideNseek on Flower, the server's side: R rounds of broadcast, local training, validation, aggregation.
 
 The global state is a flat vector over the kept weights of the server's prune masks (mask key order):
-int8 codes in {-1, +1} (signs, or ``2b - 1`` for the binary supermask) or float32 weights (FedAvg).
+int8 codes in {-1, +1} (signs, or ``2b - 1`` for the binary supermask), float32 scores
+(``aggregation=score_delta``) or float32 weights (FedAvg).
 Each round every current site gets the mask and the whole current state (so a site that joins late
 starts from the current global signs), and replies as ``clients/hidenseek_client.py`` describes. A
 reply with the wrong array, dtype, length, a non-finite value, a bad example count or a CRC that does
 not match what was sent is left out (``Federation.round``). Aggregation: majority vote of the codes
-(ties keep the current code), the sign of the example-weighted mean score (``score_average``), or the
-example-weighted mean of the weights (FedAvg).
+(ties keep the current code), the sign of the example-weighted mean score (``score_average``), the
+global scores plus ``server_lr`` times the example-weighted mean of the sites' scaled 1-bit score
+changes (``score_delta``), or the example-weighted mean of the weights (FedAvg).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from clients.hidenseek_client import (
     with_weights,
 )
 from fedprune.hidenseek.aggregate import (
+    add_score_delta,
     average_scores,
     fedavg,
     gather_kept,
@@ -40,7 +43,7 @@ from fedprune.hidenseek.aggregate import (
     unpack_signs,
 )
 from fedprune.hidenseek.models import prunable_weights
-from fedprune.hidenseek.rounds import global_model, initial_codes
+from fedprune.hidenseek.rounds import codes_of_scores, global_model, initial_codes
 from fedprune.hidenseek.train import accuracy
 from server.rounds import Federation
 
@@ -60,6 +63,7 @@ class HideNseekJob:
     site_config: dict
     x_test: torch.Tensor  # (test, 64)
     y_test: torch.Tensor  # (test,)
+    server_lr: float = 1.0  # score_delta: step on the mean of the sites' decoded score changes
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class SiteUpdate:
     partition_id: int
     num_examples: int
     values: torch.Tensor  # (n_kept,) int8 codes or float32 scores/weights
+    scale: float = 1.0  # score_delta: the clip scale the codes are signs at
 
 
 @dataclass
@@ -92,8 +97,15 @@ def is_supermask(variant: str) -> bool:
     return variant in SUPERMASK_KINDS
 
 
+def holds_scores(job: HideNseekJob) -> bool:
+    """``score_delta``: the global state is float32 scores of the kept weights, not 1-bit codes."""
+    return is_supermask(job.variant) and job.aggregation == "score_delta"
+
+
 def initial_state(job: HideNseekJob) -> torch.Tensor:
     """All-``+1`` codes (the pruned random network), or the kept initial weights for FedAvg."""
+    if holds_scores(job):
+        return initial_codes(job.masks).float() * job.init_scale
     if is_supermask(job.variant):
         return initial_codes(job.masks)
     weights = {name: w.detach() for name, w in prunable_weights(job.base_model).items()}
@@ -105,7 +117,9 @@ def round_arrays(job: HideNseekJob, state: torch.Tensor) -> dict[str, np.ndarray
     arrays: dict[str, np.ndarray] = {}
     if job.variant != "fedavg_dense":
         arrays["mask"] = encode_mask(job.masks)
-    if is_supermask(job.variant):
+    if holds_scores(job):
+        arrays["scores"] = state.numpy()
+    elif is_supermask(job.variant):
         arrays["codes"] = pack_signs(state).numpy()
     else:
         arrays["weights"] = state.numpy()
@@ -115,7 +129,8 @@ def round_arrays(job: HideNseekJob, state: torch.Tensor) -> dict[str, np.ndarray
 def global_network(job: HideNseekJob, state: torch.Tensor) -> nn.Module:
     """The model the global state describes (supermask over frozen weights, or masked weights)."""
     if is_supermask(job.variant):
-        return global_model(job.base_model, job.masks, state, SUPERMASK_KINDS[job.variant], job.init_scale)
+        codes = codes_of_scores(state) if holds_scores(job) else state
+        return global_model(job.base_model, job.masks, codes, SUPERMASK_KINDS[job.variant], job.init_scale)
     return with_weights(job.base_model, scatter_kept(state, job.masks, fill=0.0))
 
 
@@ -123,11 +138,20 @@ def test_accuracy(job: HideNseekJob, state: torch.Tensor) -> float:
     return accuracy(global_network(job, state), job.x_test, job.y_test)
 
 
-def _payload_array(reply: Message, name: str) -> np.ndarray:
+def _payload_arrays(reply: Message, *names: str) -> list[np.ndarray]:
     payload = reply.content["payload"]
-    if list(payload.keys()) != [name]:
-        raise ValueError(f"payload must hold exactly {name!r}, got {sorted(payload.keys())}")
-    return payload[name].numpy()
+    if sorted(payload.keys()) != sorted(names):
+        raise ValueError(f"payload must hold exactly {sorted(names)}, got {sorted(payload.keys())}")
+    return [payload[name].numpy() for name in names]
+
+
+def _payload_array(reply: Message, name: str) -> np.ndarray:
+    return _payload_arrays(reply, name)[0]
+
+
+def _check_codes(packed: np.ndarray, num_kept: int) -> None:
+    if packed.dtype != np.uint8 or packed.shape != ((num_kept + 7) // 8,):
+        raise ValueError(f"codes must be uint8 ({(num_kept + 7) // 8},), got {packed.dtype} {packed.shape}")
 
 
 def validate_reply(job: HideNseekJob, num_kept: int, crc: int, reply: Message) -> SiteUpdate:
@@ -138,12 +162,17 @@ def validate_reply(job: HideNseekJob, num_kept: int, crc: int, reply: Message) -
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     if int(metrics["crc"]) != crc:
         raise ValueError("the site did not start from this round's global state (CRC mismatch)")
+    if holds_scores(job):
+        packed, scale = _payload_arrays(reply, "codes", "scale")
+        _check_codes(packed, num_kept)
+        if scale.dtype != np.float32 or scale.shape != (1,) or not np.isfinite(scale).all() or scale[0] < 0:
+            raise ValueError(f"scale must be one finite float32 >= 0, got {scale.dtype} {scale}")
+        return SiteUpdate(
+            partition_id, num_examples, unpack_signs(torch.from_numpy(packed), num_kept), float(scale[0])
+        )
     if is_supermask(job.variant) and job.aggregation == "vote":
         packed = _payload_array(reply, "codes")
-        if packed.dtype != np.uint8 or packed.shape != ((num_kept + 7) // 8,):
-            raise ValueError(
-                f"codes must be uint8 ({(num_kept + 7) // 8},), got {packed.dtype} {packed.shape}"
-            )
+        _check_codes(packed, num_kept)
         values = unpack_signs(torch.from_numpy(packed), num_kept)
     else:
         name = "scores" if is_supermask(job.variant) else "weights"
@@ -165,6 +194,8 @@ def aggregate(job: HideNseekJob, updates: list[SiteUpdate], state: torch.Tensor)
     """The next global state from the valid updates."""
     stack = torch.stack([u.values for u in updates])  # (sites, n_kept)
     counts = [u.num_examples for u in updates]
+    if holds_scores(job):
+        return add_score_delta(state, stack, [u.scale for u in updates], counts, job.server_lr)
     if is_supermask(job.variant) and job.aggregation == "vote":
         return majority_vote_signs(stack, state)
     if is_supermask(job.variant):

@@ -98,3 +98,43 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], num_samples: Sequence[int]
         )
         for key in states[0]
     }
+
+
+def delta_scale(delta: torch.Tensor, quantile: float) -> float:
+    """The clip scale ``B``: the ``quantile`` of ``|delta|``, at least the smallest positive float32."""
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    scale = float(torch.quantile(delta.abs().double(), quantile)) if delta.numel() else 0.0
+    return max(scale, float(torch.finfo(torch.float32).tiny))
+
+
+def stochastic_signs(delta: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """1-bit stochastic rounding of ``delta (n,)`` at ``scale``: int8 ``+1`` w.p. ``(1 + clip(delta / scale)) / 2``.
+
+    ``scale * signs`` is an unbiased estimate of ``delta`` where ``|delta| <= scale`` and of
+    ``clip(delta, -scale, scale)`` elsewhere.
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    p_plus = (1 + (delta.double() / scale).clamp(-1.0, 1.0)) / 2  # (n,)
+    draw = torch.rand(delta.shape, generator=generator, dtype=torch.float64)
+    return torch.where(draw < p_plus, 1, -1).to(torch.int8)
+
+
+def add_score_delta(
+    scores: torch.Tensor,
+    sign_stack: torch.Tensor,
+    scales: Sequence[float],
+    weights: Sequence[float],
+    server_lr: float,
+) -> torch.Tensor:
+    """``scores + server_lr * sum_i w_i scale_i signs_i / sum_i w_i``: the global scores after one round.
+
+    ``sign_stack (clients, n)`` holds the sites' :func:`stochastic_signs` of their score changes and
+    ``scales`` their clip scales. Returns float32 ``(n,)``.
+    """
+    _check_signs(sign_stack)
+    if len(scales) != sign_stack.shape[0] or any(s < 0 for s in scales):
+        raise ValueError("need one non-negative scale per client")
+    scaled = sign_stack.double() * torch.as_tensor(scales, dtype=torch.float64).reshape(-1, 1)
+    return (scores.double() + server_lr * average_scores(scaled, weights)).float()

@@ -24,7 +24,7 @@ from fedprune.hidenseek.aggregate import (
     scatter_kept,
     unpack_signs,
 )
-from fedprune.hidenseek.sign_supermask import local_train, to_supermask
+from fedprune.hidenseek.sign_supermask import local_train, supermask_layers, to_supermask
 from fedprune.hidenseek.train import accuracy
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,22 @@ def global_model(
     """Supermask model of the flat global ``codes`` over the frozen weights of ``base_model``."""
     full_codes = scatter_kept(codes, prune_masks, fill=1)
     return to_supermask(base_model, prune_masks, full_codes, kind, init_scale)
+
+
+def codes_of_scores(scores: torch.Tensor) -> torch.Tensor:
+    """int8 ``+1`` where ``score >= 0``, else ``-1`` (the supermask's own rule): ``(n,)`` -> ``(n,)``."""
+    return torch.where(scores >= 0, 1, -1).to(torch.int8)
+
+
+def set_kept_scores_(
+    model: nn.Module, kept_scores: torch.Tensor, prune_masks: dict[str, torch.Tensor]
+) -> None:
+    """Overwrite the scores of the kept weights of a supermask ``model`` with ``kept_scores (n_kept,)``."""
+    layers = supermask_layers(model)
+    full = scatter_kept(kept_scores, prune_masks, fill=0.0)
+    with torch.no_grad():
+        for key, mask in prune_masks.items():
+            layers[key].scores[mask] = full[key][mask].to(layers[key].scores.dtype)
 
 
 def client_update(

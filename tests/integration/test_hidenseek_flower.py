@@ -29,9 +29,14 @@ def _cfg(*overrides):
         return compose(config_name="config", overrides=[*base, *overrides])
 
 
-def test_hidenseek_simulation_learns_and_uploads_one_bit_per_kept_weight(tmp_path):
+@pytest.mark.parametrize("aggregation", ["vote", "score_delta"])
+def test_hidenseek_simulation_learns_and_uploads_one_bit_per_kept_weight(aggregation, tmp_path):
     cfg = _cfg(
-        "protocol.rounds=4", "protocol.local_epochs=2", "protocol.synflow_iterations=20", "protocol.alpha=1.0"
+        "protocol.rounds=4",
+        "protocol.local_epochs=2",
+        "protocol.synflow_iterations=20",
+        "protocol.alpha=1.0",
+        f"protocol.aggregation={aggregation}",
     )
     metrics = run(cfg, tmp_path)
     accuracy = metrics["accuracy"]
@@ -44,10 +49,12 @@ def test_hidenseek_simulation_learns_and_uploads_one_bit_per_kept_weight(tmp_pat
         assert sorted(per_site) == ["0", "1", "2"]
         for sent in per_site.values():
             assert math.ceil(kept / 8) < sent <= math.ceil(kept / 8) + HEADER_MAX
-    # down: the mask (1 bit per weight) and the global signs (1 bit per kept weight) + config
+    # down: the mask (1 bit per weight) and the global signs (1 bit per kept weight; score_delta: the
+    # global scores, float32 per kept weight) + config
     down = metrics["bytes_down_per_client_per_round"][0]["0"]
-    assert math.ceil(metrics["total_weights"] / 8) + math.ceil(kept / 8) < down
-    assert down < math.ceil(metrics["total_weights"] / 8) + math.ceil(kept / 8) + 2 * HEADER_MAX
+    state_bytes = math.ceil(kept / 8) if aggregation == "vote" else 4 * kept
+    assert math.ceil(metrics["total_weights"] / 8) + state_bytes < down
+    assert down < math.ceil(metrics["total_weights"] / 8) + state_bytes + 2 * HEADER_MAX
     assert metrics["rejected"] == []
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["accuracy"] == accuracy

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fedprune.hidenseek.aggregate import (
+    add_score_delta,
     average_scores,
+    delta_scale,
     fedavg,
     gather_kept,
     majority_vote_signs,
@@ -14,6 +16,7 @@ from fedprune.hidenseek.aggregate import (
     pack_signs,
     scatter_kept,
     signs_of_scores,
+    stochastic_signs,
     unpack_signs,
 )
 
@@ -85,3 +88,43 @@ def test_fedavg_weighted_by_samples_without_mutating_inputs():
         fedavg(states, [1])
     with pytest.raises(ValueError):
         fedavg(states, [0, 0])
+
+
+def test_delta_scale_is_a_quantile_of_abs_and_positive():
+    delta = torch.tensor([0.1, -0.2, 0.3, -0.4, 0.5])
+    assert delta_scale(delta, 1.0) == pytest.approx(0.5)
+    assert delta_scale(delta, 0.5) == pytest.approx(0.3)  # median of |delta|
+    assert delta_scale(delta, 0.75) == pytest.approx(0.4)
+    assert delta_scale(torch.zeros(3), 0.9) > 0  # all-zero change: still a valid scale
+    with pytest.raises(ValueError):
+        delta_scale(delta, 0.0)
+
+
+def test_stochastic_signs_clip_and_are_unbiased_inside_the_scale():
+    generator = torch.Generator().manual_seed(0)
+    # |delta| >= scale: always the sign of delta
+    assert stochastic_signs(torch.tensor([2.0, 1.0, -1.0, -3.0]), 1.0, generator).tolist() == [1, 1, -1, -1]
+    # delta = 0.5 * scale: +1 with probability 0.75, so scale * mean(signs) ~ delta = 0.5
+    signs = stochastic_signs(torch.full((20_000,), 0.5), 1.0, generator)
+    assert signs.dtype == torch.int8 and set(signs.tolist()) == {-1, 1}
+    assert float(signs.double().mean()) == pytest.approx(0.5, abs=0.03)
+    assert float(stochastic_signs(torch.zeros(20_000), 2.0, generator).double().mean()) == pytest.approx(
+        0, abs=0.03
+    )
+    same = [stochastic_signs(torch.full((64,), 0.1), 1.0, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*same)  # a seed fixes the draw
+    with pytest.raises(ValueError):
+        stochastic_signs(torch.zeros(2), 0.0, generator)
+
+
+def test_add_score_delta_by_hand():
+    scores = torch.tensor([0.1, 0.1])
+    signs = torch.tensor([[1, -1], [-1, -1]], dtype=torch.int8)
+    # weights 1:3, scales 0.2 and 0.4: [(0.2 - 3 * 0.4) / 4, (-0.2 - 3 * 0.4) / 4] = [-0.25, -0.35]
+    new = add_score_delta(scores, signs, [0.2, 0.4], [1, 3], server_lr=1.0)
+    assert new.tolist() == pytest.approx([-0.15, -0.25]) and new.dtype == torch.float32
+    assert add_score_delta(scores, signs, [0.2, 0.4], [1, 3], server_lr=0.5).tolist() == pytest.approx(
+        [-0.025, -0.075]
+    )
+    with pytest.raises(ValueError):
+        add_score_delta(scores, signs, [0.2], [1, 3], server_lr=1.0)

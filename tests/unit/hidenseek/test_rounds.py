@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from fedprune.hidenseek.aggregate import pack_signs, unpack_signs
 from fedprune.hidenseek.data import dirichlet_label_partition, load_digits_split
-from fedprune.hidenseek.models import build_model
+from fedprune.hidenseek.models import build_model, prunable_weights
 from fedprune.hidenseek.rounds import (
     client_update,
+    codes_of_scores,
     global_model,
     initial_codes,
     run_in_process,
     server_update,
+    set_kept_scores_,
 )
-from fedprune.hidenseek.sign_supermask import learned_codes
+from fedprune.hidenseek.sign_supermask import learned_codes, supermask_layers
 from fedprune.hidenseek.synflow import synflow_masks
 
 
@@ -68,3 +71,17 @@ def test_in_process_hidenseek_on_digits_beats_chance_and_untrained_mask():
     assert accuracies[-1] > untrained + 0.3
     kept = sum(int(m.sum()) for m in masks.values())
     assert logs[-1].upload_bytes_per_client == (kept + 7) // 8
+
+
+def test_set_kept_scores_writes_kept_entries_in_mask_order():
+    model = build_model("mlp", 0, "kaiming_normal", hidden=4)
+    masks = {name: torch.zeros_like(w, dtype=torch.bool) for name, w in prunable_weights(model).items()}
+    first, last = list(masks)[0], list(masks)[-1]
+    masks[first][0, :2] = True
+    masks[last][1, 3] = True
+    supermask = global_model(model, masks, initial_codes(masks), "sign", 0.1)
+    set_kept_scores_(supermask, torch.tensor([-0.5, 0.2, -0.3]), masks)
+    layers = supermask_layers(supermask)
+    assert layers[first].scores[0, :3].tolist() == pytest.approx([-0.5, 0.2, 0.1])  # unkept stays 0.1
+    assert layers[last].scores[1, 3].item() == pytest.approx(-0.3)
+    assert codes_of_scores(torch.tensor([-0.5, 0.0, 0.2])).tolist() == [-1, 1, 1]
