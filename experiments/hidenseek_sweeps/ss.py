@@ -72,7 +72,9 @@ def run(
         for pid in range(K):
             x, y = site_data(conf, pid, K)
             tr = ts(model_from(job, G), x, y, epochs, lr, 32, 10000 * r + pid, opt, 0.9)
-            s = gather_kept({k: layer.scores.detach() for k, layer in supermask_layers(tr).items()}, job.masks)
+            s = gather_kept(
+                {k: layer.scores.detach() for k, layer in supermask_layers(tr).items()}, job.masks
+            )
             d = s - G
             if mode == "sign":
                 q = torch.sign(d)
