@@ -28,13 +28,11 @@ import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from clients.site_cache import dense_model, drop_state, load_state, save_state  # noqa: E402
+from clients.site_cache import dense_model, drop_state, load_state, save_state, tokenized_works  # noqa: E402
 from fedprune.data.assets import resolve_corpus_path, resolve_model_path  # noqa: E402
-from fedprune.data.corpus import load_works, split_works  # noqa: E402
 from fedprune.data.sites import site_windows  # noqa: E402
-from fedprune.data.windows import sample_windows, tokenize_works  # noqa: E402
+from fedprune.data.windows import sample_windows  # noqa: E402
 from fedprune.masks import parse_pattern  # noqa: E402
-from fedprune.models import load_tokenizer  # noqa: E402
 from fedprune.payload import decode_masks, decode_weights, encode_masks, encode_stats  # noqa: E402
 from fedprune.pruners import get_pruner  # noqa: E402
 from fedprune.site import (  # noqa: E402
@@ -63,16 +61,15 @@ def site_key_of(context: Context) -> str:
 
 def _calibration_ids(config: ConfigRecord, context: Context) -> torch.Tensor:
     """The site's private calibration windows ``(windows, seq_len)``."""
-    tokenizer = load_tokenizer(resolve_model_path(str(config["model"])))
+    model_path = str(resolve_model_path(str(config["model"])))
     node = context.node_config
     seq_len, total, seed = int(config["seq_len"]), int(config["total_windows"]), int(config["seed"])
     if "data-path" in node:  # a real site: all of its own works are calibration data
-        docs = tokenize_works(tokenizer, load_works(str(node["data-path"])))
+        docs = tokenized_works(model_path, str(node["data-path"]))
         count = max(1, total // int(config["num_sites"]))
         return sample_windows(docs, count, seq_len, seed)
-    works = load_works(resolve_corpus_path(str(config["corpus"])))
-    calib, _ = split_works(works, list(config["heldout"]))
-    docs = tokenize_works(tokenizer, calib)
+    corpus = str(resolve_corpus_path(str(config["corpus"])))
+    docs = tokenized_works(model_path, corpus, tuple(config["heldout"]))
     site, num_sites = int(node["partition-id"]), int(node["num-partitions"])
     return site_windows(str(config["partitioner"]), docs, site, num_sites, total, seq_len, seed)
 

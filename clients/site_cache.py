@@ -3,7 +3,8 @@
 flwr does not keep a ClientApp's process between messages (a fresh process per message under the
 Deployment Engine, any free actor in simulation), so block inputs (tens of MB) live in a per-run local
 folder and only small metadata travels in ``context.state``. Also a per-process cache of dense models:
-they are read-only here (pruned blocks are applied to copies), so sharing them is safe.
+they are read-only here (pruned blocks are applied to copies), so sharing them is safe; and of tokenized
+documents (a simulated process serves many sites of the same corpus: tokenize it once per process).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import logging
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from fedprune.data.assets import cache_root
-from fedprune.models import load_causal_lm
+from fedprune.data.corpus import load_works, split_works
+from fedprune.data.windows import tokenize_works
+from fedprune.models import load_causal_lm, load_tokenizer
 from fedprune.site import SiteState
 
 logger = logging.getLogger(__name__)
@@ -32,6 +36,24 @@ def dense_model(path: str, dtype: str = "float32") -> torch.nn.Module:
         _MODELS.clear()  # one model per process at a time
         _MODELS[key] = load_causal_lm(path, dtype=getattr(torch, dtype))
     return _MODELS[key]
+
+
+@lru_cache(maxsize=2)
+def tokenizer_at(model_path: str):
+    """The tokenizer saved beside the model at ``model_path``, loaded once per process."""
+    return load_tokenizer(model_path)
+
+
+@lru_cache(maxsize=2)
+def tokenized_works(
+    model_path: str, corpus_path: str, heldout: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """The works in ``corpus_path`` minus ``heldout``, tokenized once per process; callers must not modify
+    the tensors."""
+    works = load_works(corpus_path)
+    if heldout:
+        works, _ = split_works(works, list(heldout))
+    return tokenize_works(tokenizer_at(model_path), works)
 
 
 def state_dir(run_key: str, site_key: str) -> Path:
