@@ -2,7 +2,9 @@
 # Federated pruning of SmolLM2-135M on Flower (simulation): 8 sites, by_document partition, wanda and
 # sparsegpt, 50% unstructured and 2:4. Rows: centralized, local (mean over sites), mask_vote ×
 # {layer,row,column} × {scaling off,on}, mask_vote_sync, stats_sync. Columns come from each run's
-# metrics.json (perplexity, upload bytes per client, wall time). Every row is a real run of `fedprune`.
+# metrics.json (perplexity, upload bytes per client, wall time). Every row is a real run of `fedprune`,
+# except 5 of the 6 mask_vote rows: those re-aggregate the vote counts of the real (layer, no scaling)
+# run with the other server-side choices (python -m cli.revote; same uploads, same traffic and time).
 # For each pruner and pattern, centralized and stats_sync run back to back (the wall-time benchmark
 # experiments/federation_bench.py compares them).
 # Scale with WINDOWS / SEQ_LEN / EVAL (defaults: the paper setting 128 × 512; eval 32 windows);
@@ -25,10 +27,14 @@ for pattern in ${PATTERNS:-unstructured 2:4}; do
     run "$tag/stats_sync" protocol=stats_sync pruner=$pruner pattern=$pattern
     run "$tag/mask_vote_sync" protocol=mask_vote_sync pruner=$pruner pattern=$pattern
     run "$tag/local" protocol=local pruner=$pruner pattern=$pattern
+    # one real one-shot run; its vote counts re-aggregated for the other 5 group/scaling choices (the
+    # sites' uploads do not depend on them: python -m cli.revote gives the model such a run would)
+    run "$tag/mask_vote_layer_false" protocol=mask_vote protocol.save_votes=true pruner=$pruner pattern=$pattern
     for group in layer row column; do
       for scaling in false true; do
-        run "$tag/mask_vote_${group}_$scaling" protocol=mask_vote protocol.group=$group \
-          protocol.scaling=$scaling pruner=$pruner pattern=$pattern
+        dir="$out/$tag/mask_vote_${group}_$scaling"
+        [[ -f "$dir/metrics.json" ]] || .venv/bin/python -m cli.revote "$out/$tag/mask_vote_layer_false" "$dir" \
+          --group $group --scaling $scaling
       done
     done
   done

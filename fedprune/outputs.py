@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,22 @@ def save_model_atomic(model: nn.Module, tokenizer: object | None, path: Path) ->
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save named tensors as safetensors to ``path`` via a temporary file and ``os.replace``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

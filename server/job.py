@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
 from cli.common import base_metrics, evaluate, prepare, privacy_metrics, target_sparsity, write_outputs
+from fedprune.outputs import save_tensors_atomic
 from server.rounds import Federation
 from server.secure_rounds import plan_from_config
 from server.workflows import WORKFLOWS, FederatedJob, FederatedOutcome
@@ -108,6 +109,9 @@ def run_federated(cfg: DictConfig, out_dir: Path, launch: Launcher) -> dict:
         prune_s=federated_s,
         **privacy_metrics(job.privacy, job.plan),
     )
+    if outcome.votes and cfg.protocol.get("save_votes", False):
+        metrics["vote_sites"] = outcome.vote_sites
+        save_tensors_atomic(out_dir / "votes.safetensors", outcome.votes)
     model = prep.model if cfg.save_model else None
     write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer)
     return metrics

@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from fedprune.aggregation.block import aggregate_stats, prune_block_from_stats_, vote_block_from_counts_
+from fedprune.aggregation.block import (
+    aggregate_stats,
+    prune_block_from_stats_,
+    vote_block_from_counts_,
+    vote_model_from_counts_,
+)
 from fedprune.aggregation.mask_vote import vote_counts
 from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
@@ -60,6 +65,10 @@ class FederatedOutcome:
 
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     calib_tokens: int = 0
+    votes: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # mask_vote: keep counts by "<block>.<layer>"
+    vote_sites: int = 0  # mask_vote: how many sites' masks the counts sum
     num_clients: int = 0
 
 
@@ -205,11 +214,12 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     }
     config = {**job.site_config, **_method_config(job)}
     counts, num_sites, tokens = PRIVACY[job.privacy].votes(fed, job, "local_prune", config, None, shapes)
-    for block in range(len(blocks)):
-        prefix = f"{block}."
-        block_counts = {k[len(prefix) :]: v for k, v in counts.items() if k.startswith(prefix)}
-        masks, _ = _vote(job, block, block_counts, num_sites)
-        _record(outcome, blocks_name, block, masks)
+    masks = vote_model_from_counts_(
+        job.model, counts, num_sites, job.sparsity, job.pattern, job.group, job.scaling, job.seed
+    )
+    for block, block_masks in masks.items():
+        _record(outcome, blocks_name, block, block_masks)
+    outcome.votes, outcome.vote_sites = counts, num_sites
     outcome.calib_tokens = sum(tokens.values())
     outcome.num_clients = num_sites
     return outcome

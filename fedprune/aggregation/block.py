@@ -74,3 +74,29 @@ def vote_block_from_counts_(
         weights[name] = apply_vote(get_weight(layer), keep, counts[name], num_sites, scaling)
     apply_weights_(blocks[block], weights)
     return masks, weights
+
+
+def vote_model_from_counts_(
+    model: nn.Module,
+    counts: dict[str, torch.Tensor],
+    num_sites: int,
+    sparsity: float,
+    pattern: Pattern,
+    group: str,
+    scaling: bool,
+    seed: int,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Vote every block from keep counts keyed ``"<block>.<layer>"`` (FedPrLLM one-shot); keep-masks by block.
+
+    The counts are all the server learns from the sites, so any ``group``/``scaling`` choice can be
+    re-applied to the same counts later (``python -m cli.revote``) with the result a run would give.
+    """
+    _, blocks = find_blocks(model)
+    masks = {}
+    for block in range(len(blocks)):
+        prefix = f"{block}."
+        block_counts = {k[len(prefix) :]: v for k, v in counts.items() if k.startswith(prefix)}
+        masks[block], _ = vote_block_from_counts_(
+            model, block, block_counts, num_sites, sparsity, pattern, group, scaling, seed
+        )
+    return masks

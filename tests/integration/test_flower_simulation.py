@@ -6,11 +6,13 @@ import pytest
 import torch
 from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 import clients.client_app as real
 from cli.federated import run_simulated
 from cli.main import run
+from cli.revote import revote
 from server.rounds import FederationError
 
 pytestmark = pytest.mark.integration
@@ -37,7 +39,10 @@ def test_stats_sync_sparsegpt_equals_centralized(make_cfg, tmp_path):
 
 
 def test_mask_vote_one_shot_uploads_one_bit_per_weight(make_cfg, tmp_path):
-    metrics = run(make_cfg("pruner=wanda", "protocol=mask_vote", "protocol.group=row", *FED), tmp_path)
+    cfg = make_cfg(
+        "pruner=wanda", "protocol=mask_vote", "protocol.group=row", "protocol.save_votes=true", *FED
+    )
+    metrics = run(cfg, tmp_path)
     assert metrics["rounds"] == 1 and metrics["num_clients"] == 3
     assert metrics["sparsity_actual"] == pytest.approx(0.5)
     prunable = sum(w.numel() for w in _weights(tmp_path / "model").values())
@@ -45,6 +50,21 @@ def test_mask_vote_one_shot_uploads_one_bit_per_weight(make_cfg, tmp_path):
     assert prunable / 8 <= metrics["bytes_up_per_client"] <= prunable / 8 + 14 * 200
     layers = json.loads((tmp_path / "sparsity.json").read_text())
     assert all(v == pytest.approx(0.5) for v in layers.values())
+    # the saved vote counts re-voted with the run's own choices give the run's model exactly
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    again = revote(tmp_path, tmp_path / "again", "row", False)
+    assert again["ppl_pruned"] == metrics["ppl_pruned"] and again["vote_sites"] == 3
+    expected, got = _weights(tmp_path / "model"), _weights(tmp_path / "again" / "model")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    # another comparison group on the same counts: the same sparsity, a different mask
+    column = revote(tmp_path, tmp_path / "column", "column", False)
+    assert (
+        column["sparsity_actual"] == pytest.approx(0.5)
+        and column["bytes_up_per_client"] == metrics["bytes_up_per_client"]
+    )
+    other = _weights(tmp_path / "column" / "model")
+    assert any(not torch.equal(expected[name] == 0, other[name] == 0) for name in expected)
 
 
 # A client app whose site 0 sends NaN statistics: the server must leave it out and go on.
