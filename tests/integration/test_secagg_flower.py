@@ -134,7 +134,8 @@ def test_mask_vote_one_shot_secagg_equals_plain(make_cfg, tmp_path):
         assert torch.equal(expected[name], got[name]), name
 
 
-# Site 0 fails after sharing its keys (a SecAgg dropout), site 1 sends a masked vector one word too long.
+# Site 0 fails after sharing its keys (a SecAgg dropout), site 1 sends a masked vector one word too long,
+# site 2 one with a word outside the modulus 2^62.
 def _faulty(msg: Message, context: Context, wrong_length: bool = True) -> Message:
     stage = str(msg.content["config"]["secagg.stage"])
     first = int(msg.content["config"]["block"]) == 0
@@ -145,6 +146,10 @@ def _faulty(msg: Message, context: Context, wrong_length: bool = True) -> Messag
     if wrong_length and site == 1 and first and stage == "mask":
         masked = reply.content["payload"]["masked"].numpy()
         reply.content["payload"]["masked"] = Array(np.concatenate([masked, masked[:1]]))
+    if wrong_length and site == 2 and first and stage == "mask":
+        masked = reply.content["payload"]["masked"].numpy().copy()
+        masked[0] = np.uint64(1 << 62)
+        reply.content["payload"]["masked"] = Array(masked)
     return reply
 
 
@@ -157,7 +162,7 @@ drop_app.query("start")(real.start)
 drop_app.query("finish")(real.finish)
 drop_app.train("secagg")(lambda msg, context: _faulty(msg, context, wrong_length=False))
 
-# the plain reference: sites 0 and 1 fail at block 0, so both blocks are pruned from sites 2 and 3
+# the plain reference: sites 0, 1 and 2 fail at block 0, so both blocks are pruned from sites 3 and 4
 plain_drop_app = ClientApp()
 plain_drop_app.query("start")(real.start)
 plain_drop_app.query("finish")(real.finish)
@@ -165,19 +170,21 @@ plain_drop_app.query("finish")(real.finish)
 
 @plain_drop_app.train("stats")
 def _plain_drop(msg: Message, context: Context) -> Message:
-    if context.node_config["partition-id"] in (0, 1):
+    if context.node_config["partition-id"] in (0, 1, 2):
         raise RuntimeError("site went away")
     return real.stats(msg, context)
 
 
 def test_survivors_sum_after_a_dropout_and_a_bad_vector(make_cfg, tmp_path):
-    args = ["pruner=wanda", "protocol=stats_sync", "federation.num_clients=4", "federation.min_clients=2"]
-    args.append("data.calib_windows=12")
+    args = ["pruner=wanda", "protocol=stats_sync", "federation.num_clients=5", "federation.min_clients=2"]
+    args.append("federation.partitioner=iid")  # the tiny corpus has 4 calibration works
+    args.append("data.calib_windows=15")
     _run(make_cfg(*args), tmp_path / "plain", plain_drop_app)
-    secure = _run(make_cfg(*args, *SECAGG), tmp_path / "secure", faulty_app)  # n=4, t=2
+    secure = _run(make_cfg(*args, *SECAGG, "privacy.modulus_bits=62"), tmp_path / "secure", faulty_app)  # t=2
     reasons = sorted(r["reason"] for r in secure["rejected"])
-    assert len(reasons) == 2 and "client error" in reasons[0] and "shape (" in reasons[1], reasons
-    assert secure["num_clients"] == 4
+    assert len(reasons) == 3 and "client error" in reasons[0], reasons
+    assert any("shape (" in r for r in reasons) and any("modulus" in r for r in reasons), reasons
+    assert secure["num_clients"] == 5
     _assert_same_masks(tmp_path / "plain" / "model", tmp_path / "secure" / "model")
 
 
