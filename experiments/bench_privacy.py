@@ -42,6 +42,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M)")
     parser.add_argument("--corpus", default=None, help="corpus folder (default: the bundled Shakespeare)")
     parser.add_argument("--heldout", nargs="*", default=None)
+    parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs, start none")
     parser.add_argument("--quick", action="store_true", help="4 sites, 8 windows x 64 tokens, 4 eval windows")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "bench_privacy")
     args = parser.parse_args()
@@ -71,13 +72,16 @@ def _overrides(args: argparse.Namespace, *extra: str) -> list[str]:
     return out + list(extra)
 
 
-def _run(overrides: list[str], out_dir: Path) -> dict:
-    """One ``fedprune`` job; a finished run (its ``metrics.json`` exists) is read back, not rerun."""
+def _run(overrides: list[str], out_dir: Path, report_only: bool = False) -> dict | None:
+    """One ``fedprune`` job; a finished run (its ``metrics.json`` exists) is read back, not rerun
+    (``report_only``: an unfinished run is skipped)."""
     from cli.main import run
 
     done = out_dir / "metrics.json"
     if done.exists():
         return json.loads(done.read_text())
+    if report_only:
+        return None
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     logger.info("running %s", " ".join(overrides))
@@ -89,12 +93,19 @@ def _row(metrics: dict, reference: dict | None) -> dict:
     row = {k: metrics.get(k) for k in keys}
     row["rounds"] = metrics.get("rounds")
     row["prune_s"] = metrics.get("prune_s")
-    row["prune_ratio"] = metrics["prune_s"] / reference["prune_s"] if reference else 1.0
-    row["ppl_vs_none"] = metrics["ppl_pruned"] / reference["ppl_pruned"] - 1.0 if reference else 0.0
+    none = metrics.get("privacy") == "none"
+    row["prune_ratio"] = metrics["prune_s"] / reference["prune_s"] if reference else (1.0 if none else None)
+    row["ppl_vs_none"] = (
+        metrics["ppl_pruned"] / reference["ppl_pruned"] - 1.0 if reference else (0.0 if none else None)
+    )
     for key in ("dp_epsilon", "dp_delta", "dp_sigma"):
         if key in metrics:
             row[key] = metrics[key]
     return row
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else spec.format(value)
 
 
 def _table(rows: list[dict], command: str) -> str:
@@ -108,7 +119,8 @@ def _table(rows: list[dict], command: str) -> str:
         eps = f"{r['dp_epsilon']:.3g}" if "dp_epsilon" in r else "—"
         lines.append(
             f"| {r['protocol']} | {r['pruner']} | {r['privacy']} | {eps} | {r['ppl_pruned']:.3f} | "
-            f"{100 * r['ppl_vs_none']:+.3f}% | {r['prune_s']:.1f} | {r['prune_ratio']:.2f} | {r['wall_s']:.1f} | "
+            f"{_fmt(r['ppl_vs_none'], '{:+.3%}')} | {r['prune_s']:.1f} | {_fmt(r['prune_ratio'], '{:.2f}')} | "
+            f"{r['wall_s']:.1f} | "
             f"{r['bytes_up_per_client'] / 1e6:.3f} | {r['rounds']} |"
         )
     return "\n".join(lines) + "\n"
@@ -150,7 +162,11 @@ def main() -> None:
             reference = None
             for privacy in ("none", "secagg"):
                 extra = [f"protocol={protocol}", f"pruner={pruner}", f"privacy={privacy}"]
-                metrics = _run(_overrides(args, *extra), runs / f"{protocol}_{pruner}_{privacy}")
+                metrics = _run(
+                    _overrides(args, *extra), runs / f"{protocol}_{pruner}_{privacy}", args.report_only
+                )
+                if metrics is None:
+                    break
                 rows.append(_row(metrics, reference))
                 reference = reference or metrics
     for epsilon in args.epsilons:
@@ -162,9 +178,12 @@ def main() -> None:
             f"privacy.delta={args.delta}",
             f"privacy.token_bound={args.token_bound}",
         ]
-        metrics = _run(_overrides(args, *extra), runs / f"dp_eps{epsilon:g}")
-        rows.append(_row(metrics, None))
-    command = "python experiments/bench_privacy.py " + " ".join(sys.argv[1:])
+        metrics = _run(_overrides(args, *extra), runs / f"dp_eps{epsilon:g}", args.report_only)
+        if metrics is not None:
+            rows.append(_row(metrics, None))
+    command = "python experiments/bench_privacy.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--report-only"
+    )
     (args.out.with_suffix(".json")).write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     (args.out.with_suffix(".md")).write_text(_table(rows, command))
     _plot(rows, args.out.with_suffix(".png"))
