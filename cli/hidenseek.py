@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cli.validate import ConfigError
+from cli.validate import ConfigError, validate_sites
 from fedprune.hidenseek.baseline_masks import magnitude_masks_at_init, random_masks
 from fedprune.hidenseek.data import load_digits_split
 from fedprune.hidenseek.models import INIT_SCHEMES, build_model, masks_density, prunable_weights
@@ -85,15 +85,7 @@ def validate_hidenseek(cfg: DictConfig) -> None:
         "protocol.aggregation",
         "score_average and score_delta apply to the supermask variants only",
     )
-    fed = cfg.federation
-    clients = int(fed.num_clients)
-    _check(clients >= 1, "federation.num_clients", f"must be >= 1, got {clients}")
-    _check(
-        1 <= int(fed.min_clients) <= clients,
-        "federation.min_clients",
-        f"must be in [1, num_clients={clients}], got {fed.min_clients}",
-    )
-    _check(float(fed.cpus_per_client) > 0, "federation.cpus_per_client", "must be > 0")
+    validate_sites(cfg)
 
 
 def prune_at_init(model: torch.nn.Module, method: str, density: float, iterations: int, seed: int):

@@ -85,12 +85,8 @@ def validate_common(cfg: DictConfig) -> None:
     _check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")
 
 
-def validate_federation(cfg: DictConfig) -> None:
-    """Checks of the ``federation`` group and the protocol options."""
-    from fedprune.data.sites import SITE_PARTITIONERS
-    from fedprune.masks import GROUPS
-
-    validate_privacy(cfg)
+def validate_sites(cfg: DictConfig) -> None:
+    """Checks of the sites every federated protocol needs: how many, how many must reply, CPUs each."""
     fed = cfg.federation
     clients = int(fed.num_clients)
     _check(clients >= 1, "federation.num_clients", f"must be >= 1, got {clients}")
@@ -99,6 +95,18 @@ def validate_federation(cfg: DictConfig) -> None:
         "federation.min_clients",
         f"must be in [1, num_clients={clients}], got {fed.min_clients}",
     )
+    _check(float(fed.cpus_per_client) > 0, "federation.cpus_per_client", "must be > 0")
+
+
+def validate_federation(cfg: DictConfig) -> None:
+    """Checks of the ``federation`` group and the protocol options."""
+    from fedprune.data.sites import SITE_PARTITIONERS
+    from fedprune.masks import GROUPS
+
+    validate_privacy(cfg)
+    validate_sites(cfg)
+    fed = cfg.federation
+    clients = int(fed.num_clients)
     _check(
         str(fed.partitioner) in SITE_PARTITIONERS,
         "federation.partitioner",
@@ -109,7 +117,6 @@ def validate_federation(cfg: DictConfig) -> None:
         "data.calib_windows",
         f"{cfg.data.calib_windows} windows cannot be split over {clients} sites",
     )
-    _check(float(fed.cpus_per_client) > 0, "federation.cpus_per_client", "must be > 0")
     protocol = cfg.protocol
     if "group" in protocol:
         _check(
