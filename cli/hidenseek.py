@@ -77,6 +77,9 @@ def validate_hidenseek(cfg: DictConfig) -> None:
         "protocol.delta_clip_quantile",
         f"must be in (0, 1], got {p.delta_clip_quantile}",
     )
+    _check(
+        0.0 <= float(p.delta_topk) < 1.0, "protocol.delta_topk", f"must be in [0, 1), got {p.delta_topk}"
+    )
     _check(int(p.synflow_iterations) >= 1, "protocol.synflow_iterations", "must be >= 1")
     _check(0.0 < float(p.test_fraction) < 1.0, "protocol.test_fraction", "must be in (0, 1)")
     _check(int(p.min_client_samples) >= 1, "protocol.min_client_samples", "must be >= 1")
@@ -120,6 +123,7 @@ def site_config(cfg: DictConfig) -> dict:
         "init_scale": float(p.init_scale),
         "optimizer": str(p.optimizer),
         "delta_clip_quantile": float(p.delta_clip_quantile),
+        "delta_topk": float(p.delta_topk),
     }
 
 
@@ -205,6 +209,7 @@ def outcome_metrics(cfg: DictConfig, job, outcome, fed, wall_s: float) -> dict:
         "lr": job.site_config["lr"],
         "server_lr": job.server_lr,
         "delta_clip_quantile": job.site_config["delta_clip_quantile"],
+        "delta_topk": job.site_config["delta_topk"],
         "accuracy": [r.accuracy for r in outcome.records],
         "final_accuracy": outcome.records[-1].accuracy,
         "bytes_up_per_client_per_round": [

@@ -16,7 +16,8 @@ rounds and a site that joins late starts from the current global model:
 
 The frozen random weights are never sent: both ends rebuild them from ``model_seed``. The reply's
 ``payload`` holds ``codes`` (``ceil(num_kept / 8)`` uint8), ``codes`` and ``scale`` (stochastic signs
-of the score change and their float32 clip scale, with ``aggregation=score_delta``), ``scores``
+of the score change and their float32 clip scale, with ``aggregation=score_delta``, and ``top``, the
+largest changes exactly, when ``delta_topk > 0``), ``scores``
 (``num_kept`` float32, with ``aggregation=score_average``) or ``weights`` (``num_kept`` float32); its
 ``metrics`` hold
 ``num_examples``, ``partition_id`` and ``crc``, the CRC-32 of the ``update`` the site started from.
@@ -43,8 +44,11 @@ from fedprune.hidenseek.aggregate import (
     gather_kept,
     num_kept_weights,
     pack_signs,
+    pack_top,
     scatter_kept,
     stochastic_signs,
+    top_changes,
+    top_count,
     unpack_signs,
 )
 from fedprune.hidenseek.data import DigitsSplit, dirichlet_label_partition, load_digits_split
@@ -172,7 +176,8 @@ def train_supermask(
 
     ``vote``: ``{"codes": packed signs}``; ``score_average``: ``{"scores": float32}``; ``score_delta``:
     ``{"codes": packed stochastic signs of the score change, "scale": float32 (1,)}``, all over the kept
-    weights.
+    weights, plus ``"top"`` (:func:`pack_top`), the ``delta_topk`` fraction of largest changes, exact.
+    The clip scale is the quantile of the other changes.
     """
     num_kept = num_kept_weights(masks)
     kind = SUPERMASK_KINDS[str(config["variant"])]
@@ -199,9 +204,15 @@ def train_supermask(
         return {"scores": gather_kept(scores, masks).float().numpy()}
     if global_scores is not None:
         delta = gather_kept(scores, masks).float() - global_scores  # (n_kept,)
-        scale = delta_scale(delta, float(config["delta_clip_quantile"]))
+        index, values = top_changes(delta, top_count(num_kept, float(config["delta_topk"])))
+        rest = torch.ones(num_kept, dtype=torch.bool)
+        rest[index] = False
+        scale = delta_scale(delta[rest], float(config["delta_clip_quantile"]))
         signs = stochastic_signs(delta, scale, torch.Generator().manual_seed(seed))
-        return {"codes": pack_signs(signs).numpy(), "scale": np.array([scale], dtype=np.float32)}
+        payload = {"codes": pack_signs(signs).numpy(), "scale": np.array([scale], dtype=np.float32)}
+        if index.numel():
+            payload["top"] = pack_top(index, values)
+        return payload
     return {"codes": pack_signs(gather_kept(learned_codes(trained), masks)).numpy()}
 
 

@@ -40,7 +40,9 @@ from fedprune.hidenseek.aggregate import (
     pack_signs,
     scatter_kept,
     signs_of_scores,
+    top_count,
     unpack_signs,
+    unpack_top,
 )
 from fedprune.hidenseek.models import prunable_weights
 from fedprune.hidenseek.rounds import codes_of_scores, global_model, initial_codes
@@ -74,6 +76,7 @@ class SiteUpdate:
     num_examples: int
     values: torch.Tensor  # (n_kept,) int8 codes or float32 scores/weights
     scale: float = 1.0  # score_delta: the clip scale the codes are signs at
+    top: tuple[torch.Tensor, torch.Tensor] | None = None  # score_delta: exact top changes (index, values)
 
 
 @dataclass
@@ -163,12 +166,16 @@ def validate_reply(job: HideNseekJob, num_kept: int, crc: int, reply: Message) -
     if int(metrics["crc"]) != crc:
         raise ValueError("the site did not start from this round's global state (CRC mismatch)")
     if holds_scores(job):
-        packed, scale = _payload_arrays(reply, "codes", "scale")
+        count = top_count(num_kept, float(job.site_config.get("delta_topk", 0.0)))
+        packed, scale, *rest = _payload_arrays(reply, "codes", "scale", *(["top"] if count else []))
         _check_codes(packed, num_kept)
         if scale.dtype != np.float32 or scale.shape != (1,) or not np.isfinite(scale).all() or scale[0] < 0:
             raise ValueError(f"scale must be one finite float32 >= 0, got {scale.dtype} {scale}")
+        top = unpack_top(rest[0], num_kept) if count else None
+        if top is not None and top[0].numel() != count:
+            raise ValueError(f"expected {count} top changes, got {top[0].numel()}")
         return SiteUpdate(
-            partition_id, num_examples, unpack_signs(torch.from_numpy(packed), num_kept), float(scale[0])
+            partition_id, num_examples, unpack_signs(torch.from_numpy(packed), num_kept), float(scale[0]), top
         )
     if is_supermask(job.variant) and job.aggregation == "vote":
         packed = _payload_array(reply, "codes")
@@ -195,7 +202,8 @@ def aggregate(job: HideNseekJob, updates: list[SiteUpdate], state: torch.Tensor)
     stack = torch.stack([u.values for u in updates])  # (sites, n_kept)
     counts = [u.num_examples for u in updates]
     if holds_scores(job):
-        return add_score_delta(state, stack, [u.scale for u in updates], counts, job.server_lr)
+        scales = [u.scale for u in updates]
+        return add_score_delta(state, stack, scales, counts, job.server_lr, [u.top for u in updates])
     if is_supermask(job.variant) and job.aggregation == "vote":
         return majority_vote_signs(stack, state)
     if is_supermask(job.variant):

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from cli.hidenseek import build_job, validate_hidenseek
 from clients.hidenseek_client import local_round, site_data
-from fedprune.hidenseek.aggregate import num_kept_weights, unpack_signs
+from fedprune.hidenseek.aggregate import num_kept_weights, unpack_signs, unpack_top
 from server.hidenseek_workflow import (
     SiteUpdate,
     aggregate,
@@ -45,7 +45,8 @@ def run(overrides, agg=None, verbose=False):
             v = payload[key]
             vals = unpack_signs(torch.from_numpy(v), num_kept) if key == "codes" else torch.from_numpy(v)
             scale = float(payload["scale"][0]) if "scale" in payload else 1.0
-            updates.append(SiteUpdate(pid, int(y.numel()), vals, scale))
+            top = unpack_top(payload["top"], num_kept) if "top" in payload else None
+            updates.append(SiteUpdate(pid, int(y.numel()), vals, scale, top))
         state = aggregate(job, updates, state) if agg is None else agg(job, updates, state, ctx)
         accs.append(test_accuracy(job, state))
         if verbose:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from fedprune.masks import pack_bits, unpack_bits
@@ -127,14 +128,88 @@ def add_score_delta(
     scales: Sequence[float],
     weights: Sequence[float],
     server_lr: float,
+    tops: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> torch.Tensor:
-    """``scores + server_lr * sum_i w_i scale_i signs_i / sum_i w_i``: the global scores after one round.
+    """``scores + server_lr * sum_i w_i change_i / sum_i w_i``: the global scores after one round.
 
     ``sign_stack (clients, n)`` holds the sites' :func:`stochastic_signs` of their score changes and
-    ``scales`` their clip scales. Returns float32 ``(n,)``.
+    ``scales`` their clip scales; ``tops`` a site's exact top changes ``(index, values)`` or None
+    (:func:`decoded_change`). Returns float32 ``(n,)``.
     """
     _check_signs(sign_stack)
     if len(scales) != sign_stack.shape[0] or any(s < 0 for s in scales):
         raise ValueError("need one non-negative scale per client")
-    scaled = sign_stack.double() * torch.as_tensor(scales, dtype=torch.float64).reshape(-1, 1)
+    tops = [None] * len(scales) if tops is None else tops
+    if len(tops) != len(scales):
+        raise ValueError("need one top-change entry (or None) per client")
+    scaled = torch.stack(
+        [
+            decoded_change(signs, scale, *(top if top is not None else (None, None)))
+            for signs, scale, top in zip(sign_stack, scales, tops, strict=True)
+        ]
+    )  # (clients, n)
     return (scores.double() + server_lr * average_scores(scaled, weights)).float()
+
+
+MAX_TOP_INDEX = 1 << 16  # top changes carry uint16 indices
+
+
+def top_count(num_kept: int, fraction: float) -> int:
+    """How many of ``num_kept`` score changes a site sends exactly: ``floor(fraction * num_kept)``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    count = int(fraction * num_kept)
+    if count and num_kept > MAX_TOP_INDEX:
+        raise ValueError(f"top changes need num_kept <= {MAX_TOP_INDEX} (uint16 indices), got {num_kept}")
+    return count
+
+
+def top_changes(delta: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` entries of ``delta (n,)`` largest in magnitude: sorted int64 indices, float16 values.
+
+    Values are clamped to the float16 range before the cast.
+    """
+    if not 0 <= count <= delta.numel():
+        raise ValueError(f"count must be in [0, {delta.numel()}], got {count}")
+    index = delta.abs().topk(count).indices.sort().values  # (count,)
+    limit = float(torch.finfo(torch.float16).max)
+    return index, delta[index].clamp(-limit, limit).to(torch.float16)
+
+
+def pack_top(index: torch.Tensor, values: torch.Tensor) -> np.ndarray:
+    """Indices (< 2**16) then the float16 bit patterns of the values, in one uint16 ``(2 * count,)``."""
+    if index.numel() != values.numel() or values.dtype != torch.float16:
+        raise ValueError("need one float16 value per index")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= MAX_TOP_INDEX):
+        raise ValueError(f"indices must be in [0, {MAX_TOP_INDEX})")
+    return np.concatenate([index.numpy().astype(np.uint16), values.numpy().view(np.uint16)])
+
+
+def unpack_top(packed: np.ndarray, num_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_top`: int64 indices and float32 values; ValueError if they are not valid.
+
+    Valid: uint16 of even length, indices strictly increasing and ``< num_kept``, values finite.
+    """
+    if packed.dtype != np.uint16 or packed.ndim != 1 or packed.size % 2:
+        raise ValueError(f"top changes must be uint16 of even length, got {packed.dtype} {packed.shape}")
+    count = packed.size // 2
+    index = torch.from_numpy(packed[:count].astype(np.int64))
+    values = torch.from_numpy(np.ascontiguousarray(packed[count:]).view(np.float16).astype(np.float32))
+    if count and (int(index[-1]) >= num_kept or bool((index[1:] <= index[:-1]).any())):
+        raise ValueError(f"top indices must be strictly increasing and < {num_kept}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("top values hold NaN or Inf")
+    return index, values
+
+
+def decoded_change(
+    signs: torch.Tensor, scale: float, index: torch.Tensor | None = None, values: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A site's score change as the server reads it: ``scale * signs``, with ``values`` at ``index``.
+
+    Returns float64 ``(n,)``.
+    """
+    change = signs.double() * scale
+    if index is not None and values is not None:
+        change[index] = values.double()
+    return change

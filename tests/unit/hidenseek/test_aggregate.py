@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fedprune.hidenseek.aggregate import (
     add_score_delta,
     average_scores,
+    decoded_change,
     delta_scale,
     fedavg,
     gather_kept,
     majority_vote_signs,
     num_kept_weights,
     pack_signs,
+    pack_top,
     scatter_kept,
     signs_of_scores,
     stochastic_signs,
+    top_changes,
+    top_count,
     unpack_signs,
+    unpack_top,
 )
 
 
@@ -128,3 +134,34 @@ def test_add_score_delta_by_hand():
     )
     with pytest.raises(ValueError):
         add_score_delta(scores, signs, [0.2], [1, 3], server_lr=1.0)
+
+
+def test_top_changes_pack_and_decode_by_hand():
+    delta = torch.tensor([0.05, -2.0, 0.1, 0.5, -0.01])
+    assert top_count(5, 0.4) == 2 and top_count(5, 0.0) == 0 and top_count(99, 0.02) == 1
+    index, values = top_changes(delta, 2)
+    # the two largest |changes| are -2.0 (at 1) and 0.5 (at 3), indices sorted
+    assert index.tolist() == [1, 3] and values.dtype == torch.float16 and values.tolist() == [-2.0, 0.5]
+    packed = pack_top(index, values)
+    assert packed.dtype == np.uint16 and packed.shape == (4,) and packed[:2].tolist() == [1, 3]
+    back_index, back_values = unpack_top(packed, 5)
+    assert back_index.tolist() == [1, 3] and back_values.tolist() == [-2.0, 0.5]
+    # the server's reading: scale * signs, the top changes exact
+    signs = torch.tensor([1, -1, -1, 1, 1], dtype=torch.int8)
+    assert decoded_change(signs, 0.1, back_index, back_values).tolist() == pytest.approx([0.1, -2.0, -0.1, 0.5, 0.1])
+    assert decoded_change(signs, 0.1).tolist() == pytest.approx([0.1, -0.1, -0.1, 0.1, 0.1])
+    # two sites, weights 1:3; only site 0 sends a top change (-2.0 at 1): [0.1 + (0.1 - 3 * 0.2) / 4, ...]
+    stack = torch.stack([signs[:2], torch.tensor([-1, 1], dtype=torch.int8)])
+    top0 = (torch.tensor([1]), torch.tensor([-2.0]))
+    new = add_score_delta(torch.tensor([0.1, 0.1]), stack, [0.1, 0.2], [1, 3], 1.0, [top0, None])
+    assert new.tolist() == pytest.approx([0.1 + (0.1 - 0.6) / 4, 0.1 + (-2.0 + 0.6) / 4])
+    with pytest.raises(ValueError):
+        unpack_top(np.array([3, 1, 0, 0], dtype=np.uint16), 5)  # indices not increasing
+    with pytest.raises(ValueError):
+        unpack_top(np.array([7, 0], dtype=np.uint16), 5)  # index out of range
+    with pytest.raises(ValueError):
+        unpack_top(np.array([0, 0x7E00], dtype=np.uint16), 5)  # float16 NaN
+    with pytest.raises(ValueError):
+        top_count(70_000, 0.01)  # uint16 indices
+    with pytest.raises(ValueError):
+        add_score_delta(torch.tensor([0.1, 0.1]), stack, [0.1, 0.2], [1, 3], 1.0, [top0])
