@@ -115,38 +115,63 @@ def collect_block_stats(
 ) -> dict[str, Stats]:
     """Summed statistics of the inputs of each prunable layer of ``block`` (empty if data-free).
 
-    Layers fed the very same tensor (q/k/v, gate/up) share one computation per micro-batch. With
-    ``token_bound`` (differential privacy), each token's input vector is first clipped to that L2 norm
-    (the block itself runs unchanged).
+    Layers fed the very same tensor (q/k/v, gate/up) share one computation and one :class:`Stats`
+    object. The first micro-batch runs the whole block and records the order in which the prunable
+    layers are called; later micro-batches stop as soon as the last of them has its input (its own
+    product and the rest of the block are not needed). With ``token_bound`` (differential privacy), each
+    token's input vector is first clipped to that L2 norm (the block itself runs unchanged).
     """
     if stat_kind is None:
         return {}
     layers = find_prunable_layers(block)
     collected: dict[str, Stats] = {}
-    # per micro-batch: id(input tensor) -> (the tensor, kept alive so its id is not reused; its statistics)
-    shared: dict[int, tuple[torch.Tensor, Stats]] = {}
+    owner: dict[str, str] = {}  # layer -> first layer seen with the same input tensor
+    order: list[str] = []  # call order of the prunable layers in the first micro-batch
+    # set after micro-batch 1: the layer after whose input the block may stop ("" = run whole block)
+    last: list[str] = []
+    # per micro-batch: id(input tensor) -> (the tensor, kept alive so its id is not reused; first layer)
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
 
     def make_hook(name: str) -> Callable:
-        def hook(_module: nn.Module, args: tuple, _output: object) -> None:
+        def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
-            if id(x) not in shared:
-                seen = x if token_bound is None else clip_tokens(x, token_bound)
-                shared[id(x)] = (x, batch_stats(stat_kind, seen))
-            part = shared[id(x)][1]
-            collected[name] = add_stats(collected[name], part) if name in collected else part
+            if not last:
+                order.append(name)
+            first = seen[id(x)][1] if id(x) in seen else name
+            if owner.setdefault(name, first) != first:
+                raise RuntimeError(f"layer {name!r} shares its input differently across micro-batches")
+            if first == name:
+                seen[id(x)] = (x, name)
+                part = batch_stats(stat_kind, x if token_bound is None else clip_tokens(x, token_bound))
+                collected[name] = add_stats(collected[name], part) if name in collected else part
+            if last and name == last[0]:
+                raise _StopForward
 
         return hook
 
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
     try:
         for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
-            shared.clear()
-            block(h, **kw)
+            seen.clear()
+            try:
+                block(h, **kw)
+            except _StopForward:
+                pass
+            if not last:
+                last.append(order[-1] if _called_once_each(order, layers) else "")
     finally:
         for handle in handles:
             handle.remove()
-    shared.clear()
-    return collected
+    seen.clear()
+    return {name: collected[owner[name]] for name in layers if name in owner}
+
+
+def _called_once_each(order: list[str], layers: dict[str, nn.Module]) -> bool:
+    """True if every prunable layer ran exactly once in one block call (then early stop is safe)."""
+    if len(order) == len(set(order)) == len(layers):
+        return True
+    logger.info("prunable layers ran %s in one block call: no early stop", order)
+    return False
 
 
 def prune_layers(

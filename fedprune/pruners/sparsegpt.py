@@ -8,6 +8,7 @@ that selects the mask per block of columns (adaptive mask selection) and updates
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -39,10 +40,21 @@ def damped_hessian(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), ``(in, in)``."""
-    lower = torch.linalg.cholesky(hessian)
-    inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True)
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), ``(in, in)``, from one Cholesky factorisation.
+
+    With J the index reversal, J H J = L Lᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper
+    triangular with a positive diagonal: it is U (no explicit H⁻¹ and no second factorisation).
+    """
+    lower = torch.linalg.cholesky(hessian.flip(0, 1))
+    inverse = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+    del lower
+    return inverse.flip(0, 1)
+
+
+def _same_stats(a: Stats, b: Stats) -> bool:
+    """True if two statistics are equal (q/k/v and gate/up share their inputs, hence their Hessian)."""
+    return a is b or (a.count == b.count and torch.equal(a.total, b.total))
 
 
 def _block_mask_unstructured(
@@ -127,20 +139,33 @@ class SparseGPTPruner:
     def __init__(self, percdamp: float = 0.01, blocksize: int = 128) -> None:
         self.percdamp = percdamp
         self.blocksize = blocksize
+        # the last layer's statistics (weakly: dropped with them) and float32 factor, reused for equal stats
+        self._last_factor: tuple[weakref.ref, torch.Tensor] | None = None
+
+    def _factor(self, stats: Stats) -> torch.Tensor:
+        """The upper Cholesky factor of the damped H⁻¹ (float32, as the sweep uses it), reused when the
+        previous layer's statistics are equal (q/k/v, gate/up)."""
+        last = self._last_factor[0]() if self._last_factor is not None else None
+        if last is None or not _same_stats(last, stats):
+            self._last_factor = None  # free the old factor first
+            factor = inverse_hessian_factor(damped_hessian(hessian_from_stats(stats), self.percdamp))
+            self._last_factor = (weakref.ref(stats, self._forget), factor.to(torch.float32))
+        return self._last_factor[1]
+
+    def _forget(self, _ref: weakref.ref) -> None:
+        """Drop the cached factor once the statistics it was computed from are gone."""
+        self._last_factor = None
 
     def scores(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
         """OBS saliency w² / [H⁻¹]_jj² before any update (used for voting, not for the sweep)."""
-        h = damped_hessian(hessian_from_stats(require_stats(self, stats)), self.percdamp)
-        d = torch.diagonal(inverse_hessian_factor(h)).to(weight.dtype)
+        d = torch.diagonal(self._factor(require_stats(self, stats))).to(weight.dtype)
         return weight.pow(2) / d.pow(2).reshape(1, -1)
 
     def prune(
         self, weight: torch.Tensor, stats: Stats | None, sparsity: float, pattern: Pattern
     ) -> PruneResult:
-        h = hessian_from_stats(require_stats(self, stats))
-        dead = dead_inputs(h)
+        dead = dead_inputs(require_stats(self, stats).total)
         w = weight.clone()
         w[:, dead] = 0.0
-        factor = inverse_hessian_factor(damped_hessian(h, self.percdamp))
-        new_weight, keep = obs_prune(w, factor, sparsity, pattern, self.blocksize)
+        new_weight, keep = obs_prune(w, self._factor(stats), sparsity, pattern, self.blocksize)
         return PruneResult(weight=new_weight, mask=keep)

@@ -126,3 +126,26 @@ def test_obs_prune_blocked_sweep_equals_column_by_column_reference(pattern):
     reference = _obs_reference(w, factor, ~keep)
     assert torch.allclose(new_w.double(), reference, atol=1e-4)
     assert bool((new_w[~keep] == 0).all())
+
+
+def test_inverse_hessian_factor_hand_checked():
+    # H = [[4, 2], [2, 3]]: H⁻¹ = [[3/8, -1/4], [-1/4, 1/2]] = UᵀU with U = [[√(3/8), -1/√6], [0, 1/√3]]
+    u = inverse_hessian_factor(torch.tensor([[4.0, 2.0], [2.0, 3.0]], dtype=torch.float64))
+    expected = torch.tensor([[(3 / 8) ** 0.5, -(6**-0.5)], [0.0, 3**-0.5]], dtype=torch.float64)
+    assert torch.allclose(u, expected, atol=1e-12)
+
+
+def test_sparsegpt_reuses_factor_only_for_equal_stats():
+    torch.manual_seed(4)
+    xa, xb = torch.randn(50, 8), torch.randn(50, 8) * 3
+    a, a_copy, b = batch_stats("hessian", xa), batch_stats("hessian", xa.clone()), batch_stats("hessian", xb)
+    weights = [torch.randn(6, 8) for _ in range(3)]
+    shared = get_pruner("sparsegpt", blocksize=4)
+    for weight, stats in zip(weights, [a, a_copy, b], strict=True):
+        got = shared.prune(weight, stats, 0.5, UNSTRUCTURED)
+        fresh = get_pruner("sparsegpt", blocksize=4).prune(weight, stats, 0.5, UNSTRUCTURED)
+        assert torch.equal(got.weight, fresh.weight) and torch.equal(got.mask, fresh.mask)
+    assert not torch.equal(
+        shared.prune(weights[0], a, 0.5, UNSTRUCTURED).weight,
+        shared.prune(weights[0], b, 0.5, UNSTRUCTURED).weight,
+    )
