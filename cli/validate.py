@@ -167,6 +167,8 @@ def validate_privacy(cfg: DictConfig) -> None:
     _check(sites >= 2, "federation.num_clients", f"secure aggregation needs >= 2 sites, got {sites}")
     _check(int(privacy.get("modulus_bits", 64)) in range(8, 65), "privacy.modulus_bits", "must be in [8, 64]")
     _check(float(privacy.token_bound) > 0, "privacy.token_bound", f"must be > 0, got {privacy.token_bound}")
+    words = privacy.get("value_words", 1)
+    _check(words in (1, 2), "privacy.value_words", f"must be 1 or 2, got {words!r}")
     if name != "secagg_dp":
         return
     _check(

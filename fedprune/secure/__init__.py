@@ -12,7 +12,7 @@ client sends into ONE 1-D uint64 vector per protocol instance (masks are single-
 
 from fedprune.secure.client import SecAggClient
 from fedprune.secure.driver import ReceivedMessage, SecureSumResult, run_secure_sum
-from fedprune.secure.encoding import FixedPoint, IntegerCode, moment_clip
+from fedprune.secure.encoding import FixedPoint, IntegerCode, TwoLimbFixedPoint, moment_clip
 from fedprune.secure.graph import complete_graph, ring_graph
 from fedprune.secure.messages import (
     EncryptedShare,
@@ -40,6 +40,7 @@ __all__ = [
     "SecAggServer",
     "SecureSumResult",
     "TooFewSurvivorsError",
+    "TwoLimbFixedPoint",
     "UnmaskReply",
     "UnmaskRequest",
     "complete_graph",

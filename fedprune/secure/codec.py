@@ -10,7 +10,8 @@ because each field's sum is at most ``n < 2^w``: the decoded counts are exact.
 Statistics
 ----------
 ``fedprune.payload.encode_stats`` arrays (``total.<i>`` float64 slots, ``count``, ``index``) become
-``[FixedPoint(total.0), FixedPoint(total.1), ..., IntegerCode(count)]``. The slot layout (``index``:
+``[code(total.0), code(total.1), ..., IntegerCode(count)]`` with ``code`` a :class:`FixedPoint` (one word
+per entry) or a :class:`TwoLimbFixedPoint` (two words per entry, exact to float64 precision). The slot layout (``index``:
 which layers share an input, an architectural fact) is public; the server decodes the sum back into the
 same arrays and validates them with ``decode_stats``.
 """
@@ -23,9 +24,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedprune.secure.encoding import FixedPoint, IntegerCode, check_modulus_bits
+from fedprune.secure.encoding import FixedPoint, IntegerCode, TwoLimbFixedPoint, check_modulus_bits
 
 logger = logging.getLogger(__name__)
+
+ValueCode = FixedPoint | TwoLimbFixedPoint
 
 
 def field_bits(max_sites: int) -> int:
@@ -83,12 +86,13 @@ def slot_sizes(kind: str, index: Sequence[int], widths: Sequence[int]) -> list[i
     return [sizes[i] for i in range(len(sizes))]
 
 
-def stats_vector_length(sizes: Sequence[int]) -> int:
-    """Words of an encoded statistics payload: every slot, then one count per slot."""
-    return int(sum(sizes)) + len(sizes)
+def stats_vector_length(sizes: Sequence[int], words_per_value: int = 1) -> int:
+    """Words of an encoded statistics payload: every slot (``words_per_value`` per entry), then one count
+    per slot."""
+    return words_per_value * int(sum(sizes)) + len(sizes)
 
 
-def encode_stats_vector(arrays: dict[str, np.ndarray], values: FixedPoint, counts: IntegerCode) -> np.ndarray:
+def encode_stats_vector(arrays: dict[str, np.ndarray], values: ValueCode, counts: IntegerCode) -> np.ndarray:
     """``encode_stats`` arrays as one uint64 vector (the ``index`` array is not included: it is public)."""
     slots = len(arrays["count"])
     parts = [values.encode(arrays[f"total.{i}"]) for i in range(slots)]
@@ -97,15 +101,17 @@ def encode_stats_vector(arrays: dict[str, np.ndarray], values: FixedPoint, count
 
 
 def decode_stats_vector(
-    total: np.ndarray, sizes: Sequence[int], values: FixedPoint, counts: IntegerCode, num_summands: int
+    total: np.ndarray, sizes: Sequence[int], values: ValueCode, counts: IntegerCode, num_summands: int
 ) -> dict[str, np.ndarray]:
     """The summed ``total.<i>`` (float64) and ``count`` (int64) arrays from a sum of encodings."""
-    if total.shape != (stats_vector_length(sizes),):
-        raise ValueError(f"sum has shape {total.shape}, expected ({stats_vector_length(sizes)},)")
+    expected = stats_vector_length(sizes, values.words_per_value)
+    if total.shape != (expected,):
+        raise ValueError(f"sum has shape {total.shape}, expected ({expected},)")
     out = {}
     start = 0
     for i, size in enumerate(sizes):
-        out[f"total.{i}"] = values.decode_sum(total[start : start + size], num_summands)
-        start += size
+        words = values.words_per_value * size
+        out[f"total.{i}"] = values.decode_sum(total[start : start + words], num_summands)
+        start += words
     out["count"] = counts.decode_sum(total[start:], num_summands)
     return out

@@ -108,6 +108,8 @@ class FixedPoint:
     ``clip`` are additionally moved to ``±clip`` (a bias the caller controls through the public bound).
     """
 
+    words_per_value = 1
+
     def __init__(self, scale_bits: int, clip: float, max_clients: int, modulus_bits: int = 64):
         check_modulus_bits(modulus_bits)
         if not isinstance(scale_bits, int) or abs(scale_bits) > 1000:
@@ -175,6 +177,82 @@ class FixedPoint:
         if not 1 <= num_summands <= self.max_clients:
             raise ValueError(f"num_summands must be in [1, {self.max_clients}], got {num_summands}")
         return np.ldexp(to_signed(y, self.modulus_bits).astype(np.float64), -self.scale_bits)
+
+
+class TwoLimbFixedPoint:
+    """Fixed-point code with two words per value, for sums that must be exact to float64 precision.
+
+    A single word leaves ``2^-scale_bits`` resolution, set by the public clip; a value far below the clip
+    keeps few significant bits. Here each clipped value ``x`` is split exactly (in float64) into
+    ``x · 2^s = h + r`` with ``h = floor(x · 2^s)`` and ``r ∈ [0, 1)``; the high word is ``h`` (two's
+    complement, as in :class:`FixedPoint` with ``s`` its finest overflow-free scale) and the low word is
+    ``l = rint(r · 2^low_bits)``, ``0 <= l <= 2^low_bits``, with ``low_bits`` the largest value for which
+    ``max_clients`` low words cannot reach ``2^(k-1)``. ``encode`` returns ``[high words, low words]``
+    (twice the length). Sums of up to ``max_clients`` encodings never wrap, and
+    ``decode_sum = Σh · 2^-s + Σl · 2^-(s + low_bits)``.
+
+    Error bound per element, for ``n`` summands within ``[-clip, clip]``:
+
+        |decode_sum − Σ_u x_u| <= n · 2^-(s + low_bits + 1) + 2^-52 · (|decode_sum| + n · 2^-s),
+
+    the first term from rounding ``r``, the second from the float64 arithmetic of the decoding.
+    """
+
+    words_per_value = 2
+
+    def __init__(self, high: FixedPoint):
+        self.high = high
+        self.scale_bits = high.scale_bits
+        self.clip = high.clip
+        self.max_clients = high.max_clients
+        self.modulus_bits = high.modulus_bits
+        # floor can reach -(max_int + 1): check the high words' sum for that magnitude
+        _check_sum_fits(high.max_int + 1, high.max_clients, high.modulus_bits)
+        limit = (1 << (high.modulus_bits - 1)) - 1
+        self.low_bits = min(62, (limit // high.max_clients).bit_length() - 1)
+        if self.low_bits < 1:
+            raise OverflowError(f"a {high.modulus_bits}-bit word cannot hold {high.max_clients} low words")
+
+    @classmethod
+    def for_bound(cls, clip: float, max_clients: int, modulus_bits: int = 64) -> TwoLimbFixedPoint:
+        """The code whose high word has the finest overflow-free scale."""
+        high = FixedPoint.for_bound(clip, max_clients, modulus_bits)
+        try:
+            return cls(high)
+        except OverflowError:  # floor's extra unit did not fit: one bit coarser
+            return cls(FixedPoint(high.scale_bits - 1, clip, max_clients, modulus_bits))
+
+    def __repr__(self) -> str:
+        return f"TwoLimbFixedPoint(scale_bits={self.scale_bits}, low_bits={self.low_bits}, clip={self.clip})"
+
+    def error_bound(self, num_summands: int, decoded: np.ndarray | float = 0.0) -> np.ndarray | float:
+        """The worst-case error of a decoded sum (see the class docstring); ``decoded``: the decoded values."""
+        rounding = num_summands * math.ldexp(1.0, -(self.scale_bits + self.low_bits + 1))
+        arithmetic = 2.0**-52 * (np.abs(decoded) + num_summands * math.ldexp(1.0, -self.scale_bits))
+        return rounding + arithmetic
+
+    def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``[high words, low words]`` of the clipped values, modulo 2^k, ``(2 · size,)``."""
+        values = _as_numpy(x).astype(np.float64).reshape(-1)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("cannot encode NaN or infinite values")
+        scaled = np.ldexp(np.clip(values, -self.clip, self.clip), self.scale_bits)  # exact (power of 2)
+        high = np.floor(scaled)
+        low = np.rint(np.ldexp(scaled - high, self.low_bits))  # scaled - high is exact, in [0, 1)
+        words = np.concatenate([high.astype(np.int64), low.astype(np.int64)])
+        return reduce_(words.astype(np.uint64), self.modulus_bits)
+
+    def decode_sum(self, y: np.ndarray, num_summands: int) -> np.ndarray:
+        """Decode a sum (mod 2^k) of ``num_summands`` encodings to float64, ``(size,)``."""
+        if not 1 <= num_summands <= self.max_clients:
+            raise ValueError(f"num_summands must be in [1, {self.max_clients}], got {num_summands}")
+        if y.ndim != 1 or y.size % 2:
+            raise ValueError(f"a two-word code needs an even-length vector, got shape {y.shape}")
+        signed = to_signed(y, self.modulus_bits)
+        half = y.size // 2
+        high = np.ldexp(signed[:half].astype(np.float64), -self.scale_bits)
+        low = np.ldexp(signed[half:].astype(np.float64), -(self.scale_bits + self.low_bits))
+        return high + low
 
 
 class IntegerCode:

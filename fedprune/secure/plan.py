@@ -9,7 +9,10 @@ token vectors of L2 norm at most ``token_bound``, so every entry is within ``cli
 token_bound²`` (plus ``8 σ_site`` of DP noise). ``FixedPoint.for_bound(clip, max_sites, modulus_bits)``
 takes the finest scale ``2^-scale_bits`` at which ``max_sites`` such values cannot overflow, with
 deterministic round-half-to-even; the decoded sum of ``n`` sites is within ``n · 2^-(scale_bits+1)`` of
-the exact float sum per entry (``FixedPoint.error_bound``). Without DP the token vectors are not clipped
+the exact float sum per entry (``FixedPoint.error_bound``). With ``value_words=2``
+(``TwoLimbFixedPoint``, the ``secagg`` default) a second word carries ``low_bits`` (59 with 8 sites)
+more bits: the sum is exact to float64 precision, which SparseGPT needs (its sequential OBS updates
+turn a 2^-27 resolution into a ±1–2% perplexity change), at twice the upload. Without DP the token vectors are not clipped
 (so ``secagg`` computes the same statistics as ``none``); an entry beyond ``clip`` is clipped to it and
 logged. Token counts use ``IntegerCode(max_tokens)``: exact.
 """
@@ -21,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from fedprune.secure.dp import calibrate_sigma, gaussian_rho, rho_to_epsilon, window_sensitivity
-from fedprune.secure.encoding import FixedPoint, IntegerCode
+from fedprune.secure.encoding import FixedPoint, IntegerCode, TwoLimbFixedPoint
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class SecurePlan:
     max_sites: int
     max_tokens: int
     token_bound: float
+    value_words: int = 1  # words per statistic entry: 1 (FixedPoint) or 2 (TwoLimbFixedPoint)
     dp_sigma: float = 0.0  # std of the noise in the SUM; each site adds std dp_sigma / sqrt(threshold)
     dp_epsilon: float = 0.0
     dp_delta: float = 0.0
@@ -46,10 +50,11 @@ class SecurePlan:
         """Noise std each site adds per entry."""
         return self.dp_sigma / math.sqrt(self.threshold)
 
-    def value_code(self) -> FixedPoint:
+    def value_code(self) -> FixedPoint | TwoLimbFixedPoint:
         """Fixed-point code of statistic entries (see the module docstring)."""
         clip = self.max_tokens * self.token_bound**2 + 8.0 * self.site_sigma
-        return FixedPoint.for_bound(clip, self.max_sites, self.modulus_bits)
+        code = {1: FixedPoint, 2: TwoLimbFixedPoint}[self.value_words]
+        return code.for_bound(clip, self.max_sites, self.modulus_bits)
 
     def count_code(self) -> IntegerCode:
         """Exact code of token counts."""
@@ -62,7 +67,7 @@ class SecurePlan:
     @classmethod
     def from_config(cls, config) -> SecurePlan:
         """Inverse of :meth:`to_config` (``config``: any mapping holding those keys)."""
-        ints = {"threshold", "modulus_bits", "max_sites", "max_tokens"}
+        ints = {"threshold", "modulus_bits", "max_sites", "max_tokens", "value_words"}
         fields = cls.__dataclass_fields__
         return cls(**{k: (int if k in ints else float)(config[f"secagg.{k}"]) for k in fields})
 
@@ -74,6 +79,7 @@ def make_plan(
     max_sites: int,
     max_tokens: int,
     token_bound: float,
+    value_words: int = 1,
     epsilon: float | None = None,
     delta: float | None = None,
     seq_len: int = 1,
@@ -88,7 +94,10 @@ def make_plan(
         max_sites=max_sites,
         max_tokens=max_tokens,
         token_bound=float(token_bound),
+        value_words=int(value_words),
     )
+    if base["value_words"] not in (1, 2):
+        raise ValueError(f"value_words must be 1 or 2, got {value_words!r}")
     if epsilon is None:
         return SecurePlan(**base)
     sensitivity = window_sensitivity(seq_len, token_bound, slots)

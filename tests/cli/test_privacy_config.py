@@ -20,6 +20,7 @@ FED = ["protocol=stats_sync", "federation.num_clients=3", "data.calib_windows=12
         (["privacy=secagg", "privacy.threshold=4"], "privacy.threshold"),
         (["privacy=secagg", "privacy.threshold=1"], "privacy.threshold"),
         (["privacy=secagg", "privacy.token_bound=0"], "privacy.token_bound"),
+        (["privacy=secagg", "privacy.value_words=3"], "privacy.value_words"),
         (["privacy=secagg_dp", "privacy.epsilon=0"], "privacy.epsilon"),
         (["privacy=secagg_dp", "privacy.delta=1"], "privacy.delta"),
         (["privacy=secagg_dp", "privacy.delta=0"], "privacy.delta"),
@@ -45,3 +46,11 @@ def test_default_is_no_privacy_and_the_plan_follows_the_config(make_cfg):
     plan = plan_from_config(cfg, tiny_model("llama"))
     assert plan.threshold == default_threshold(3) == 2 and plan.max_tokens == 12 * 16
     assert plan.dp_epsilon == pytest.approx(4.0) and plan.dp_delta == 1e-6 and plan.dp_sigma > 0
+    assert plan.value_words == 1 and plan.value_code().words_per_value == 1  # noise >> resolution
+
+
+def test_secagg_default_sends_two_words_per_statistic(make_cfg):
+    plan = plan_from_config(make_cfg(*FED, "privacy=secagg"), tiny_model("llama"))
+    assert plan.value_words == 2 and plan.value_code().words_per_value == 2
+    one = plan_from_config(make_cfg(*FED, "privacy=secagg", "privacy.value_words=1"), tiny_model("llama"))
+    assert one.value_code().words_per_value == 1

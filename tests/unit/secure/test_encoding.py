@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedprune.secure.encoding import FixedPoint, IntegerCode, moment_clip, to_signed
+from fedprune.secure.encoding import FixedPoint, IntegerCode, TwoLimbFixedPoint, moment_clip, to_signed
 
 
 def _modular_sum(encoded: list[np.ndarray]) -> np.ndarray:
@@ -116,3 +116,49 @@ def test_moment_clip_bounds_gram_entries():
     x = torch.tensor([[2.0, -2.0], [1.0, 2.0], [-2.0, 0.5]])  # (tokens, in), |x| <= 2
     assert moment_clip(3, 2.0) == 12.0
     assert float((x.T @ x).abs().max()) <= moment_clip(3, 2.0)
+
+
+def _exact_error(decoded: np.ndarray, xs: list[np.ndarray]) -> list[Fraction]:
+    return [abs(Fraction(float(d)) - sum(Fraction(float(x[i])) for x in xs)) for i, d in enumerate(decoded)]
+
+
+def test_two_limb_words_hand_checked():
+    # s = 2: 1.3 · 4 = 5.2 = 5 + 0.2; -0.75 · 4 = -3 = -3 + 0 ; -0.1 · 4 = -0.4 = -1 + 0.6
+    code = TwoLimbFixedPoint(FixedPoint(scale_bits=2, clip=10.0, max_clients=2, modulus_bits=16))
+    assert code.low_bits == 13  # 2 · 2^13 <= 2^15 - 1 < 2 · 2^14
+    y = code.encode(np.array([1.3, -0.75, -0.1]))
+    assert y.dtype == np.uint64 and y.shape == (6,)
+    assert y[:3].tolist() == [5, 2**16 - 3, 2**16 - 1]
+    assert y[3:].tolist() == [round(0.2 * 2**13), 0, round(0.6 * 2**13)]  # 1638, 0, 4915
+    # sums of two sites decode within the stated bound
+    decoded = code.decode_sum((y + y) & np.uint64(2**16 - 1), 2)
+    assert np.all(np.abs(decoded - 2 * np.array([1.3, -0.75, -0.1])) <= code.error_bound(2, decoded))
+
+
+def test_two_limb_sum_is_exact_to_float64_where_one_word_is_not():
+    rng = np.random.default_rng(1)
+    n, clip = 8, 8192 * 1000.0**2  # the secagg default's clip for 8 sites of 32 x 256 tokens
+    one, two = FixedPoint.for_bound(clip, n), TwoLimbFixedPoint.for_bound(clip, n)
+    assert two.scale_bits in (one.scale_bits, one.scale_bits - 1) and two.low_bits == 59
+    # Hessian-like entries of very different sizes, both signs, some at the clip
+    xs = [np.concatenate([rng.normal(0, 1, 200) * 10.0 ** rng.integers(-6, 9, 200), [clip, -clip]]) for _ in range(n)]
+    exact = [sum(Fraction(float(x[i])) for x in xs) for i in range(xs[0].size)]
+    two_sum = two.decode_sum(_modular_sum([two.encode(x) for x in xs]), n)
+    one_sum = one.decode_sum(_modular_sum([one.encode(x) for x in xs]), n)
+    errors = _exact_error(two_sum, xs)
+    bounds = two.error_bound(n, two_sum)
+    assert all(e <= Fraction(float(b)) for e, b in zip(errors, bounds, strict=True))
+    # relative to float64 precision of each exact sum: within a few ulps (one word is far coarser)
+    rel = [float(e / abs(t)) for e, t in zip(errors, exact, strict=True) if t != 0]
+    assert max(rel) < 1e-15
+    rel_one = [float(e / abs(t)) for e, t in zip(_exact_error(one_sum, xs), exact, strict=True) if t != 0]
+    assert max(rel_one) > 1e4 * max(rel)
+
+
+def test_two_limb_high_words_cannot_overflow_at_the_clip():
+    code = TwoLimbFixedPoint.for_bound(clip=1000.0, max_clients=16)
+    x = np.array([-1000.0, 1000.0, -999.9999999])
+    decoded = code.decode_sum(_modular_sum([code.encode(x)] * 16), 16)
+    assert np.allclose(decoded, 16 * x, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="even-length"):
+        code.decode_sum(code.encode(x)[:5], 1)
