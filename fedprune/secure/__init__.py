@@ -1,7 +1,7 @@
 """Secure aggregation: the server learns only the sum of the clients' vectors.
 
 A SecAgg+-style protocol (Bonawitz et al. 2017; Bell et al. 2020) over integers modulo 2^k, built only
-from the ``cryptography`` package's primitives: X25519, HKDF-SHA256, AES-GCM, ChaCha20 as a PRG, plus
+from the ``cryptography`` package's primitives: X25519, HKDF-SHA256, AES-GCM, AES-256-CTR as a PRG, plus
 Shamir sharing over GF(2^521 - 1). No Flower here: the parties are plain objects exchanging plain-data
 messages, one method per round, so any transport can carry them.
 

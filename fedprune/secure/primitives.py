@@ -4,7 +4,7 @@
 - key derivation: HKDF-SHA256 with a per-purpose ``info`` label (domain separation);
 - encryption of Shamir shares sent between clients through the server: AES-256-GCM with a random
   96-bit nonce, under a key that differs per direction (sender, receiver);
-- mask expansion (PRG): the ChaCha20 keystream under a 32-byte seed and an all-zero nonce, read as
+- mask expansion (PRG): the AES-256-CTR keystream under a 32-byte seed, counter from zero, read as
   little-endian uint64 words. Every seed is used for exactly one stream (one masked vector).
 
 ``random_bytes`` arguments are callables ``n -> n bytes``: ``os.urandom`` in real use, or
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -91,12 +91,16 @@ def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
 
 
 def prg_words(seed: bytes, length: int) -> np.ndarray:
-    """``length`` pseudo-random uint64 words: the ChaCha20 keystream under ``seed`` (zero nonce)."""
+    """``length`` pseudo-random uint64 words: the AES-256-CTR keystream under ``seed`` (counter from 0).
+
+    AES in counter mode uses the CPU's AES instructions: about twice ChaCha20's speed here, and mask
+    expansion is most of the cost of secure aggregation for SparseGPT's Hessians.
+    """
     if len(seed) != KEY_BYTES:
         raise ValueError(f"PRG seed must be {KEY_BYTES} bytes, got {len(seed)}")
-    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
     # the keystream written straight into the words' buffer (a copy per call cost 4x the cipher itself)
-    words = np.empty(length + 8, dtype=np.uint64)  # update_into needs a little slack
+    words = np.empty(length + 2, dtype=np.uint64)  # update_into needs one block (16 bytes) of slack
     encryptor.update_into(bytes(8 * length), memoryview(words).cast("B"))
     words = words[:length]  # (length,), little-endian words as the stream's bytes
     return words.byteswap() if sys.byteorder == "big" else words

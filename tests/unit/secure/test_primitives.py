@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedprune.secure.primitives import (
     new_private_key,
@@ -24,10 +25,15 @@ def test_prg_is_deterministic_and_seed_dependent():
         prg_words(b"short", 4)
 
 
-def test_prg_matches_the_chacha20_keystream():
-    # RFC 7539 appendix A.1, test vector #1: all-zero key, nonce and counter
-    first = prg_words(bytes(32), 2).tobytes()
-    assert first.hex() == "76b8e0ada0f13d90405d6ae55386bd28"
+def test_prg_is_the_aes256_ctr_keystream():
+    # known answer: AES-256 of the zero block under the all-zero key
+    assert prg_words(bytes(32), 2).tobytes().hex() == "dc95c078a2408989ad48a21492842087"
+    # block i of the stream is AES_k(i) (128-bit big-endian counter), read as little-endian uint64 words
+    key = bytes(range(32))
+    counters = b"".join(i.to_bytes(16, "big") for i in range(5))
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(counters)
+    assert prg_words(key, 10).tobytes() == ecb
+    assert np.array_equal(prg_words(key, 9), np.frombuffer(ecb[:72], dtype="<u8"))
 
 
 def test_key_agreement_is_symmetric_and_directional_keys_differ():
