@@ -15,11 +15,11 @@ rounds and a site that joins late starts from the current global model:
             float32 (FedAvg variants).
 
 The frozen random weights are never sent: both ends rebuild them from ``model_seed``. The reply's
-``payload`` holds ``codes`` (``ceil(num_kept / 8)`` uint8), ``codes`` and ``scale`` (stochastic signs
-of the score change and their float32 clip scale, with ``aggregation=score_delta``, and ``top``, the
-largest changes exactly, when ``delta_topk > 0``), ``scores``
-(``num_kept`` float32, with ``aggregation=score_average``) or ``weights`` (``num_kept`` float32); its
-``metrics`` hold
+``payload`` holds ``codes`` (``ceil(num_kept / 8)`` uint8), ``delta`` (one uint8 array with
+``aggregation=score_delta``: the stochastic signs of the score change, their float32 clip scale and the
+``delta_topk`` fraction of largest changes exactly; :func:`fedprune.hidenseek.aggregate.pack_delta_upload`),
+``scores`` (``num_kept`` float32, with ``aggregation=score_average``) or ``weights`` (``num_kept``
+float32); its ``metrics`` hold
 ``num_examples``, ``partition_id`` and ``crc``, the CRC-32 of the ``update`` the site started from.
 
 The wire codec (:func:`encode_mask`, :func:`decode_mask`, :func:`update_crc`) and
@@ -43,8 +43,8 @@ from fedprune.hidenseek.aggregate import (
     delta_scale,
     gather_kept,
     num_kept_weights,
+    pack_delta_upload,
     pack_signs,
-    pack_top,
     scatter_kept,
     stochastic_signs,
     top_changes,
@@ -175,9 +175,9 @@ def train_supermask(
     """Train scores from the global state; the reply payload for ``config["aggregation"]``.
 
     ``vote``: ``{"codes": packed signs}``; ``score_average``: ``{"scores": float32}``; ``score_delta``:
-    ``{"codes": packed stochastic signs of the score change, "scale": float32 (1,)}``, all over the kept
-    weights, plus ``"top"`` (:func:`pack_top`), the ``delta_topk`` fraction of largest changes, exact.
-    The clip scale is the quantile of the other changes.
+    ``{"delta": uint8}`` (:func:`pack_delta_upload`): the packed stochastic signs of the score change, their
+    clip scale and the ``delta_topk`` fraction of largest changes, exact, all over the kept weights. The
+    clip scale is the quantile of the other changes.
     """
     num_kept = num_kept_weights(masks)
     kind = SUPERMASK_KINDS[str(config["variant"])]
@@ -209,10 +209,7 @@ def train_supermask(
         rest[index] = False
         scale = delta_scale(delta[rest], float(config["delta_clip_quantile"]))
         signs = stochastic_signs(delta, scale, torch.Generator().manual_seed(seed))
-        payload = {"codes": pack_signs(signs).numpy(), "scale": np.array([scale], dtype=np.float32)}
-        if index.numel():
-            payload["top"] = pack_top(index, values)
-        return payload
+        return {"delta": pack_delta_upload(signs, scale, index, values)}
     return {"codes": pack_signs(gather_kept(learned_codes(trained), masks)).numpy()}
 
 

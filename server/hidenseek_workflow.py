@@ -8,8 +8,9 @@ starts from the current global signs), and replies as ``clients/hidenseek_client
 reply with the wrong array, dtype, length, a non-finite value, a bad example count or a CRC that does
 not match what was sent is left out (``Federation.round``). Aggregation: majority vote of the codes
 (ties keep the current code), the sign of the example-weighted mean score (``score_average``), the
-global scores plus ``server_lr`` times the example-weighted mean of the sites' scaled 1-bit score
-changes (``score_delta``), or the example-weighted mean of the weights (FedAvg).
+global scores plus ``server_lr`` times the example-weighted mean of the sites' decoded score changes
+(``score_delta``: 1-bit signs times the clip scale, the top changes exact), or the example-weighted
+mean of the weights (FedAvg).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from fedprune.hidenseek.aggregate import (
     scatter_kept,
     signs_of_scores,
     top_count,
+    unpack_delta_upload,
     unpack_signs,
-    unpack_top,
 )
 from fedprune.hidenseek.models import prunable_weights
 from fedprune.hidenseek.rounds import codes_of_scores, global_model, initial_codes
@@ -141,15 +142,11 @@ def test_accuracy(job: HideNseekJob, state: torch.Tensor) -> float:
     return accuracy(global_network(job, state), job.x_test, job.y_test)
 
 
-def _payload_arrays(reply: Message, *names: str) -> list[np.ndarray]:
-    payload = reply.content["payload"]
-    if sorted(payload.keys()) != sorted(names):
-        raise ValueError(f"payload must hold exactly {sorted(names)}, got {sorted(payload.keys())}")
-    return [payload[name].numpy() for name in names]
-
-
 def _payload_array(reply: Message, name: str) -> np.ndarray:
-    return _payload_arrays(reply, name)[0]
+    payload = reply.content["payload"]
+    if list(payload.keys()) != [name]:
+        raise ValueError(f"payload must hold exactly [{name!r}], got {sorted(payload.keys())}")
+    return payload[name].numpy()
 
 
 def _check_codes(packed: np.ndarray, num_kept: int) -> None:
@@ -167,16 +164,8 @@ def validate_reply(job: HideNseekJob, num_kept: int, crc: int, reply: Message) -
         raise ValueError("the site did not start from this round's global state (CRC mismatch)")
     if holds_scores(job):
         count = top_count(num_kept, float(job.site_config.get("delta_topk", 0.0)))
-        packed, scale, *rest = _payload_arrays(reply, "codes", "scale", *(["top"] if count else []))
-        _check_codes(packed, num_kept)
-        if scale.dtype != np.float32 or scale.shape != (1,) or not np.isfinite(scale).all() or scale[0] < 0:
-            raise ValueError(f"scale must be one finite float32 >= 0, got {scale.dtype} {scale}")
-        top = unpack_top(rest[0], num_kept) if count else None
-        if top is not None and top[0].numel() != count:
-            raise ValueError(f"expected {count} top changes, got {top[0].numel()}")
-        return SiteUpdate(
-            partition_id, num_examples, unpack_signs(torch.from_numpy(packed), num_kept), float(scale[0]), top
-        )
+        signs, scale, top = unpack_delta_upload(_payload_array(reply, "delta"), num_kept, count)
+        return SiteUpdate(partition_id, num_examples, signs, scale, top)
     if is_supermask(job.variant) and job.aggregation == "vote":
         packed = _payload_array(reply, "codes")
         _check_codes(packed, num_kept)

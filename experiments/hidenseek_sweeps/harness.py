@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from cli.hidenseek import build_job, validate_hidenseek
 from clients.hidenseek_client import local_round, site_data
-from fedprune.hidenseek.aggregate import num_kept_weights, unpack_signs, unpack_top
+from fedprune.hidenseek.aggregate import num_kept_weights, top_count, unpack_delta_upload, unpack_signs
 from server.hidenseek_workflow import (
     SiteUpdate,
     aggregate,
@@ -41,12 +41,15 @@ def run(overrides, agg=None, verbose=False):
         for pid in range(K):
             x, y = site_data(config, pid, K)
             payload = local_round(config, arrays, x, y, pid)
+            if "delta" in payload:
+                count = top_count(num_kept, float(config["delta_topk"]))
+                vals, scale, top = unpack_delta_upload(payload["delta"], num_kept, count)
+                updates.append(SiteUpdate(pid, int(y.numel()), vals, scale, top))
+                continue
             key = "codes" if "codes" in payload else next(iter(payload))
             v = payload[key]
             vals = unpack_signs(torch.from_numpy(v), num_kept) if key == "codes" else torch.from_numpy(v)
-            scale = float(payload["scale"][0]) if "scale" in payload else 1.0
-            top = unpack_top(payload["top"], num_kept) if "top" in payload else None
-            updates.append(SiteUpdate(pid, int(y.numel()), vals, scale, top))
+            updates.append(SiteUpdate(pid, int(y.numel()), vals))
         state = aggregate(job, updates, state) if agg is None else agg(job, updates, state, ctx)
         accs.append(test_accuracy(job, state))
         if verbose:

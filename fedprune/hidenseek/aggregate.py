@@ -1,4 +1,5 @@
-"""Server-side aggregation: sign majority vote, score averaging, 1-bit sign codec, FedAvg.
+"""Server-side aggregation: sign majority vote, score averaging, 1-bit sign codec, FedAvg, and the
+``score_delta`` upload codec (signs, clip scale and exact top changes in one uint8 array).
 
 Sign vectors are flat ``(n,)`` int8 in {-1, +1} holding only the *kept* weights, concatenated in the
 key order of the prune-mask dict (:func:`gather_kept` / :func:`scatter_kept`); both ends must use the
@@ -213,3 +214,82 @@ def decoded_change(
     if index is not None and values is not None:
         change[index] = values.double()
     return change
+
+
+SCALE_BYTES = 4  # the clip scale: one little-endian float32
+
+
+def delta_upload_size(num_kept: int, count: int) -> int:
+    """Bytes of a ``score_delta`` upload (:func:`pack_delta_upload`).
+
+    Parameters
+    ----------
+    num_kept : number of kept weights (one sign bit each).
+    count : number of exact top changes (:func:`top_count`), 4 bytes each.
+
+    Returns
+    -------
+    ``ceil(num_kept / 8) + 4 + 4 * count``.
+    """
+    if num_kept < 0 or not 0 <= count <= num_kept:
+        raise ValueError(f"need 0 <= count <= num_kept, got count {count}, num_kept {num_kept}")
+    return (num_kept + 7) // 8 + SCALE_BYTES + 4 * count
+
+
+def pack_delta_upload(
+    signs: torch.Tensor, scale: float, index: torch.Tensor, values: torch.Tensor
+) -> np.ndarray:
+    """A site's ``score_delta`` upload as one uint8 array.
+
+    Parameters
+    ----------
+    signs : ``(n,)`` int8 in {-1, +1}, the :func:`stochastic_signs` of the score change.
+    scale : the clip scale, finite and >= 0 (sent as float32).
+    index, values : the exact top changes (:func:`top_changes`): ``(count,)`` indices < 2**16 and float16.
+
+    Returns
+    -------
+    ``(delta_upload_size(n, count),)`` uint8: :func:`pack_signs` (``ceil(n / 8)`` bytes), the scale as a
+    little-endian float32, then the ``count`` uint16 indices and the ``count`` float16 values,
+    little-endian.
+    """
+    scale32 = np.array([scale], dtype="<f4")
+    if not np.isfinite(scale32).all() or scale32[0] < 0:
+        raise ValueError(f"scale must be finite and >= 0 as float32, got {scale}")
+    top = pack_top(index, values).astype("<u2")  # (2 * count,)
+    return np.concatenate([pack_signs(signs).numpy(), scale32.view(np.uint8), top.view(np.uint8)])
+
+
+def unpack_delta_upload(
+    packed: np.ndarray, num_kept: int, count: int
+) -> tuple[torch.Tensor, float, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Inverse of :func:`pack_delta_upload`; ValueError naming what is wrong if ``packed`` is not valid.
+
+    Parameters
+    ----------
+    packed : the uploaded array.
+    num_kept, count : public numbers that fix the layout (:func:`delta_upload_size`).
+
+    Returns
+    -------
+    signs : ``(num_kept,)`` int8 in {-1, +1}.
+    scale : the clip scale.
+    top : int64 indices and float32 values of the exact changes (:func:`unpack_top`), None if ``count == 0``.
+
+    Valid: uint8 ``(delta_upload_size(num_kept, count),)``, zero padding bits after the last sign, a finite
+    scale >= 0, and top changes that :func:`unpack_top` accepts.
+    """
+    size = delta_upload_size(num_kept, count)
+    if packed.dtype != np.uint8 or packed.shape != (size,):
+        raise ValueError(f"delta upload must be uint8 ({size},), got {packed.dtype} {packed.shape}")
+    code_bytes = (num_kept + 7) // 8
+    spare = -num_kept % 8  # padding bits in the last code byte (the low ones)
+    if spare and int(packed[code_bytes - 1]) & ((1 << spare) - 1):
+        raise ValueError("delta upload has nonzero padding bits after the last sign")
+    codes = torch.from_numpy(np.ascontiguousarray(packed[:code_bytes]))
+    scale = float(packed[code_bytes : code_bytes + SCALE_BYTES].view("<f4")[0])
+    if not np.isfinite(scale) or scale < 0:
+        raise ValueError(f"delta upload scale must be finite and >= 0, got {scale}")
+    top_bytes = np.ascontiguousarray(packed[code_bytes + SCALE_BYTES :])
+    top = unpack_top(top_bytes.view("<u2").astype(np.uint16), num_kept) if count else None
+    return unpack_signs(codes, num_kept), scale, top

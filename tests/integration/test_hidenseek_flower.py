@@ -45,14 +45,17 @@ def test_hidenseek_simulation_learns_and_uploads_one_bit_per_kept_weight(aggrega
     assert accuracy[-1] > accuracy[0] + 0.3  # the untrained sign mask (all +1) is near chance
     kept = metrics["kept_weights"]
     assert kept == round(0.5 * metrics["total_weights"])
-    # score_delta: + the exact top changes (delta_topk of the kept weights, uint16 index + float16 each)
-    payload = math.ceil(kept / 8) + (4 * int(0.02 * kept) if aggregation == "score_delta" else 0)
-    assert aggregation == "vote" or metrics["delta_topk"] == 0.02
+    # score_delta: one uint8 array, the sign bits + the float32 scale + the exact top changes (delta_topk
+    # of the kept weights, uint16 index + float16 value each)
+    payload = math.ceil(kept / 8) + (4 + 4 * int(0.025 * kept) if aggregation == "score_delta" else 0)
+    assert aggregation == "vote" or metrics["delta_topk"] == 0.025
     for per_site in metrics["bytes_up_per_client_per_round"]:
         assert sorted(per_site) == ["0", "1", "2"]
         for sent in per_site.values():
-            # score_delta: two more arrays (scale, top), each with its own npy header and key
-            assert payload < sent <= payload + HEADER_MAX + (200 if aggregation == "score_delta" else 0)
+            # one npy header and key, and the metrics record
+            assert payload < sent <= payload + HEADER_MAX
+            # the budget: at most 1/32 of dense FedAvg's upload (float32 per weight, headers not counted)
+            assert 32 * sent <= 4 * metrics["total_weights"]
     # down: the mask (1 bit per weight) and the global signs (1 bit per kept weight; score_delta: the
     # global scores, float32 per kept weight) + config
     down = metrics["bytes_down_per_client_per_round"][0]["0"]
