@@ -141,8 +141,9 @@ def _plot(rows: list[dict], path: Path) -> None:
     if plain:
         ax.axhline(plain[0]["ppl_pruned"], color="gray", ls="--", label="secagg (no noise)")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # perplexities span from near-dense to millions
     ax.set_xlabel(f"epsilon (delta = {dp[0]['dp_delta']:g}, whole run)")
-    ax.set_ylabel("pruned perplexity")
+    ax.set_ylabel("pruned perplexity (log)")
     ax.set_title(f"stats_sync {dp[0]['pruner']}, 50% unstructured")
     ax.legend()
     fig.tight_layout()
