@@ -4,7 +4,9 @@
 # subnetwork at densities 0.5, 0.2, 0.1; dense FedAvg. Columns come from each run's metrics.json: final
 # and best test accuracy, upload bytes per site per round and their ratio to dense FedAvg's.
 # Scale with ROUNDS (default 20), CLIENTS (default 3), EPOCHS (default 5). The supermask variants use
-# protocol.aggregation=vote (the paper's 1-bit majority vote); see hidenseek_skew.sh for score_delta.
+# protocol.aggregation=vote (the paper's 1-bit majority vote); the sign supermask also runs with the default
+# aggregation=score_delta (1 bit per kept weight + the top 2.5% of score changes exactly, see docs/hidenseek.md).
+# Resumable: a sweep whose folder already holds all its runs' metrics.json is not run again.
 # Writes experiments/results/hidenseek_digits.{md,json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +14,19 @@ out=${OUT:-multirun/hidenseek_table}
 rounds=${ROUNDS:-20}
 clients=${CLIENTS:-3}
 epochs=${EPOCHS:-5}
-common="protocol=hidenseek protocol.aggregation=vote protocol.alpha=0.1,1.0 protocol.rounds=$rounds protocol.local_epochs=$epochs \
+base="protocol=hidenseek protocol.alpha=0.1,1.0 protocol.rounds=$rounds protocol.local_epochs=$epochs \
 federation.num_clients=$clients federation.min_clients=$clients progress=false"
-.venv/bin/fedprune -m $common protocol.variant=sign_supermask,binary_supermask,fedavg_pruned \
-  protocol.density=0.5,0.2,0.1 "hydra.sweep.dir=$out/pruned"
-.venv/bin/fedprune -m $common protocol.variant=fedavg_dense "hydra.sweep.dir=$out/dense"
+common="$base protocol.aggregation=vote"
+sweep() {  # sweep DIR RUNS OVERRIDES...: one Hydra multirun into DIR unless its RUNS runs are there
+  local dir=$1 runs=$2
+  shift 2
+  if [[ $(find "$dir" -name metrics.json 2>/dev/null | wc -l) -lt $runs ]]; then
+    .venv/bin/fedprune -m "$@" "hydra.sweep.dir=$dir"
+  fi
+}
+sweep "$out/pruned" 18 $common protocol.variant=sign_supermask,binary_supermask,fedavg_pruned protocol.density=0.5,0.2,0.1
+sweep "$out/dense" 2 $common protocol.variant=fedavg_dense
+sweep "$out/score_delta" 6 $base protocol.aggregation=score_delta protocol.variant=sign_supermask protocol.density=0.5,0.2,0.1
 mkdir -p experiments/results
 .venv/bin/python - "$out" experiments/results/hidenseek_digits \
   "ROUNDS=$rounds CLIENTS=$clients EPOCHS=$epochs bash experiments/hidenseek_table.sh" <<'PY'
@@ -32,14 +42,21 @@ from matplotlib import pyplot as plt  # noqa: E402
 root, prefix, command = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 order = {"sign_supermask": 0, "binary_supermask": 1, "fedavg_pruned": 2, "fedavg_dense": 3}
 rows = [json.loads(p.read_text()) for p in sorted(root.rglob("metrics.json"))]
-rows.sort(key=lambda m: (m["alpha"], -m["density"], order[m["variant"]]))
+rows.sort(key=lambda m: (m["alpha"], -m["density"], order[m["variant"]], m["aggregation"] != "score_delta"))
+
+
+def label(m):
+    """The variant, with its aggregation for the sign supermask (vote or score_delta)."""
+    return f"{m['variant']} ({m['aggregation']})" if m["variant"] == "sign_supermask" else m["variant"]
+
+
 dense = {m["alpha"]: m for m in rows if m["variant"] == "fedavg_dense"}
 head = ["alpha", "density", "variant", "prune", "acc round 0", "acc final", "acc best", "Δ vs dense (final)",
         "up bytes/site/round", "up / dense up", "down bytes/site/round", "wall s"]
 lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
 for m in rows:
     ref = dense[m["alpha"]]
-    cells = [m["alpha"], m["density"], m["variant"], m["prune"], f"{m['accuracy'][0]:.3f}",
+    cells = [m["alpha"], m["density"], label(m), m["prune"], f"{m['accuracy'][0]:.3f}",
              f"{m['final_accuracy']:.3f}", f"{max(m['accuracy']):.3f}",
              f"{100 * (m['final_accuracy'] - ref['final_accuracy']):+.1f} pts",
              f"{m['mean_bytes_up_per_client_round']:.0f}",
@@ -60,8 +77,8 @@ for row, alpha in enumerate(sorted(dense)):
         up = [0.0]
         for per_site in m["bytes_up_per_client_per_round"]:
             up.append(up[-1] + sum(per_site.values()) / len(per_site))
-        axes[row, 0].plot(range(len(m["accuracy"])), m["accuracy"], label=m["variant"])
-        axes[row, 1].plot(up, m["accuracy"], label=m["variant"])
+        axes[row, 0].plot(range(len(m["accuracy"])), m["accuracy"], label=label(m))
+        axes[row, 1].plot(up, m["accuracy"], label=label(m))
     axes[row, 0].set(xlabel="round", ylabel=f"test accuracy (alpha {alpha})", ylim=(0, 1))
     axes[row, 1].set(xlabel="cumulative upload bytes per site", xscale="symlog", ylim=(0, 1))
     axes[row, 0].legend(fontsize=8)
