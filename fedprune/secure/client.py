@@ -37,11 +37,11 @@ from fedprune.secure.messages import (
 from fedprune.secure.primitives import (
     KEY_BYTES,
     RandomBytes,
+    add_keystreams_,
     new_private_key,
     open_sealed,
     pack_ids,
     pairwise_mask_seed,
-    prg_words,
     public_bytes,
     seal,
     share_aad,
@@ -70,16 +70,6 @@ def check_client_id(client: int) -> int:
 def mask_sign(u: int, v: int) -> int:
     """+1 if client u adds ``PRG(s_uv)`` to its input, -1 if it subtracts it."""
     return 1 if u < v else -1
-
-
-def apply_mask_(y: np.ndarray, seed: bytes, sign: int) -> np.ndarray:
-    """``y ± PRG(seed)`` modulo 2^64, in place."""
-    words = prg_words(seed, y.shape[0])  # (length,)
-    if sign > 0:
-        np.add(y, words, out=y)
-    else:
-        np.subtract(y, words, out=y)
-    return y
 
 
 def _pack_shares(sender: int, receiver: int, key_share: int, seed_share: int) -> bytes:
@@ -229,11 +219,12 @@ class SecAggClient:
                 f"completed key sharing, need {self._threshold}"
             )
         y = x.copy()  # (length,) uint64; the caller's vector is not modified
-        apply_mask_(y, self._seed, +1)
-        for v in self._held:
-            if v != self.client_id:
-                seed = pairwise_mask_seed(self._mask_key, self._peers[v].mask_public)
-                apply_mask_(y, seed, mask_sign(self.client_id, v))
+        streams = [(self._seed, +1)] + [
+            (pairwise_mask_seed(self._mask_key, self._peers[v].mask_public), mask_sign(self.client_id, v))
+            for v in sorted(self._held)
+            if v != self.client_id
+        ]
+        add_keystreams_(y, streams)
         # The secrets are no longer needed here; their shares live with the neighbours.
         self._seed, self._mask_key = b"", None
         return MaskedInput(self.client_id, reduce_(y, self.modulus_bits))

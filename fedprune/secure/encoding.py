@@ -75,6 +75,18 @@ def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(x)
 
 
+def _clipped_copy(x: np.ndarray | torch.Tensor, clip: float) -> np.ndarray:
+    """``x`` as a new float64 array clipped to ``[-clip, clip]``; raises on NaN or infinity."""
+    values = np.array(_as_numpy(x), dtype=np.float64)  # always a copy
+    if not np.isfinite(values).all():
+        raise ValueError("cannot encode NaN or infinite values")
+    num_clipped = int(np.count_nonzero(np.abs(values) > clip))
+    if num_clipped:
+        logger.debug("fixed-point encoding clipped %d of %d values to ±%g", num_clipped, values.size, clip)
+        np.clip(values, -clip, clip, out=values)
+    return values
+
+
 def moment_clip(max_tokens: int, activation_bound: float) -> float:
     """Public bound on ``|Σ_t x_ti x_tj|`` (and ``Σ_t x_ti²``) over at most ``max_tokens`` tokens.
 
@@ -160,17 +172,10 @@ class FixedPoint:
 
     def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Clip to ``[-clip, clip]``, scale by ``2^scale_bits``, round, and reduce modulo 2^k (same shape)."""
-        values = _as_numpy(x).astype(np.float64)  # copy, never mutates x
-        if not np.all(np.isfinite(values)):
-            raise ValueError("cannot encode NaN or infinite values")
-        clipped = np.clip(values, -self.clip, self.clip)
-        num_clipped = int(np.count_nonzero(clipped != values))
-        if num_clipped:
-            logger.debug(
-                "fixed-point encoding clipped %d of %d values to ±%g", num_clipped, values.size, self.clip
-            )
-        units = np.rint(np.ldexp(clipped, self.scale_bits)).astype(np.int64)
-        return reduce_(units.astype(np.uint64), self.modulus_bits)
+        scaled = _clipped_copy(x, self.clip)  # float64 copy, never mutates x
+        np.ldexp(scaled, self.scale_bits, out=scaled)
+        np.rint(scaled, out=scaled)
+        return reduce_(scaled.astype(np.int64).view(np.uint64), self.modulus_bits)
 
     def decode_sum(self, y: np.ndarray, num_summands: int) -> np.ndarray:
         """Decode a sum (mod 2^k) of ``num_summands`` encodings to float64."""
@@ -233,14 +238,17 @@ class TwoLimbFixedPoint:
 
     def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """``[high words, low words]`` of the clipped values, modulo 2^k, ``(2 · size,)``."""
-        values = _as_numpy(x).astype(np.float64).reshape(-1)
-        if not np.all(np.isfinite(values)):
-            raise ValueError("cannot encode NaN or infinite values")
-        scaled = np.ldexp(np.clip(values, -self.clip, self.clip), self.scale_bits)  # exact (power of 2)
+        scaled = _clipped_copy(x, self.clip).reshape(-1)  # float64 copy, never mutates x
+        size = scaled.size
+        np.ldexp(scaled, self.scale_bits, out=scaled)  # exact (power of 2)
+        words = np.empty(2 * size, dtype=np.int64)  # (2 · size,): high words, then low words
         high = np.floor(scaled)
-        low = np.rint(np.ldexp(scaled - high, self.low_bits))  # scaled - high is exact, in [0, 1)
-        words = np.concatenate([high.astype(np.int64), low.astype(np.int64)])
-        return reduce_(words.astype(np.uint64), self.modulus_bits)
+        words[:size] = high
+        np.subtract(scaled, high, out=scaled)  # exact, in [0, 1)
+        np.ldexp(scaled, self.low_bits, out=scaled)
+        np.rint(scaled, out=scaled)
+        words[size:] = scaled
+        return reduce_(words.view(np.uint64), self.modulus_bits)
 
     def decode_sum(self, y: np.ndarray, num_summands: int) -> np.ndarray:
         """Decode a sum (mod 2^k) of ``num_summands`` encodings to float64, ``(size,)``."""

@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedprune.secure.client import apply_mask_, mask_sign, share_point
+from fedprune.secure.client import mask_sign, share_point
 from fedprune.secure.encoding import check_modulus_bits, modulus_mask, reduce_
 from fedprune.secure.graph import Graph, check_graph, complete_graph, restrict
 from fedprune.secure.messages import (
@@ -29,7 +29,7 @@ from fedprune.secure.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedprune.secure.primitives import KEY_BYTES, pairwise_mask_seed, prg_words, public_bytes
+from fedprune.secure.primitives import KEY_BYTES, add_keystreams_, pairwise_mask_seed, public_bytes
 from fedprune.secure.shamir import reconstruct_secret, share_from_bytes
 
 logger = logging.getLogger(__name__)
@@ -220,11 +220,14 @@ class SecAggServer:
         total = np.zeros(self.vector_length, dtype=np.uint64)  # (length,)
         for u in sorted(self.survivors):
             np.add(total, self._inputs[u], out=total)
-            np.subtract(total, prg_words(seeds[u], self.vector_length), out=total)
+        streams = [(seeds[u], -1) for u in sorted(self.survivors)]
         for v, key in sorted(keys.items()):
-            for u in sorted(self.graph[v] & self.survivors):
-                # u added mask_sign(u, v) · PRG(s_uv); remove it.
-                apply_mask_(total, pairwise_mask_seed(key, self.adverts[u].mask_public), -mask_sign(u, v))
+            # each surviving neighbour u added mask_sign(u, v) · PRG(s_uv) for v: remove it
+            streams += [
+                (pairwise_mask_seed(key, self.adverts[u].mask_public), -mask_sign(u, v))
+                for u in sorted(self.graph[v] & self.survivors)
+            ]
+        add_keystreams_(total, streams)
         self._inputs = {}
         return reduce_(total, self.modulus_bits)
 

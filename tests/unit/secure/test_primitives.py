@@ -3,7 +3,9 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from fedprune.secure import primitives
 from fedprune.secure.primitives import (
+    add_keystreams_,
     new_private_key,
     open_sealed,
     pairwise_mask_seed,
@@ -34,6 +36,31 @@ def test_prg_is_the_aes256_ctr_keystream():
     ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(counters)
     assert prg_words(key, 10).tobytes() == ecb
     assert np.array_equal(prg_words(key, 9), np.frombuffer(ecb[:72], dtype="<u8"))
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 1 << 14])  # several chunks with a short last one; one chunk
+def test_added_keystreams_equal_the_sum_of_whole_streams(monkeypatch, chunk):
+    monkeypatch.setattr(primitives, "_CHUNK_WORDS", chunk)
+    seeds = [bytes([i]) * 32 for i in (1, 2, 3)]
+    y = np.arange(11, dtype=np.uint64)
+    original = y.copy()
+    out = add_keystreams_(y, [(seeds[0], +1), (seeds[1], -1), (seeds[2], +1)])
+    expected = original + prg_words(seeds[0], 11) - prg_words(seeds[1], 11) + prg_words(seeds[2], 11)
+    assert out is y and np.array_equal(y, expected)  # in place, modulo 2^64
+    add_keystreams_(y, [(seeds[2], -1), (seeds[0], -1), (seeds[1], +1)])
+    assert np.array_equal(y, original)  # the same streams with opposite signs cancel
+    assert add_keystreams_(np.zeros(0, dtype=np.uint64), [(seeds[0], 1)]).shape == (0,)
+
+
+def test_added_keystreams_reject_bad_arguments():
+    y = np.zeros(4, dtype=np.uint64)
+    with pytest.raises(ValueError, match="32 bytes"):
+        add_keystreams_(y, [(b"short", 1)])
+    with pytest.raises(ValueError, match="sign"):
+        add_keystreams_(y, [(bytes(32), 2)])
+    with pytest.raises(TypeError):
+        add_keystreams_(y.astype(np.int64), [(bytes(32), 1)])
+    assert not y.any()
 
 
 def test_key_agreement_is_symmetric_and_directional_keys_differ():
