@@ -1,11 +1,13 @@
 """The site's side of secure aggregation (``train.secagg``): thin glue over ``fedprune.secure``.
 
-One secure sum is four messages with ``secagg.stage`` = ``advertise`` / ``share`` / ``mask`` /
-``unmask`` (see ``server/secure_rounds.py``). At ``advertise`` the site computes its plain payload
-(``secagg.task``: ``stats``, ``masks`` or ``local_prune``), encodes it as one uint64 vector with the
-public codes of the plan, adds its share of DP noise (``secagg_dp``), and keeps vector and fresh keys on
-its own disk (each message may run in a fresh process); they never leave the site except masked.
-Fresh keys and seeds per secure sum: masks are never reused across blocks.
+Each secure sum is one protocol instance (a number) with fresh keys; ``secagg.stage`` says which step
+(see ``server/secure_rounds.py``): ``keys`` and ``share`` run the first two steps for instances
+``secagg.first .. + secagg.count - 1`` at once; ``mask`` (instance ``secagg.instance``) computes the
+plain payload (``secagg.task``: ``stats``, ``masks`` or ``local_prune``), encodes it as one uint64 vector
+with the public codes of the plan, adds its share of DP noise (``secagg_dp``) and sends it masked;
+``unmask`` answers the server's request. Each instance's secrets stay on this site's disk, one file
+per instance (each message may run in a fresh process), deleted after ``unmask``. Masks are never
+reused across sums.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from fedprune.secure.dp import site_noise
 from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import (
     advert_to_arrays,
+    instance_arrays,
     peers_from_arrays,
+    prefixed,
     reply_to_arrays,
     request_from_arrays,
     shares_from_arrays,
@@ -44,10 +48,14 @@ from fedprune.secure.wire import (
 logger = logging.getLogger(__name__)
 
 
-def _paths(msg: Message, context: Context):
+def _client_path(msg: Message, context: Context, instance: int):
     folder = state_dir(str(msg.content["config"]["run_key"]), site_key_of(context))
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / "secagg.json", folder / "secagg_input.npy"
+    return folder / f"secagg_{instance}.json"
+
+
+def _instances(config) -> range:
+    return range(int(config["secagg.first"]), int(config["secagg.first"]) + int(config["secagg.count"]))
 
 
 def _save_client(path, client: SecAggClient) -> None:
@@ -60,7 +68,7 @@ def _save_client(path, client: SecAggClient) -> None:
 
 def _load_client(path) -> SecAggClient:
     if not path.exists():
-        raise RuntimeError("no secure-aggregation state at this site: 'advertise' never arrived")
+        raise RuntimeError(f"no secure-aggregation state {path.name} at this site: 'keys' never arrived")
     return SecAggClient.from_state(json.loads(path.read_text()))
 
 
@@ -99,43 +107,44 @@ def _payload(msg: Message, context: Context, plan: SecurePlan) -> tuple[np.ndarr
     return _votes_vector(masks, plan), {}, tokens
 
 
-def _advertise(msg: Message, context: Context, plan: SecurePlan) -> Message:
-    client_path, input_path = _paths(msg, context)
-    vector, public, tokens = _payload(msg, context, plan)
-    np.save(input_path, vector)
-    client = SecAggClient(int(context.node_id), plan.modulus_bits)
-    advert = client.advertise_keys()
-    _save_client(client_path, client)
-    return _reply(msg, {**advert_to_arrays(advert), **public}, {"tokens": tokens})
+def _keys(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
+    out = {}
+    for k in _instances(msg.content["config"]):
+        client = SecAggClient(int(context.node_id), plan.modulus_bits)
+        out.update(prefixed(advert_to_arrays(client.advertise_keys()), k))
+        _save_client(_client_path(msg, context, k), client)
+    return _reply(msg, out, {"tokens": 0})
 
 
 def _share(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
-    client_path, _ = _paths(msg, context)
-    client = _load_client(client_path)
-    shares = client.share_keys(peers_from_arrays(arrays), plan.threshold)
-    _save_client(client_path, client)
-    return _reply(msg, shares_to_arrays(shares, outgoing=True), {"tokens": 0})
+    out = {}
+    for k in _instances(msg.content["config"]):
+        path = _client_path(msg, context, k)
+        client = _load_client(path)
+        shares = client.share_keys(peers_from_arrays(instance_arrays(arrays, k)), plan.threshold)
+        out.update(prefixed(shares_to_arrays(shares, outgoing=True), k))
+        _save_client(path, client)
+    return _reply(msg, out, {"tokens": 0})
 
 
 def _mask(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
-    client_path, input_path = _paths(msg, context)
-    client = _load_client(client_path)
-    vector = np.load(input_path)
+    path = _client_path(msg, context, int(msg.content["config"]["secagg.instance"]))
+    client = _load_client(path)
+    vector, public, tokens = _payload(msg, context, plan)
     masked = client.masked_input(vector, shares_from_arrays(client.client_id, arrays, outgoing=False))
-    _save_client(client_path, client)
-    input_path.unlink()
-    return _reply(msg, {"masked": masked.vector}, {"tokens": 0})
+    _save_client(path, client)
+    return _reply(msg, {"masked": masked.vector, **public}, {"tokens": tokens})
 
 
 def _unmask(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
-    client_path, _ = _paths(msg, context)
-    client = _load_client(client_path)
+    path = _client_path(msg, context, int(msg.content["config"]["secagg.instance"]))
+    client = _load_client(path)
     reply = client.unmask(request_from_arrays(arrays))
-    client_path.unlink()  # one protocol instance per key pair
+    path.unlink()  # one protocol instance per key pair
     return _reply(msg, reply_to_arrays(reply), {"tokens": 0})
 
 
-STAGES = {"share": _share, "mask": _mask, "unmask": _unmask}
+STAGES = {"keys": _keys, "share": _share, "mask": _mask, "unmask": _unmask}
 
 
 @app.train("secagg")
@@ -143,7 +152,8 @@ def secagg(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     plan = SecurePlan.from_config(config)
     stage = str(config["secagg.stage"])
-    if stage == "advertise":
-        return _advertise(msg, context, plan)
-    arrays = {k: v.numpy() for k, v in msg.content["secagg"].items()}
+    if stage not in STAGES:
+        raise ValueError(f"unknown secure-aggregation stage {stage!r}; known: {sorted(STAGES)}")
+    routed = msg.content["secagg"] if "secagg" in msg.content else {}
+    arrays = {k: v.numpy() for k, v in routed.items()}
     return STAGES[stage](msg, context, plan, arrays)

@@ -1,18 +1,24 @@
-"""Secure aggregation over the Flower Message API: one secure sum = four ``train.secagg`` rounds.
+"""Secure aggregation over the Flower Message API: key agreement for all sums first, then two rounds
+per sum.
 
-``advertise`` (the site computes and encodes its payload, keeps it on its disk, sends fresh public keys
-and the public slot layout), ``share`` (the server routes each site its neighbours' keys; sites send
-sealed Shamir shares), ``mask`` (each site gets the shares addressed to it and sends its masked vector),
-``unmask`` (survivors send the shares that remove the masks). Every round goes through
+Each secure sum is one independent protocol instance with its own fresh keys (``fedprune.secure``).
+The instances' first two steps do not depend on the payload, so they run for all the run's sums at
+once (:func:`prepare_sums`): ``keys`` (every site sends fresh public keys for each instance) and
+``share`` (the server routes each site its neighbours' keys; sites send sealed Shamir shares). Then
+each sum takes two rounds (:func:`secure_sum`): ``mask`` (the site gets the shares addressed to it and
+the block's update, computes and encodes its payload, sends it masked with the public slot layout)
+and ``unmask`` (survivors send the shares that remove the masks). Every round goes through
 ``Federation.round`` (bytes counted, malformed replies rejected); a site that fails any round is a
-SecAgg dropout and stays out of the federation. The maths is ``fedprune.secure`` (pure).
+SecAgg dropout and stays out of the federation (later instances recover its pairwise masks as a
+dropout's). The maths is ``fedprune.secure`` (pure).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +36,13 @@ from fedprune.secure.codec import (
     unpack_counts,
 )
 from fedprune.secure.dp import psd_project
+from fedprune.secure.messages import EncryptedShare, KeyAdvert
 from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import (
     advert_from_arrays,
+    instance_arrays,
     peers_to_arrays,
+    prefixed,
     reply_from_arrays,
     request_to_arrays,
     shares_from_arrays,
@@ -53,26 +62,93 @@ class SecureAggregationError(FederationError):
 
 @dataclass
 class SecureSum:
-    """The survivors' sum (uint64 residues) and each survivor's public metadata from ``advertise``."""
+    """The survivors' sum (uint64 residues) and each survivor's public metadata from ``mask``."""
 
     total: np.ndarray
     survivors: frozenset[int]
     public: dict[int, Any]
 
 
+@dataclass
+class PreparedSum:
+    """One protocol instance after key agreement: ready for a ``mask`` and an ``unmask`` round."""
+
+    instance: int  # the sites keep this instance's secrets under this number
+    server: SecAggServer
+    inboxes: dict[int, dict[int, EncryptedShare]]  # receiver -> {sender: sealed shares}
+
+
 def _tokens(reply: Message) -> int:
     return int(reply.content["metrics"]["tokens"])
 
 
-def _as_payload_error(node: int, check: Callable[[], Any]) -> Any:
+@contextmanager
+def _stop_on_protocol_error(what: str) -> Iterator[None]:
+    """Turn the protocol's ``SecAggError`` into a ``SecureAggregationError`` (the run stops, no output)."""
     try:
-        return check()
-    except InvalidMessageError as error:
-        raise PayloadError(error.reason) from error
+        yield
+    except SecAggError as error:
+        raise SecureAggregationError(
+            f"secure aggregation ({what}): {error}; stopping without output"
+        ) from error
+
+
+def _stage(
+    fed: Federation,
+    base: dict,
+    stage: str,
+    parse: Callable[[int, Message], Any],
+    update: dict | None = None,
+    nodes: list[int] | None = None,
+    node_arrays: dict[int, dict] | None = None,
+) -> dict[int, Any]:
+    """One ``train.secagg`` round of protocol step ``stage``."""
+    return fed.round(MESSAGE_TYPE, {**base, "secagg.stage": stage}, update, parse, nodes, node_arrays)
+
+
+def prepare_sums(
+    fed: Federation, config: dict, plan: SecurePlan, first: int, count: int
+) -> list[PreparedSum]:
+    """Key agreement for instances ``first .. first + count - 1`` in two rounds (``keys``, ``share``).
+
+    A site whose keys or shares are malformed for any instance is left out of all of them and of the
+    federation. Raises :class:`SecureAggregationError` when fewer than ``plan.threshold`` sites remain.
+    """
+    instances = range(first, first + count)
+    base = {**config, **plan.to_config(), "secagg.first": first, "secagg.count": count}
+
+    def adverts(node: int, reply: Message) -> dict[int, KeyAdvert]:
+        arrays = reply_arrays(reply)
+        return {k: advert_from_arrays(node, instance_arrays(arrays, k)) for k in instances}
+
+    def bundles(node: int, reply: Message) -> dict[int, dict[int, EncryptedShare]]:
+        arrays = reply_arrays(reply)
+        return {k: shares_from_arrays(node, instance_arrays(arrays, k), outgoing=True) for k in instances}
+
+    with _stop_on_protocol_error("key agreement"):
+        got = _stage(fed, base, "keys", adverts)
+        servers = {k: SecAggServer(None, plan.threshold, None, plan.modulus_bits) for k in instances}
+        peers = {k: servers[k].collect_keys({node: got[node][k] for node in got}) for k in instances}
+        nodes = sorted(set.intersection(*(set(p) for p in peers.values())))
+        node_arrays = {
+            node: {
+                key: a for k in instances for key, a in prefixed(peers_to_arrays(peers[k][node]), k).items()
+            }
+            for node in nodes
+        }
+        shares = _stage(fed, base, "share", bundles, nodes=nodes, node_arrays=node_arrays)
+        inboxes = {k: servers[k].route_shares({node: shares[node][k] for node in shares}) for k in instances}
+    ready = set.intersection(*(set(inbox) for inbox in inboxes.values()))
+    for k in instances:
+        for node, reason in sorted(servers[k].rejected.items()):
+            fed.reject(len(fed.round_seconds) - 1, node, f"secure aggregation instance {k}: {reason}")
+    fed.nodes = [node for node in fed.nodes if node in ready]  # dropouts stay dropped
+    return [PreparedSum(k, servers[k], inboxes[k]) for k in instances]
 
 
 def secure_sum(
     fed: Federation,
+    prepared: PreparedSum,
     task: str,
     config: dict,
     update: dict | None,
@@ -82,67 +158,50 @@ def secure_sum(
 ) -> SecureSum:
     """The sum of the sites' encoded ``task`` payloads; the server never sees one site's vector.
 
-    ``public(node, reply)`` reads the public metadata of an ``advertise`` reply; ``layout(metadata)``
-    returns the public vector length and the sites whose metadata agree with it (the others are left out).
+    ``public(node, reply)`` reads the public metadata of a ``mask`` reply; ``layout(metadata)`` returns
+    the public vector length and the sites whose metadata agree with it (the others are left out).
     Raises :class:`SecureAggregationError` when fewer than ``plan.threshold`` sites remain.
     """
-    base = {**config, **plan.to_config(), "secagg.task": task}
+    base = {**config, **plan.to_config(), "secagg.task": task, "secagg.instance": prepared.instance}
+    server = prepared.server
+    nodes = sorted(node for node in prepared.inboxes if node in fed.nodes)
 
-    def stage(name: str) -> dict:
-        return {**base, "secagg.stage": name}
+    def masked(node: int, reply: Message) -> tuple[Any, np.ndarray]:
+        return public(node, reply), reply_arrays(reply)["masked"]
 
-    def advertised(node: int, reply: Message):
-        return advert_from_arrays(node, reply_arrays(reply)), public(node, reply)
-
-    got = fed.round(MESSAGE_TYPE, stage("advertise"), update, advertised)
-    length, accepted = layout({node: meta for node, (_, meta) in got.items()})
-    for node in sorted(set(got) - accepted):
-        fed.reject(len(fed.round_seconds) - 1, node, "public layout differs from the other sites'")
-    server = SecAggServer(length, plan.threshold, None, plan.modulus_bits)
-    try:
-        peer_keys = server.collect_keys({node: got[node][0] for node in accepted})
-        shares = fed.round(
-            MESSAGE_TYPE,
-            stage("share"),
-            None,
-            lambda node, reply: shares_from_arrays(node, reply_arrays(reply), outgoing=True),
-            nodes=sorted(peer_keys),
-            node_arrays={node: peers_to_arrays(keys) for node, keys in peer_keys.items()},
-        )
-        inboxes = server.route_shares(shares)
-
-        def masked(node: int, reply: Message) -> MaskedInput:
-            vector = reply_arrays(reply)["masked"]
+    with _stop_on_protocol_error(task):
+        inboxes = {node: shares_to_arrays(prepared.inboxes[node], outgoing=False) for node in nodes}
+        got = _stage(fed, base, "mask", masked, update, nodes, inboxes)
+        number = len(fed.round_seconds) - 1
+        length, accepted = layout({node: meta for node, (meta, _) in got.items()})
+        inputs = {}
+        for node, (_, vector) in sorted(got.items()):
             message = MaskedInput(node, vector)
-            _as_payload_error(node, lambda: validate_masked_input(node, message, length, plan.modulus_bits))
-            return message
-
-        inputs = fed.round(
-            MESSAGE_TYPE,
-            stage("mask"),
-            None,
-            masked,
-            nodes=sorted(inboxes),
-            node_arrays={node: shares_to_arrays(inbox, outgoing=False) for node, inbox in inboxes.items()},
-        )
-        request = server.collect_masked_inputs(inputs)
-        replies = fed.round(
-            MESSAGE_TYPE,
-            stage("unmask"),
-            None,
+            try:
+                if node not in accepted:
+                    raise InvalidMessageError(node, "public layout differs from the other sites'")
+                validate_masked_input(node, message, length, plan.modulus_bits)
+            except InvalidMessageError as error:
+                fed.reject(number, node, error.reason)
+                continue
+            inputs[node] = message
+        request = server.collect_masked_inputs(inputs, vector_length=length)
+        survivors = sorted(request.survivors)
+        requests = {node: request_to_arrays(request) for node in survivors}
+        replies = _stage(
+            fed,
+            base,
+            "unmask",
             lambda node, reply: reply_from_arrays(node, reply_arrays(reply)),
-            nodes=sorted(request.survivors),
-            node_arrays={node: request_to_arrays(request) for node in request.survivors},
+            None,
+            survivors,
+            requests,
         )
         total = server.reconstruct_sum(replies)
-    except SecAggError as error:
-        raise SecureAggregationError(
-            f"secure aggregation ({task}): {error}; stopping without output"
-        ) from error
     for node, reason in sorted(server.rejected.items()):
         logger.warning("secure aggregation left out node %d: %s", node, reason)
     fed.nodes = [node for node in fed.nodes if node in server.survivors]  # dropouts stay dropped
-    return SecureSum(total, server.survivors, {node: got[node][1] for node in server.survivors})
+    return SecureSum(total, server.survivors, {node: got[node][0] for node in server.survivors})
 
 
 def _fixed_length(length: int) -> Callable[[dict[int, Any]], tuple[int, set[int]]]:
@@ -150,14 +209,20 @@ def _fixed_length(length: int) -> Callable[[dict[int, Any]], tuple[int, set[int]
 
 
 def secure_vote_counts(
-    fed: Federation, task: str, config: dict, update: dict | None, plan: SecurePlan, shapes: dict
+    fed: Federation,
+    prepared: PreparedSum,
+    task: str,
+    config: dict,
+    update: dict | None,
+    plan: SecurePlan,
+    shapes: dict,
 ) -> tuple[dict[str, torch.Tensor], int, dict[int, int]]:
     """Per layer, how many sites kept each weight (exact), the number of sites summed, their tokens."""
     names = sorted(shapes)
     sizes = [int(np.prod(shapes[name])) for name in names]
     length = sum(packed_length(size, plan.max_sites, plan.modulus_bits) for size in sizes)
     result = secure_sum(
-        fed, task, config, update, plan, lambda node, reply: _tokens(reply), _fixed_length(length)
+        fed, prepared, task, config, update, plan, lambda node, reply: _tokens(reply), _fixed_length(length)
     )
     counts, start = {}, 0
     for name, size in zip(names, sizes, strict=True):
@@ -170,6 +235,7 @@ def secure_vote_counts(
 
 def secure_stats(
     fed: Federation,
+    prepared: PreparedSum,
     config: dict,
     update: dict | None,
     plan: SecurePlan,
@@ -190,9 +256,11 @@ def secure_stats(
     def layout(metadata: dict[int, tuple[int, ...]]) -> tuple[int, set[int]]:
         common, _ = Counter(metadata.values()).most_common(1)[0]
         sizes = slot_sizes(kind, common, [widths[n] for n in names])
-        return stats_vector_length(sizes, plan.value_code().words_per_value), {node for node, index in metadata.items() if index == common}
+        return stats_vector_length(sizes, plan.value_code().words_per_value), {
+            node for node, index in metadata.items() if index == common
+        }
 
-    result = secure_sum(fed, "stats", config, update, plan, public, layout)
+    result = secure_sum(fed, prepared, "stats", config, update, plan, public, layout)
     index = next(iter(result.public.values()))
     sizes = slot_sizes(kind, index, [widths[n] for n in names])
     n = len(result.survivors)

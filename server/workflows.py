@@ -8,7 +8,8 @@
 
 Privacy (the Hydra ``privacy`` group): ``PRIVACY`` maps a setting to how the server obtains the SUM of
 the sites' payloads: in the clear (``none``), or by secure aggregation (``secagg``, ``secagg_dp``:
-``server/secure_rounds.py``), where it never sees one site's statistics or masks.
+``server/secure_rounds.py``), where it never sees one site's statistics or masks. A ``PRIVACY`` class
+is instantiated per run: secure sums keep the keys agreed for the run's later sums.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from fedprune.secure.plan import SecurePlan
 from fedprune.site import block_layer_shapes
 from fedprune.stats import Stats
 from server.rounds import Federation, reply_arrays
-from server.secure_rounds import secure_stats, secure_vote_counts
+from server.secure_rounds import PreparedSum, prepare_sums, secure_stats, secure_vote_counts
 
 logger = logging.getLogger(__name__)
 
@@ -102,60 +103,104 @@ def _update_arrays(masks: dict, weights: dict, send_weights: bool) -> tuple[dict
 Votes = tuple[dict[str, torch.Tensor], int, dict[int, int]]  # keep counts per layer, sites, tokens
 
 
-@dataclass(frozen=True)
-class Aggregator:
-    """How the server gets the sum of the sites' payloads of one round (plain or secure)."""
+class Sums:
+    """How the server gets the SUM of the sites' payloads, one per block or per run (one object per run)."""
 
-    stats: Callable[[Federation, FederatedJob, dict, dict | None, dict[str, int], dict[int, int]], dict]
-    votes: Callable[[Federation, FederatedJob, str, dict, dict | None, dict], Votes]
+    def __init__(self, fed: Federation, job: FederatedJob):
+        self.fed, self.job = fed, job
 
+    def prepare(self, config: dict, count: int) -> None:
+        """Called once before a run's ``count`` sums (``config``: the first sum's)."""
+        raise NotImplementedError
 
-def _plain_stats(fed, job, config, update, widths, tokens) -> dict[str, Stats]:
-    kind = job.pruner.stat_kind
+    def stats(
+        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+    ) -> dict[str, Stats]:
+        """The summed statistics of one block (``{layer: Stats}``)."""
+        raise NotImplementedError
 
-    def validate(node, reply):
-        return decode_stats(reply_arrays(reply), kind, widths, tokens[node])
-
-    return aggregate_stats(list(fed.round("train.stats", config, update, validate).values()))
-
-
-def _plain_votes(fed, job, task, config, update, shapes) -> Votes:
-    tokens: dict[int, int] = {}
-
-    def validate(node, reply):
-        tokens[node] = int(reply.content["metrics"]["tokens"])
-        return decode_masks(reply_arrays(reply), shapes)
-
-    masks = list(fed.round(f"train.{task}", config, update, validate).values())
-    counts = {name: vote_counts([m[name] for m in masks]) for name in shapes}
-    return counts, len(masks), {n: tokens[n] for n in tokens}
+    def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> Votes:
+        """Per layer, how many sites kept each weight; the number of sites; their tokens."""
+        raise NotImplementedError
 
 
-def _secure_stats(fed, job, config, update, widths, tokens) -> dict[str, Stats]:
-    return secure_stats(fed, config, update, job.plan, job.pruner.stat_kind, widths, tokens)
+class PlainSums(Sums):
+    """``privacy=none``: sites send their payloads in the clear; the server adds them up itself.
+
+    The server sees every site's statistics or masks."""
+
+    def prepare(self, config: dict, count: int) -> None:
+        """Nothing to agree on before plain sums."""
+
+    def stats(
+        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+    ) -> dict[str, Stats]:
+        kind = self.job.pruner.stat_kind
+
+        def validate(node, reply):
+            return decode_stats(reply_arrays(reply), kind, widths, tokens[node])
+
+        return aggregate_stats(list(self.fed.round("train.stats", config, update, validate).values()))
+
+    def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> Votes:
+        tokens: dict[int, int] = {}
+
+        def validate(node, reply):
+            tokens[node] = int(reply.content["metrics"]["tokens"])
+            return decode_masks(reply_arrays(reply), shapes)
+
+        masks = list(self.fed.round(f"train.{task}", config, update, validate).values())
+        counts = {name: vote_counts([m[name] for m in masks]) for name in shapes}
+        return counts, len(masks), {n: tokens[n] for n in tokens}
 
 
-def _secure_votes(fed, job, task, config, update, shapes) -> Votes:
-    return secure_vote_counts(fed, task, config, update, job.plan, shapes)
+class SecureSums(Sums):
+    """``privacy=secagg`` / ``secagg_dp``: every sum is a secure-aggregation instance whose keys were
+    agreed beforehand (``prepare``: two rounds for all of a run's sums; see ``server/secure_rounds.py``)."""
+
+    def __init__(self, fed: Federation, job: FederatedJob):
+        super().__init__(fed, job)
+        self._ready: list[PreparedSum] = []
+        self._instances = 0
+
+    def prepare(self, config: dict, count: int) -> None:
+        """Agree keys for the next ``count`` sums."""
+        self._ready += prepare_sums(self.fed, config, self.job.plan, self._instances, count)
+        self._instances += count
+
+    def _take(self, config: dict) -> PreparedSum:
+        if not self._ready:
+            self.prepare(config, 1)
+        return self._ready.pop(0)
+
+    def stats(
+        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+    ) -> dict[str, Stats]:
+        prepared = self._take(config)
+        return secure_stats(
+            self.fed, prepared, config, update, self.job.plan, self.job.pruner.stat_kind, widths, tokens
+        )
+
+    def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> Votes:
+        return secure_vote_counts(self.fed, self._take(config), task, config, update, self.job.plan, shapes)
 
 
-PRIVACY: dict[str, Aggregator] = {
-    "none": Aggregator(_plain_stats, _plain_votes),
-    "secagg": Aggregator(_secure_stats, _secure_votes),
-    "secagg_dp": Aggregator(_secure_stats, _secure_votes),
-}
+PRIVACY: dict[str, type[Sums]] = {"none": PlainSums, "secagg": SecureSums, "secagg_dp": SecureSums}
 
 
 def _layer_sync(fed: Federation, job: FederatedJob, message_type: str, step: Callable) -> FederatedOutcome:
-    """The per-block loop shared by the layer-synchronous protocols."""
+    """The per-block loop shared by the layer-synchronous protocols (one sum per block)."""
     outcome = FederatedOutcome()
     tokens = _start(fed, job)
     outcome.calib_tokens = sum(tokens.values())
     blocks_name, blocks = find_blocks(job.model)
+    sums = PRIVACY[job.privacy](fed, job)
     update, update_kind = None, "masks"
     for block in tqdm(range(len(blocks)), desc=f"federated {message_type}", disable=not job.progress):
         config = {**job.site_config, **_method_config(job), "block": block, "update_kind": update_kind}
-        masks, weights, send_weights = step(block, config, update, tokens)
+        if block == 0:
+            sums.prepare(config, len(blocks))
+        masks, weights, send_weights = step(sums, block, config, update, tokens)
         _record(outcome, blocks_name, block, masks)
         update, update_kind = _update_arrays(masks, weights, send_weights)
     fed.round("query.finish", job.site_config, None, lambda node, reply: None)
@@ -170,11 +215,11 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     blocks = find_blocks(job.model)[1]
 
     def step(
-        block: int, config: dict, update: dict | None, tokens: dict[int, int]
+        sums: Sums, block: int, config: dict, update: dict | None, tokens: dict[int, int]
     ) -> tuple[dict, dict, bool]:
         layers = find_prunable_layers(blocks[block])
         widths = {name: layer_input_features(m) for name, m in layers.items()}
-        stats = PRIVACY[job.privacy].stats(fed, job, config, update, widths, tokens)
+        stats = sums.stats(config, update, widths, tokens)
         masks, weights = prune_block_from_stats_(
             job.model, block, stats, job.pruner, job.sparsity, job.pattern
         )
@@ -193,10 +238,10 @@ def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     """FedPrLLM iterative: per block, the sites' own masks are voted into the global mask."""
 
     def step(
-        block: int, config: dict, update: dict | None, tokens: dict[int, int]
+        sums: Sums, block: int, config: dict, update: dict | None, tokens: dict[int, int]
     ) -> tuple[dict, dict, bool]:
         shapes = block_layer_shapes(job.model, block)
-        counts, num_sites, _ = PRIVACY[job.privacy].votes(fed, job, "masks", config, update, shapes)
+        counts, num_sites, _ = sums.votes("masks", config, update, shapes)
         masks, weights = _vote(job, block, counts, num_sites)
         return masks, weights, job.scaling
 
@@ -213,7 +258,7 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
         for name, shape in block_layer_shapes(job.model, b).items()
     }
     config = {**job.site_config, **_method_config(job)}
-    counts, num_sites, tokens = PRIVACY[job.privacy].votes(fed, job, "local_prune", config, None, shapes)
+    counts, num_sites, tokens = PRIVACY[job.privacy](fed, job).votes("local_prune", config, None, shapes)
     masks = vote_model_from_counts_(
         job.model, counts, num_sites, job.sparsity, job.pattern, job.group, job.scaling, job.seed
     )

@@ -56,7 +56,8 @@ def validate_masked_input(client: int, message: object, length: int, modulus_bit
 
 
 class SecAggServer:
-    """The server's state for one secure-aggregation instance over vectors of ``vector_length``.
+    """The server's state for one secure-aggregation instance over vectors of ``vector_length`` (``None``:
+    fixed by :meth:`collect_masked_inputs`).
 
     ``neighbours`` is the public communication graph (``graph.ring_graph`` for SecAgg+); ``None`` means
     the complete graph over the clients that advertise keys (Bonawitz et al.; fine for ~16 clients).
@@ -66,14 +67,14 @@ class SecAggServer:
 
     def __init__(
         self,
-        vector_length: int,
+        vector_length: int | None,
         threshold: int,
         neighbours: Mapping[int, Collection[int]] | None = None,
         modulus_bits: int = 64,
     ):
-        if vector_length < 0 or threshold < 2:
-            raise ValueError("vector_length must be >= 0 and threshold >= 2")
-        self.vector_length = int(vector_length)
+        if (vector_length is not None and vector_length < 0) or threshold < 2:
+            raise ValueError("vector_length must be >= 0 (or None) and threshold >= 2")
+        self.vector_length = None if vector_length is None else int(vector_length)
         self.threshold = int(threshold)
         self.modulus_bits = check_modulus_bits(modulus_bits)
         self._graph_spec = None if neighbours is None else check_graph(neighbours)
@@ -166,13 +167,22 @@ class SecAggServer:
                 raise InvalidMessageError(sender, f"malformed share for client {receiver}")
         return dict(bundle)
 
-    def collect_masked_inputs(self, inputs: Mapping[int, MaskedInput]) -> UnmaskRequest:
+    def collect_masked_inputs(
+        self, inputs: Mapping[int, MaskedInput], vector_length: int | None = None
+    ) -> UnmaskRequest:
         """Round 3: validate masked inputs (keyed by sender); return the unmask request for survivors.
 
         Invalid vectors (wrong length, dtype, or values outside the modulus) are rejected with a
-        reason naming the client, and that client is treated as dropped.
+        reason naming the client, and that client is treated as dropped. ``vector_length`` fixes the
+        length here when the server was built without one (keys agreed before the inputs existed).
         """
         self._advance("masked", "unmask")
+        if vector_length is not None:
+            if self.vector_length is not None and self.vector_length != vector_length:
+                raise SecAggError(f"server: vector length {vector_length} != {self.vector_length}")
+            self.vector_length = int(vector_length)
+        if self.vector_length is None or self.vector_length < 0:
+            raise SecAggError("server: no vector length for the masked inputs")
         for client, message in sorted(inputs.items()):
             try:
                 if client not in self.sharers:

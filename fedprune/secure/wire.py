@@ -1,6 +1,7 @@
 """Secure-aggregation messages as flat ``{key: numpy array}`` dicts (any transport's array records).
 
-Keys carry client ids in decimal (``enc.<v>``, ``share.<v>``, ...); byte strings travel as uint8
+Keys carry client ids in decimal (``enc.<v>``, ``share.<v>``, ...), and the protocol instance as a
+prefix (``<instance>/``) where one message carries several instances; byte strings travel as uint8
 arrays, id sets and masked vectors as uint64 arrays. Parsers raise ``ValueError`` on anything
 malformed, so a transport's validation can reject the sender.
 """
@@ -37,6 +38,18 @@ def _ids(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, str]:
                 raise ValueError(f"bad client id in key {key!r}")
             out[int(tail)] = key
     return out
+
+
+def prefixed(arrays: dict[str, np.ndarray], instance: int) -> dict[str, np.ndarray]:
+    """The arrays of protocol instance ``instance`` under keys ``<instance>/<key>`` (several instances
+    travel in one message)."""
+    return {f"{instance}/{key}": value for key, value in arrays.items()}
+
+
+def instance_arrays(arrays: dict[str, np.ndarray], instance: int) -> dict[str, np.ndarray]:
+    """Inverse of :func:`prefixed`: the arrays of ``instance``, with their own keys."""
+    head = f"{instance}/"
+    return {key[len(head) :]: value for key, value in arrays.items() if key.startswith(head)}
 
 
 def advert_to_arrays(advert: KeyAdvert) -> dict[str, np.ndarray]:

@@ -80,7 +80,8 @@ def test_server_sees_only_masked_stats_and_result_equals_plain(make_cfg, tmp_pat
     plain = _run(plain_cfg, tmp_path / "plain", log=plain_log)
     secure = _run(secure_cfg, tmp_path / "secure", log=secure_log)
     assert secure["privacy"] == "secagg" and plain["privacy"] == "none"
-    assert secure["rounds"] == 1 + 4 * 2 + 1 and not secure["rejected"]
+    # start, key agreement for both blocks (keys, share), mask + unmask per block, finish
+    assert secure["rounds"] == 1 + 2 + 2 * 2 + 1 and not secure["rejected"]
     _assert_same_masks(tmp_path / "plain" / "model", tmp_path / "secure" / "model")
     assert secure["ppl_pruned"] == pytest.approx(plain["ppl_pruned"], rel=1e-5)
 
@@ -128,7 +129,7 @@ def test_mask_vote_one_shot_secagg_equals_plain(make_cfg, tmp_path):
     args = ["pruner=wanda", "protocol=mask_vote", "protocol.group=row", *FED]
     _run(make_cfg(*args), tmp_path / "plain")
     secure = _run(make_cfg(*args, *SECAGG), tmp_path / "secure")
-    assert secure["rounds"] == 4 and secure["num_clients"] == 3
+    assert secure["rounds"] == 4 and secure["num_clients"] == 3  # keys, share, mask, unmask
     expected, got = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "secure" / "model")
     for name in expected:
         assert torch.equal(expected[name], got[name]), name

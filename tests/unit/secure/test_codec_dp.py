@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedprune.payload import encode_stats
-from fedprune.secure import SecAggClient, SecAggServer
+from fedprune.secure import SecAggClient, SecAggError, SecAggServer
 from fedprune.secure.codec import (
     decode_stats_vector,
     encode_stats_vector,
@@ -29,8 +29,10 @@ from fedprune.secure.dp import (
 )
 from fedprune.secure.plan import SecurePlan, make_plan
 from fedprune.secure.wire import (
+    instance_arrays,
     peers_from_arrays,
     peers_to_arrays,
+    prefixed,
     reply_from_arrays,
     reply_to_arrays,
     request_from_arrays,
@@ -146,3 +148,41 @@ def test_wire_round_trips_and_client_state_survives_a_restart():
     request = request_from_arrays(request_to_arrays(server.collect_masked_inputs(masked)))
     replies = {u: reply_from_arrays(u, reply_to_arrays(clients[u].unmask(request))) for u in clients}
     assert server.reconstruct_sum(replies).tolist() == [1, 2, 3, 4]
+
+
+def test_several_instances_travel_in_one_message_under_their_prefixes():
+    a = {"enc.3": np.array([1, 2], dtype=np.uint8), "mask.3": np.array([3], dtype=np.uint8)}
+    b = {"enc.3": np.array([9], dtype=np.uint8)}
+    merged = {**prefixed(a, 0), **prefixed(b, 10)}
+    assert sorted(merged) == ["0/enc.3", "0/mask.3", "10/enc.3"]
+    assert instance_arrays(merged, 0) == a and instance_arrays(merged, 10) == b
+    assert instance_arrays(merged, 1) == {}  # "10/" does not match instance 1
+
+
+def test_keys_for_two_sums_agreed_first_then_a_dropout_carries_over():
+    """As the Flower workflow runs it: both instances' keys and shares first, then sum 0 (site 12 drops
+    before masking), then sum 1 without site 12; each instance has its own keys, so each sum is exact."""
+    inputs = [
+        {5: np.array([1, 2], np.uint64), 9: np.array([10, 20], np.uint64), 12: np.array([7, 7], np.uint64)},
+        {5: np.array([3, 0], np.uint64), 9: np.array([0, 4], np.uint64), 12: np.array([9, 9], np.uint64)},
+    ]
+    servers = [SecAggServer(None, threshold=2) for _ in inputs]
+    clients = [{u: SecAggClient(u) for u in inputs[0]} for _ in inputs]
+    inboxes = []
+    for server, instance in zip(servers, clients, strict=True):  # rounds "keys" and "share", once
+        routed = server.collect_keys({u: c.advertise_keys() for u, c in instance.items()})
+        inboxes.append(server.route_shares({u: instance[u].share_keys(routed[u], 2) for u in instance}))
+    assert clients[0][5].to_state()["mask_key"] != clients[1][5].to_state()["mask_key"]  # fresh keys
+    alive = [5, 9]
+    for server, instance, box, vectors in zip(servers, clients, inboxes, inputs, strict=True):
+        masked = {u: instance[u].masked_input(vectors[u], box[u]) for u in alive}
+        request = server.collect_masked_inputs(masked, vector_length=2)
+        assert request.dropped == frozenset({12})
+        total = server.reconstruct_sum({u: instance[u].unmask(request) for u in alive})
+        assert total.tolist() == (vectors[5] + vectors[9]).tolist()
+    server, fresh = SecAggServer(None, threshold=2), {u: SecAggClient(u) for u in alive}
+    routed = server.collect_keys({u: c.advertise_keys() for u, c in fresh.items()})
+    box = server.route_shares({u: fresh[u].share_keys(routed[u], 2) for u in alive})
+    masked = {u: fresh[u].masked_input(inputs[0][u], box[u]) for u in alive}
+    with pytest.raises(SecAggError, match="no vector length"):
+        server.collect_masked_inputs(masked)  # built without a length and given none
