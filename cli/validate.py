@@ -138,7 +138,7 @@ DP_PROTOCOLS = ("stats_sync",)  # where the Gaussian mechanism on statistics app
 
 def validate_privacy(cfg: DictConfig) -> None:
     """Checks of the ``privacy`` group (any protocol: a secure setting where it cannot apply is an error)."""
-    from fedprune.secure.plan import PRIVACY_SETTINGS
+    from fedprune.secure.plan import PRIVACY_SETTINGS, VALUE_WORDS
 
     privacy = cfg.get("privacy")
     if privacy is None:
@@ -168,7 +168,11 @@ def validate_privacy(cfg: DictConfig) -> None:
     _check(int(privacy.get("modulus_bits", 64)) in range(8, 65), "privacy.modulus_bits", "must be in [8, 64]")
     _check(float(privacy.token_bound) > 0, "privacy.token_bound", f"must be > 0, got {privacy.token_bound}")
     words = privacy.get("value_words", 1)
-    _check(words in (1, 2), "privacy.value_words", f"must be 1 or 2, got {words!r}")
+    _check(
+        isinstance(words, int | float) and not isinstance(words, bool) and words in VALUE_WORDS,
+        "privacy.value_words",
+        f"must be one of {VALUE_WORDS}, got {words!r}",
+    )
     if name != "secagg_dp":
         return
     _check(

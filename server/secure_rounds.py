@@ -256,7 +256,7 @@ def secure_stats(
     def layout(metadata: dict[int, tuple[int, ...]]) -> tuple[int, set[int]]:
         common, _ = Counter(metadata.values()).most_common(1)[0]
         sizes = slot_sizes(kind, common, [widths[n] for n in names])
-        return stats_vector_length(sizes, plan.value_code().words_per_value), {
+        return stats_vector_length(sizes, plan.value_code()), {
             node for node, index in metadata.items() if index == common
         }
 
@@ -291,7 +291,7 @@ def plan_from_config(cfg, model: torch.nn.Module) -> SecurePlan | None:
         if privacy.get("threshold") is not None
         else default_threshold(sites),
         modulus_bits=int(privacy.get("modulus_bits", 64)),
-        value_words=int(privacy.get("value_words", 1)),
+        value_words=float(privacy.get("value_words", 1)),
         max_sites=sites,
         max_tokens=int(cfg.data.calib_windows) * int(cfg.data.seq_len),
         token_bound=float(privacy.token_bound),

@@ -11,7 +11,7 @@ Statistics
 ----------
 ``fedprune.payload.encode_stats`` arrays (``total.<i>`` float64 slots, ``count``, ``index``) become
 ``[code(total.0), code(total.1), ..., IntegerCode(count)]`` with ``code`` a :class:`FixedPoint` (one word
-per entry) or a :class:`TwoLimbFixedPoint` (two words per entry, exact to float64 precision). The slot layout (``index``:
+per entry) or a :class:`TwoLimbFixedPoint` (1.5 or two words per entry, a high and a low part). The slot layout (``index``:
 which layers share an input, an architectural fact) is public; the server decodes the sum back into the
 same arrays and validates them with ``decode_stats``.
 """
@@ -86,10 +86,10 @@ def slot_sizes(kind: str, index: Sequence[int], widths: Sequence[int]) -> list[i
     return [sizes[i] for i in range(len(sizes))]
 
 
-def stats_vector_length(sizes: Sequence[int], words_per_value: int = 1) -> int:
-    """Words of an encoded statistics payload: every slot (``words_per_value`` per entry), then one count
+def stats_vector_length(sizes: Sequence[int], values: ValueCode) -> int:
+    """Words of an encoded statistics payload: every slot (``values.encoded_length``), then one count
     per slot."""
-    return words_per_value * int(sum(sizes)) + len(sizes)
+    return sum(values.encoded_length(size) for size in sizes) + len(sizes)
 
 
 def encode_stats_vector(arrays: dict[str, np.ndarray], values: ValueCode, counts: IntegerCode) -> np.ndarray:
@@ -104,13 +104,13 @@ def decode_stats_vector(
     total: np.ndarray, sizes: Sequence[int], values: ValueCode, counts: IntegerCode, num_summands: int
 ) -> dict[str, np.ndarray]:
     """The summed ``total.<i>`` (float64) and ``count`` (int64) arrays from a sum of encodings."""
-    expected = stats_vector_length(sizes, values.words_per_value)
+    expected = stats_vector_length(sizes, values)
     if total.shape != (expected,):
         raise ValueError(f"sum has shape {total.shape}, expected ({expected},)")
     out = {}
     start = 0
     for i, size in enumerate(sizes):
-        words = values.words_per_value * size
+        words = values.encoded_length(size)
         out[f"total.{i}"] = values.decode_sum(total[start : start + words], num_summands)
         start += words
     out["count"] = counts.decode_sum(total[start:], num_summands)

@@ -122,6 +122,10 @@ class FixedPoint:
 
     words_per_value = 1
 
+    def encoded_length(self, size: int) -> int:
+        """Words that encode ``size`` values."""
+        return int(size)
+
     def __init__(self, scale_bits: int, clip: float, max_clients: int, modulus_bits: int = 64):
         check_modulus_bits(modulus_bits)
         if not isinstance(scale_bits, int) or abs(scale_bits) > 1000:
@@ -185,16 +189,22 @@ class FixedPoint:
 
 
 class TwoLimbFixedPoint:
-    """Fixed-point code with two words per value, for sums that must be exact to float64 precision.
+    """Fixed-point code with a high and a low part per value, for sums that must be exact to (nearly)
+    float64 precision.
 
     A single word leaves ``2^-scale_bits`` resolution, set by the public clip; a value far below the clip
     keeps few significant bits. Here each clipped value ``x`` is split exactly (in float64) into
     ``x · 2^s = h + r`` with ``h = floor(x · 2^s)`` and ``r ∈ [0, 1)``; the high word is ``h`` (two's
-    complement, as in :class:`FixedPoint` with ``s`` its finest overflow-free scale) and the low word is
-    ``l = rint(r · 2^low_bits)``, ``0 <= l <= 2^low_bits``, with ``low_bits`` the largest value for which
-    ``max_clients`` low words cannot reach ``2^(k-1)``. ``encode`` returns ``[high words, low words]``
-    (twice the length). Sums of up to ``max_clients`` encodings never wrap, and
-    ``decode_sum = Σh · 2^-s + Σl · 2^-(s + low_bits)``.
+    complement, as in :class:`FixedPoint` with ``s`` its finest overflow-free scale) and the low part is
+    ``l = rint(r · 2^low_bits)``, ``0 <= l <= 2^low_bits``. The low parts travel ``low_per_word`` to a
+    word, in fields of ``field_bits`` bits (field ``j`` of a word at bits ``[j·f, (j+1)·f)``):
+
+    - ``low_per_word=1`` (2 words per value): ``field_bits = k - 1``, ``low_bits`` 59 with 8 sites;
+    - ``low_per_word=2`` (1.5 words per value): ``field_bits = k // 2``, ``low_bits`` 28 with 8 sites.
+
+    ``low_bits`` is the largest value for which ``max_clients`` low parts cannot reach ``2^field_bits``,
+    so sums of up to ``max_clients`` encodings never carry out of a field or wrap. ``encode`` returns
+    ``[high words, low words]`` and ``decode_sum = Σh · 2^-s + Σl · 2^-(s + low_bits)``.
 
     Error bound per element, for ``n`` summands within ``[-clip, clip]``:
 
@@ -203,32 +213,44 @@ class TwoLimbFixedPoint:
     the first term from rounding ``r``, the second from the float64 arithmetic of the decoding.
     """
 
-    words_per_value = 2
-
-    def __init__(self, high: FixedPoint):
+    def __init__(self, high: FixedPoint, low_per_word: int = 1):
+        if low_per_word not in (1, 2):
+            raise ValueError(f"low_per_word must be 1 or 2, got {low_per_word!r}")
         self.high = high
         self.scale_bits = high.scale_bits
         self.clip = high.clip
         self.max_clients = high.max_clients
         self.modulus_bits = high.modulus_bits
+        self.low_per_word = low_per_word
+        self.words_per_value = 1 + 1 / low_per_word
         # floor can reach -(max_int + 1): check the high words' sum for that magnitude
         _check_sum_fits(high.max_int + 1, high.max_clients, high.modulus_bits)
-        limit = (1 << (high.modulus_bits - 1)) - 1
-        self.low_bits = min(62, (limit // high.max_clients).bit_length() - 1)
+        self.field_bits = high.modulus_bits - 1 if low_per_word == 1 else high.modulus_bits // 2
+        most = (1 << self.field_bits) - 1  # a field's sum must stay at or below this
+        self.low_bits = min(62, (most // high.max_clients).bit_length() - 1)
         if self.low_bits < 1:
-            raise OverflowError(f"a {high.modulus_bits}-bit word cannot hold {high.max_clients} low words")
+            raise OverflowError(f"a {self.field_bits}-bit field cannot hold {high.max_clients} low parts")
 
     @classmethod
-    def for_bound(cls, clip: float, max_clients: int, modulus_bits: int = 64) -> TwoLimbFixedPoint:
+    def for_bound(
+        cls, clip: float, max_clients: int, modulus_bits: int = 64, low_per_word: int = 1
+    ) -> TwoLimbFixedPoint:
         """The code whose high word has the finest overflow-free scale."""
         high = FixedPoint.for_bound(clip, max_clients, modulus_bits)
         try:
-            return cls(high)
+            return cls(high, low_per_word)
         except OverflowError:  # floor's extra unit did not fit: one bit coarser
-            return cls(FixedPoint(high.scale_bits - 1, clip, max_clients, modulus_bits))
+            return cls(FixedPoint(high.scale_bits - 1, clip, max_clients, modulus_bits), low_per_word)
 
     def __repr__(self) -> str:
-        return f"TwoLimbFixedPoint(scale_bits={self.scale_bits}, low_bits={self.low_bits}, clip={self.clip})"
+        return (
+            f"TwoLimbFixedPoint(scale_bits={self.scale_bits}, low_bits={self.low_bits}, "
+            f"low_per_word={self.low_per_word}, clip={self.clip})"
+        )
+
+    def encoded_length(self, size: int) -> int:
+        """Words that encode ``size`` values: ``size`` high words and ``ceil(size / low_per_word)`` low."""
+        return int(size) + -(-int(size) // self.low_per_word)
 
     def error_bound(self, num_summands: int, decoded: np.ndarray | float = 0.0) -> np.ndarray | float:
         """The worst-case error of a decoded sum (see the class docstring); ``decoded``: the decoded values."""
@@ -236,31 +258,41 @@ class TwoLimbFixedPoint:
         arithmetic = 2.0**-52 * (np.abs(decoded) + num_summands * math.ldexp(1.0, -self.scale_bits))
         return rounding + arithmetic
 
+    def _shifts(self) -> np.ndarray:
+        return (np.arange(self.low_per_word, dtype=np.uint64) * np.uint64(self.field_bits))[None, :]
+
     def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``[high words, low words]`` of the clipped values, modulo 2^k, ``(2 · size,)``."""
+        """``[high words, low words]`` of the clipped values, modulo 2^k, ``(encoded_length(size),)``."""
         scaled = _clipped_copy(x, self.clip).reshape(-1)  # float64 copy, never mutates x
         size = scaled.size
         np.ldexp(scaled, self.scale_bits, out=scaled)  # exact (power of 2)
-        words = np.empty(2 * size, dtype=np.int64)  # (2 · size,): high words, then low words
+        words = np.zeros(self.encoded_length(size), dtype=np.int64)  # (high words | low words)
         high = np.floor(scaled)
         words[:size] = high
         np.subtract(scaled, high, out=scaled)  # exact, in [0, 1)
         np.ldexp(scaled, self.low_bits, out=scaled)
         np.rint(scaled, out=scaled)
-        words[size:] = scaled
+        if self.low_per_word == 1:
+            words[size:] = scaled
+        else:  # (low words, low_per_word) fields, zero padded, shifted into place and OR-ed
+            fields = np.zeros((words.size - size) * self.low_per_word, dtype=np.uint64)
+            fields[:size] = scaled
+            packed = np.bitwise_or.reduce(fields.reshape(-1, self.low_per_word) << self._shifts(), axis=1)
+            words[size:] = packed.view(np.int64)
         return reduce_(words.view(np.uint64), self.modulus_bits)
 
     def decode_sum(self, y: np.ndarray, num_summands: int) -> np.ndarray:
         """Decode a sum (mod 2^k) of ``num_summands`` encodings to float64, ``(size,)``."""
         if not 1 <= num_summands <= self.max_clients:
             raise ValueError(f"num_summands must be in [1, {self.max_clients}], got {num_summands}")
-        if y.ndim != 1 or y.size % 2:
-            raise ValueError(f"a two-word code needs an even-length vector, got shape {y.shape}")
-        signed = to_signed(y, self.modulus_bits)
-        half = y.size // 2
-        high = np.ldexp(signed[:half].astype(np.float64), -self.scale_bits)
-        low = np.ldexp(signed[half:].astype(np.float64), -(self.scale_bits + self.low_bits))
-        return high + low
+        size = (y.size * self.low_per_word) // (self.low_per_word + 1)
+        if y.ndim != 1 or self.encoded_length(size) != y.size:
+            raise ValueError(f"no number of values has an encoding of shape {y.shape}")
+        y = check_residues(y, self.modulus_bits, name="sum")
+        high = np.ldexp(to_signed(y[:size], self.modulus_bits).astype(np.float64), -self.scale_bits)
+        fields = (y[size:, None] >> self._shifts()) & np.uint64((1 << self.field_bits) - 1)
+        low = fields.reshape(-1)[:size].astype(np.float64)  # each field's sum < 2^field_bits: exact
+        return high + np.ldexp(low, -(self.scale_bits + self.low_bits))
 
 
 class IntegerCode:

@@ -9,10 +9,11 @@ token vectors of L2 norm at most ``token_bound``, so every entry is within ``cli
 token_bound²`` (plus ``8 σ_site`` of DP noise). ``FixedPoint.for_bound(clip, max_sites, modulus_bits)``
 takes the finest scale ``2^-scale_bits`` at which ``max_sites`` such values cannot overflow, with
 deterministic round-half-to-even; the decoded sum of ``n`` sites is within ``n · 2^-(scale_bits+1)`` of
-the exact float sum per entry (``FixedPoint.error_bound``). With ``value_words=2``
-(``TwoLimbFixedPoint``, the ``secagg`` default) a second word carries ``low_bits`` (59 with 8 sites)
-more bits: the sum is exact to float64 precision, which SparseGPT needs (its sequential OBS updates
-turn a 2^-27 resolution into a ±1–2% perplexity change), at twice the upload. Without DP the token vectors are not clipped
+the exact float sum per entry (``FixedPoint.error_bound``). ``value_words`` 1.5 (the ``secagg``
+default) or 2 (``TwoLimbFixedPoint``) add a low part of ``low_bits`` more bits per entry (28 with 8
+sites, in 32-bit fields two to a word; or 59, one word each, exact to float64 precision), which
+SparseGPT needs (its sequential OBS updates turn a 2^-27 resolution into a ±1–2% perplexity change), at
+1.5 or 2 times the one-word upload. Without DP the token vectors are not clipped
 (so ``secagg`` computes the same statistics as ``none``); an entry beyond ``clip`` is clipped to it and
 logged. Token counts use ``IntegerCode(max_tokens)``: exact.
 """
@@ -29,6 +30,7 @@ from fedprune.secure.encoding import FixedPoint, IntegerCode, TwoLimbFixedPoint
 logger = logging.getLogger(__name__)
 
 PRIVACY_SETTINGS = ("none", "secagg", "secagg_dp")
+VALUE_WORDS = (1, 1.5, 2)  # words per statistic entry: FixedPoint, TwoLimbFixedPoint with 2 or 1 low parts/word
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class SecurePlan:
     max_sites: int
     max_tokens: int
     token_bound: float
-    value_words: int = 1  # words per statistic entry: 1 (FixedPoint) or 2 (TwoLimbFixedPoint)
+    value_words: float = 1.0  # words per statistic entry: 1 (FixedPoint), 1.5 or 2 (TwoLimbFixedPoint)
     dp_sigma: float = 0.0  # std of the noise in the SUM; each site adds std dp_sigma / sqrt(threshold)
     dp_epsilon: float = 0.0
     dp_delta: float = 0.0
@@ -53,8 +55,10 @@ class SecurePlan:
     def value_code(self) -> FixedPoint | TwoLimbFixedPoint:
         """Fixed-point code of statistic entries (see the module docstring)."""
         clip = self.max_tokens * self.token_bound**2 + 8.0 * self.site_sigma
-        code = {1: FixedPoint, 2: TwoLimbFixedPoint}[self.value_words]
-        return code.for_bound(clip, self.max_sites, self.modulus_bits)
+        if self.value_words == 1:
+            return FixedPoint.for_bound(clip, self.max_sites, self.modulus_bits)
+        low_per_word = {1.5: 2, 2: 1}[self.value_words]
+        return TwoLimbFixedPoint.for_bound(clip, self.max_sites, self.modulus_bits, low_per_word)
 
     def count_code(self) -> IntegerCode:
         """Exact code of token counts."""
@@ -67,7 +71,7 @@ class SecurePlan:
     @classmethod
     def from_config(cls, config) -> SecurePlan:
         """Inverse of :meth:`to_config` (``config``: any mapping holding those keys)."""
-        ints = {"threshold", "modulus_bits", "max_sites", "max_tokens", "value_words"}
+        ints = {"threshold", "modulus_bits", "max_sites", "max_tokens"}
         fields = cls.__dataclass_fields__
         return cls(**{k: (int if k in ints else float)(config[f"secagg.{k}"]) for k in fields})
 
@@ -79,7 +83,7 @@ def make_plan(
     max_sites: int,
     max_tokens: int,
     token_bound: float,
-    value_words: int = 1,
+    value_words: float = 1,
     epsilon: float | None = None,
     delta: float | None = None,
     seq_len: int = 1,
@@ -94,10 +98,10 @@ def make_plan(
         max_sites=max_sites,
         max_tokens=max_tokens,
         token_bound=float(token_bound),
-        value_words=int(value_words),
+        value_words=float(value_words),
     )
-    if base["value_words"] not in (1, 2):
-        raise ValueError(f"value_words must be 1 or 2, got {value_words!r}")
+    if base["value_words"] not in VALUE_WORDS:
+        raise ValueError(f"value_words must be one of {VALUE_WORDS}, got {value_words!r}")
     if epsilon is None:
         return SecurePlan(**base)
     sensitivity = window_sensitivity(seq_len, token_bound, slots)

@@ -21,6 +21,8 @@ FED = ["protocol=stats_sync", "federation.num_clients=3", "data.calib_windows=12
         (["privacy=secagg", "privacy.threshold=1"], "privacy.threshold"),
         (["privacy=secagg", "privacy.token_bound=0"], "privacy.token_bound"),
         (["privacy=secagg", "privacy.value_words=3"], "privacy.value_words"),
+        (["privacy=secagg", "privacy.value_words=1.25"], "privacy.value_words"),
+        (["privacy=secagg", "privacy.value_words=true"], "privacy.value_words"),
         (["privacy=secagg_dp", "privacy.epsilon=0"], "privacy.epsilon"),
         (["privacy=secagg_dp", "privacy.delta=1"], "privacy.delta"),
         (["privacy=secagg_dp", "privacy.delta=0"], "privacy.delta"),
@@ -49,8 +51,12 @@ def test_default_is_no_privacy_and_the_plan_follows_the_config(make_cfg):
     assert plan.value_words == 1 and plan.value_code().words_per_value == 1  # noise >> resolution
 
 
-def test_secagg_default_sends_two_words_per_statistic(make_cfg):
+def test_secagg_default_sends_a_word_and_a_half_per_statistic(make_cfg):
     plan = plan_from_config(make_cfg(*FED, "privacy=secagg"), tiny_model("llama"))
-    assert plan.value_words == 2 and plan.value_code().words_per_value == 2
-    one = plan_from_config(make_cfg(*FED, "privacy=secagg", "privacy.value_words=1"), tiny_model("llama"))
-    assert one.value_code().words_per_value == 1
+    assert plan.value_words == 1.5 and plan.value_code().words_per_value == 1.5
+    assert plan.value_code().encoded_length(16) == 24
+    for words in (1, 2):
+        other = plan_from_config(
+            make_cfg(*FED, "privacy=secagg", f"privacy.value_words={words}"), tiny_model("llama")
+        )
+        assert other.value_code().words_per_value == words

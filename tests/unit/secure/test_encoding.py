@@ -141,7 +141,10 @@ def test_two_limb_sum_is_exact_to_float64_where_one_word_is_not():
     one, two = FixedPoint.for_bound(clip, n), TwoLimbFixedPoint.for_bound(clip, n)
     assert two.scale_bits in (one.scale_bits, one.scale_bits - 1) and two.low_bits == 59
     # Hessian-like entries of very different sizes, both signs, some at the clip
-    xs = [np.concatenate([rng.normal(0, 1, 200) * 10.0 ** rng.integers(-6, 9, 200), [clip, -clip]]) for _ in range(n)]
+    xs = [
+        np.concatenate([rng.normal(0, 1, 200) * 10.0 ** rng.integers(-6, 9, 200), [clip, -clip]])
+        for _ in range(n)
+    ]
     exact = [sum(Fraction(float(x[i])) for x in xs) for i in range(xs[0].size)]
     two_sum = two.decode_sum(_modular_sum([two.encode(x) for x in xs]), n)
     one_sum = one.decode_sum(_modular_sum([one.encode(x) for x in xs]), n)
@@ -160,5 +163,58 @@ def test_two_limb_high_words_cannot_overflow_at_the_clip():
     x = np.array([-1000.0, 1000.0, -999.9999999])
     decoded = code.decode_sum(_modular_sum([code.encode(x)] * 16), 16)
     assert np.allclose(decoded, 16 * x, rtol=1e-15, atol=0)
-    with pytest.raises(ValueError, match="even-length"):
+    with pytest.raises(ValueError, match="no number of values"):
         code.decode_sum(code.encode(x)[:5], 1)
+
+
+def test_packed_low_parts_hand_checked():
+    # s = 2, k = 16: two 8-bit low fields per word; 2 sites: 2 · 2^6 <= 2^8 - 1 < 2 · 2^7 -> low_bits 6
+    # 1.3 · 4 = 5 + 0.2; -0.75 · 4 = -3 + 0; -0.1 · 4 = -1 + 0.6 -> low parts rint(0.2·64)=13, 0, rint(0.6·64)=38
+    code = TwoLimbFixedPoint(
+        FixedPoint(scale_bits=2, clip=10.0, max_clients=2, modulus_bits=16), low_per_word=2
+    )
+    assert (code.field_bits, code.low_bits, code.words_per_value) == (8, 6, 1.5)
+    y = code.encode(np.array([1.3, -0.75, -0.1]))
+    assert y.dtype == np.uint64 and y.shape == (5,) == (code.encoded_length(3),)
+    assert y[:3].tolist() == [5, 2**16 - 3, 2**16 - 1]
+    assert y[3:].tolist() == [13 | (0 << 8), 38]  # fields (13, 0) and (38, padding 0)
+    decoded = code.decode_sum((y + y) & np.uint64(2**16 - 1), 2)
+    assert np.all(np.abs(decoded - 2 * np.array([1.3, -0.75, -0.1])) <= code.error_bound(2, decoded))
+    with pytest.raises(ValueError, match="no number of values"):
+        code.decode_sum(y[:4], 1)  # 4 words encode no whole number of values
+
+
+@pytest.mark.parametrize("modulus_bits", [64, 62])
+def test_packed_low_parts_never_carry_at_the_clip(modulus_bits):
+    n = 8
+    code = TwoLimbFixedPoint.for_bound(1000.0, n, modulus_bits, low_per_word=2)
+    assert code.low_bits == modulus_bits // 2 - 4  # n · 2^low_bits < 2^field_bits <= n · 2^(low_bits + 1)
+    unit = math.ldexp(1.0, -code.scale_bits)
+    # r = 1 - 2^-40 rounds the low part up to 2^low_bits: both fields of the first word at their largest
+    x = np.array([(4 - 2.0**-40) * unit, (5 - 2.0**-40) * unit, -1000.0, 1000.0, 0.5 * unit])
+    words = code.encode(x)
+    assert words[5:].tolist() == [
+        (1 << code.low_bits) * (1 + (1 << code.field_bits)),
+        0,
+        1 << (code.low_bits - 1),
+    ]
+    total = _modular_sum([words] * n) & np.uint64(2**modulus_bits - 1)
+    decoded = code.decode_sum(total, n)
+    assert np.all(np.abs(decoded - n * x) <= code.error_bound(n, decoded))
+
+
+def test_word_and_a_half_sum_is_far_finer_than_one_word():
+    rng = np.random.default_rng(2)
+    n, clip = 8, 8192 * 1000.0**2  # the secagg default's clip for 8 sites of 32 x 256 tokens
+    one, half = FixedPoint.for_bound(clip, n), TwoLimbFixedPoint.for_bound(clip, n, low_per_word=2)
+    assert half.low_bits == 28 and half.encoded_length(250) == 375
+    # 200 entries of very different sizes and both signs, then 50 as small as block 0's Gram entries
+    xs = [
+        np.concatenate([rng.normal(0, 1, 200) * 10.0 ** rng.integers(-6, 9, 200), rng.normal(0, 1e-5, 50)])
+        for _ in range(n)
+    ]
+    half_sum = half.decode_sum(_modular_sum([half.encode(x) for x in xs]), n)
+    errors = _exact_error(half_sum, xs)
+    assert all(e <= Fraction(float(b)) for e, b in zip(errors, half.error_bound(n, half_sum), strict=True))
+    one_errors = _exact_error(one.decode_sum(_modular_sum([one.encode(x) for x in xs]), n), xs)
+    assert max(errors[200:]) * 2**25 < max(one_errors[200:])  # 28 more bits on the small entries
