@@ -2,10 +2,13 @@
 
 Neighbouring datasets: one calibration window of ``seq_len`` tokens at one site is replaced by another
 (token counts, fixed by the configuration, are public). Every token's layer-input vector is clipped to
-L2 norm ``bound`` before it enters the statistics, so one window moves a layer's statistic (Wanda
-``Σ_t x_t²`` or the Gram upper triangle of ``Σ_t x_t x_tᵀ``) by at most ``2 · seq_len · bound²`` in L2
-(``‖x x_ᵀ‖_F = ‖x‖²`` and ``‖x²‖_2 <= ‖x‖²``), and a block of ``slots`` distinct layer inputs by
-``sqrt(slots)`` times that. Each block is one release of the Gaussian mechanism; releases compose
+L2 norm ``bound`` before it enters the statistics, so one window's contribution ``a`` to a layer's
+statistic (Wanda ``Σ_t x_t²`` or the Gram ``Σ_t x_t x_tᵀ``) has norm at most ``seq_len · bound²``
+(``‖x xᵀ‖_F = ‖x‖²`` and ``‖x²‖_2 <= ‖x‖²``). Replacing it by ``b`` moves the statistic by
+``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩ <= 2 (seq_len · bound²)²``, because ``⟨a, b⟩ >= 0`` (non-negative
+vectors; positive semidefinite matrices): ``√2 · seq_len · bound²``, attained by two one-token windows
+along orthogonal axes. The Gram's upper triangle, which is what travels, has at most the Frobenius
+norm of the full matrix. A block of ``slots`` distinct layer inputs moves by ``sqrt(slots)`` times that. Each block is one release of the Gaussian mechanism; releases compose
 (adaptively) in zero-concentrated DP (Bun & Steinke 2016): ``rho = releases · Δ² / (2 σ²)``, converted
 to ``(epsilon, delta)`` with ``epsilon = rho + 2 sqrt(rho ln(1/delta))``.
 
@@ -34,10 +37,10 @@ def clip_tokens(x: torch.Tensor, bound: float) -> torch.Tensor:
 
 
 def window_sensitivity(seq_len: int, bound: float, slots: int) -> float:
-    """L2 sensitivity of one block's statistics to replacing one window: ``2 · seq_len · bound² · √slots``."""
+    """L2 sensitivity of one block's statistics to replacing one window: ``√2 · seq_len · bound² · √slots``."""
     if seq_len < 1 or slots < 1 or not bound > 0:
         raise ValueError("seq_len and slots must be >= 1 and bound > 0")
-    return 2.0 * seq_len * bound**2 * math.sqrt(slots)
+    return math.sqrt(2.0) * seq_len * bound**2 * math.sqrt(slots)
 
 
 def gaussian_rho(sensitivity: float, sigma: float, releases: int = 1) -> float:
