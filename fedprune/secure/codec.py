@@ -24,7 +24,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedprune.secure.encoding import FixedPoint, IntegerCode, TwoLimbFixedPoint, check_modulus_bits
+from fedprune.secure.encoding import (
+    FixedPoint,
+    IntegerCode,
+    TwoLimbFixedPoint,
+    check_modulus_bits,
+    pack_fields,
+    unpack_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +59,8 @@ def pack_votes(keep: np.ndarray, max_sites: int, modulus_bits: int = 64) -> np.n
     if flat.dtype != np.bool_:
         raise TypeError(f"votes must be booleans, got {flat.dtype}")
     width = field_bits(max_sites)
-    per_word = modulus_bits // width
-    words = packed_length(flat.size, max_sites, modulus_bits)
-    padded = np.zeros(words * per_word, dtype=np.uint64)
-    padded[: flat.size] = flat
-    shifts = (np.arange(per_word, dtype=np.uint64) * np.uint64(width))[None, :]  # (1, per_word)
-    return np.bitwise_or.reduce(padded.reshape(words, per_word) << shifts, axis=1)
+    packed_length(flat.size, max_sites, modulus_bits)  # checks that a count fits a word
+    return pack_fields(flat, width, modulus_bits // width)
 
 
 def unpack_counts(words: np.ndarray, num_votes: int, max_sites: int, modulus_bits: int = 64) -> np.ndarray:
@@ -66,9 +69,7 @@ def unpack_counts(words: np.ndarray, num_votes: int, max_sites: int, modulus_bit
     per_word = modulus_bits // width
     if words.shape != (packed_length(num_votes, max_sites, modulus_bits),):
         raise ValueError(f"expected {packed_length(num_votes, max_sites, modulus_bits)} words")
-    shifts = (np.arange(per_word, dtype=np.uint64) * np.uint64(width))[None, :]
-    fields = (words[:, None] >> shifts) & np.uint64((1 << width) - 1)  # (words, per_word)
-    return fields.reshape(-1)[:num_votes].astype(np.int64)
+    return unpack_fields(words, num_votes, width, per_word).astype(np.int64)
 
 
 def slot_sizes(kind: str, index: Sequence[int], widths: Sequence[int]) -> list[int]:

@@ -75,6 +75,23 @@ def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(x)
 
 
+def pack_fields(values: np.ndarray, width: int, per_word: int) -> np.ndarray:
+    """Non-negative integers (each ``< 2^width``) as uint64 words of ``per_word`` fields of ``width`` bits
+    (field ``j`` of a word at bits ``[j·width, (j+1)·width)``; the last word zero padded)."""
+    flat = np.asarray(values).reshape(-1)
+    padded = np.zeros(-(-flat.size // per_word) * per_word, dtype=np.uint64)
+    padded[: flat.size] = flat
+    shifts = (np.arange(per_word, dtype=np.uint64) * np.uint64(width))[None, :]  # (1, per_word)
+    return np.bitwise_or.reduce(padded.reshape(-1, per_word) << shifts, axis=1)
+
+
+def unpack_fields(words: np.ndarray, count: int, width: int, per_word: int) -> np.ndarray:
+    """The first ``count`` fields (uint64) of :func:`pack_fields` words (or of a sum that never carried)."""
+    shifts = (np.arange(per_word, dtype=np.uint64) * np.uint64(width))[None, :]
+    fields = (words[:, None] >> shifts) & np.uint64((1 << width) - 1)  # (words, per_word)
+    return fields.reshape(-1)[:count]
+
+
 def _clipped_copy(x: np.ndarray | torch.Tensor, clip: float) -> np.ndarray:
     """``x`` as a new float64 array clipped to ``[-clip, clip]``; raises on NaN or infinity."""
     values = np.array(_as_numpy(x), dtype=np.float64)  # always a copy
@@ -258,9 +275,6 @@ class TwoLimbFixedPoint:
         arithmetic = 2.0**-52 * (np.abs(decoded) + num_summands * math.ldexp(1.0, -self.scale_bits))
         return rounding + arithmetic
 
-    def _shifts(self) -> np.ndarray:
-        return (np.arange(self.low_per_word, dtype=np.uint64) * np.uint64(self.field_bits))[None, :]
-
     def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """``[high words, low words]`` of the clipped values, modulo 2^k, ``(encoded_length(size),)``."""
         scaled = _clipped_copy(x, self.clip).reshape(-1)  # float64 copy, never mutates x
@@ -274,11 +288,9 @@ class TwoLimbFixedPoint:
         np.rint(scaled, out=scaled)
         if self.low_per_word == 1:
             words[size:] = scaled
-        else:  # (low words, low_per_word) fields, zero padded, shifted into place and OR-ed
-            fields = np.zeros((words.size - size) * self.low_per_word, dtype=np.uint64)
-            fields[:size] = scaled
-            packed = np.bitwise_or.reduce(fields.reshape(-1, self.low_per_word) << self._shifts(), axis=1)
-            words[size:] = packed.view(np.int64)
+        else:
+            low = scaled.astype(np.uint64)  # (size,) in [0, 2^low_bits]
+            words[size:] = pack_fields(low, self.field_bits, self.low_per_word).view(np.int64)
         return reduce_(words.view(np.uint64), self.modulus_bits)
 
     def decode_sum(self, y: np.ndarray, num_summands: int) -> np.ndarray:
@@ -290,8 +302,7 @@ class TwoLimbFixedPoint:
             raise ValueError(f"no number of values has an encoding of shape {y.shape}")
         y = check_residues(y, self.modulus_bits, name="sum")
         high = np.ldexp(to_signed(y[:size], self.modulus_bits).astype(np.float64), -self.scale_bits)
-        fields = (y[size:, None] >> self._shifts()) & np.uint64((1 << self.field_bits) - 1)
-        low = fields.reshape(-1)[:size].astype(np.float64)  # each field's sum < 2^field_bits: exact
+        low = unpack_fields(y[size:], size, self.field_bits, self.low_per_word).astype(np.float64)  # exact
         return high + np.ldexp(low, -(self.scale_bits + self.low_bits))
 
 
