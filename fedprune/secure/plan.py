@@ -30,7 +30,8 @@ from fedprune.secure.encoding import FixedPoint, IntegerCode, TwoLimbFixedPoint
 logger = logging.getLogger(__name__)
 
 PRIVACY_SETTINGS = ("none", "secagg", "secagg_dp")
-VALUE_WORDS = (1, 1.5, 2)  # words per statistic entry: FixedPoint, TwoLimbFixedPoint with 2 or 1 low parts/word
+# words per statistic entry: FixedPoint, TwoLimbFixedPoint with 2 or 1 low parts per word
+VALUE_WORDS = (1, 1.5, 2)
 
 
 @dataclass(frozen=True)
