@@ -1,23 +1,20 @@
-"""The ``fedprune`` command: a Hydra app that validates the config, then runs the chosen protocol."""
+"""The ``fedprune`` command: a Hydra app that turns the config into the typed job, checks it, runs the
+protocol (a federated one in a Flower simulation) and prints its summary."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cli.centralized import run_centralized
-from cli.common import summary_table
-from cli.hidenseek import summary_table as hidenseek_summary
-from cli.hidenseek import validate_hidenseek
-from cli.local import run_local
-from cli.validate import ConfigError, validate_common, validate_federation, validate_privacy
+from fedprune.config import ConfigError, JobConfig
 from fedprune.data.assets import AssetError
+from fedprune.protocols.catalog import ProtocolUnit
+from fedprune.protocols.catalog import validate as validate_job
 
 logger = logging.getLogger("fedprune")
 
@@ -25,52 +22,27 @@ logger = logging.getLogger("fedprune")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-# protocol name -> job(cfg, out_dir) -> metrics. Hydra's `protocol` config group maps onto this.
-def _simulated(cfg: DictConfig, out_dir: Path) -> dict:
-    from cli.federated import run_simulated  # imports flwr (and Ray) only when needed
-
-    return run_simulated(cfg, out_dir)
+def job_of(cfg: DictConfig) -> JobConfig:
+    """The typed job of a composed Hydra config."""
+    return JobConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
 
 
-def _hidenseek(cfg: DictConfig, out_dir: Path) -> dict:
-    from cli.hidenseek import run_hidenseek  # imports flwr (and Ray) only when needed
-
-    return run_hidenseek(cfg, out_dir)
-
-
-PROTOCOLS: dict[str, Callable[[DictConfig, Path], dict]] = {
-    "centralized": run_centralized,
-    "local": run_local,
-    "stats_sync": _simulated,
-    "mask_vote": _simulated,
-    "mask_vote_sync": _simulated,
-    "hidenseek": _hidenseek,
-}
-
-# protocols with their own config checks and summary instead of the LLM ones (no model or corpus)
-OWN_CHECKS: dict[str, Callable[[DictConfig], None]] = {"hidenseek": validate_hidenseek}
-SUMMARIES: dict[str, Callable[[dict], str]] = {"hidenseek": hidenseek_summary}
+def validate(cfg: DictConfig) -> ProtocolUnit:
+    """Every check that can run before the model loads; the protocol unit."""
+    return validate_job(job_of(cfg))
 
 
-def validate(cfg: DictConfig) -> None:
-    """Every check that can run before the model loads."""
-    if cfg.protocol.name not in PROTOCOLS:
-        raise ConfigError(
-            f"config key 'protocol.name': unknown protocol {cfg.protocol.name!r}; known: {sorted(PROTOCOLS)}"
-        )
-    if cfg.protocol.name in OWN_CHECKS:
-        validate_privacy(cfg)
-        OWN_CHECKS[cfg.protocol.name](cfg)
-        return
-    validate_common(cfg)
-    validate_federation(cfg)
+def run(cfg: DictConfig, out_dir: Path, client_app=None) -> dict:
+    """Validate, run the protocol's job (federated ones in a Flower simulation), print the summary."""
+    job = job_of(cfg)
+    unit = validate_job(job)
+    launch = None
+    if unit.federated:
+        from cli.simulation import simulation_launcher  # imports flwr (and Ray) only when needed
 
-
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    """Validate, run the protocol's job, print the summary."""
-    validate(cfg)
-    metrics = PROTOCOLS[cfg.protocol.name](cfg, out_dir)
-    print(SUMMARIES.get(cfg.protocol.name, summary_table)(metrics))
+        launch = simulation_launcher(job.federation, client_app)
+    metrics = unit.run(job, out_dir, launch)
+    print(unit.summary(metrics))
     print(f"  outputs            {out_dir}")
     return metrics
 

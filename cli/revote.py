@@ -22,8 +22,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from cli.common import evaluate, load_model_and_tokenizer, load_run_data, target_sparsity, write_outputs
 from fedprune.aggregation.block import vote_model_from_counts_
+from fedprune.config import JobConfig, target_sparsity
+from fedprune.job import evaluate, load_model_and_tokenizer, load_run_data, write_outputs
 from fedprune.masks import parse_pattern, sparsity_of
 from fedprune.models import find_blocks, model_sparsity
 
@@ -37,21 +38,22 @@ def revote(run_dir: Path, out_dir: Path, group: str, scaling: bool) -> dict:
         raise SystemExit(f"{run_dir} is not a finished mask_vote run with protocol.save_votes=true")
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.protocol.group, cfg.protocol.scaling = group, scaling
+    job = JobConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
     start = time.perf_counter()
-    model, tokenizer, _ = load_model_and_tokenizer(cfg)
-    data = load_run_data(cfg, tokenizer)
+    model, tokenizer, _ = load_model_and_tokenizer(job)
+    data = load_run_data(job, tokenizer)
     counts = load_file(str(run_dir / "votes.safetensors"))
     masks = vote_model_from_counts_(
         model,
         counts,
         int(source["vote_sites"]),
-        target_sparsity(cfg),
-        parse_pattern(str(cfg.pattern)),
+        target_sparsity(job),
+        parse_pattern(job.pattern),
         group,
         scaling,
         int(cfg.seed),
     )
-    pruned = evaluate(cfg, model, data.eval_ids, f"re-voted ({group}, scaling {scaling})")
+    pruned = evaluate(job, model, data.eval_ids, f"re-voted ({group}, scaling {scaling})")
     blocks_name, _ = find_blocks(model)
     layers = {f"{blocks_name}.{b}.{n}": sparsity_of(m) for b, ms in masks.items() for n, m in ms.items()}
     metrics = {
@@ -63,7 +65,7 @@ def revote(run_dir: Path, out_dir: Path, group: str, scaling: bool) -> dict:
         "revoted_from": str(run_dir),
         "revote_s": time.perf_counter() - start,
     }
-    write_outputs(out_dir, metrics, layers, model if cfg.save_model else None, tokenizer)
+    write_outputs(out_dir, metrics, layers, model if job.save_model else None, tokenizer)
     return metrics
 
 

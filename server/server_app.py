@@ -7,8 +7,8 @@ The run config has two keys (``[tool.flwr.app.config]`` in pyproject.toml):
 ``out-dir``    where ``metrics.json``, ``sparsity.json``, ``model/`` and ``.hydra/`` are written, on the
                SuperLink's host (a relative path is relative to the SuperLink's working directory).
 
-The config is composed from ``conf/`` (the single source of truth), checked like the CLI checks it, and
-run by :func:`server.job.run_federated` over the Deployment Engine's grid.
+The config is composed from ``conf/`` (the single source of truth), turned into the typed job and checked
+as the CLI does, and the protocol's job runs over the Deployment Engine's grid.
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from cli.common import summary_table  # noqa: E402
-from cli.main import SUMMARIES, validate  # noqa: E402
-from cli.validate import ConfigError  # noqa: E402
-from server.job import run_federated  # noqa: E402
-from server.workflows import WORKFLOWS  # noqa: E402
+from fedprune.config import ConfigError, JobConfig  # noqa: E402
+from fedprune.protocols.catalog import ProtocolUnit, validate  # noqa: E402
+from server.flower_transport import grid_launcher  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -81,24 +79,22 @@ def compose_config(overrides: list[str], conf_dir: Path = CONF_DIR) -> DictConfi
         return compose(config_name="config", overrides=overrides)
 
 
-def _hidenseek_job(cfg: DictConfig, out_dir: Path, launch) -> dict:
-    from cli.hidenseek import run_hidenseek
-
-    return run_hidenseek(cfg, out_dir, launch=launch)
-
-
-# protocol name -> job(cfg, out_dir, launch) for the protocols that run over a federation
-GRID_JOBS = {**{name: run_federated for name in WORKFLOWS}, "hidenseek": _hidenseek_job}
+def job_of(cfg: DictConfig) -> JobConfig:
+    """The typed job of a composed config."""
+    return JobConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
 
 
-def check_federated(cfg: DictConfig) -> None:
-    """The CLI's checks, and a protocol that runs over a federation."""
-    validate(cfg)
-    if str(cfg.protocol.name) not in GRID_JOBS:
+def check_federated(job: JobConfig) -> ProtocolUnit:
+    """The CLI's checks, and a protocol that runs over a federation; its unit."""
+    unit = validate(job)
+    if not unit.federated:
+        from fedprune.protocols.catalog import PROTOCOLS
+
         raise ConfigError(
-            f"config key 'protocol.name': {cfg.protocol.name!r} does not run over a federation; "
-            f"under flwr run use one of {sorted(GRID_JOBS)}"
+            f"config key 'protocol.name': {job.protocol_name!r} does not run over a federation; "
+            f"under flwr run use one of {sorted(n for n, u in PROTOCOLS.items() if u.federated)}"
         )
+    return unit
 
 
 def write_config(out_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
@@ -111,7 +107,7 @@ def write_config(out_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
 
 def _show_progress_logs() -> None:
     """fedprune's INFO logs in the ServerApp's log (streamed by ``flwr run --stream``)."""
-    for name in ("fedprune", "server", "cli"):
+    for name in ("fedprune", "server"):
         named = logging.getLogger(name)
         if not named.handlers:
             handler = logging.StreamHandler()
@@ -130,9 +126,10 @@ def main(grid: Grid, context: Context) -> None:
     overrides = split_overrides(str(context.run_config.get("overrides", "")))
     out_dir = Path(str(context.run_config.get("out-dir", DEFAULT_OUT_DIR))).expanduser().resolve()
     cfg = compose_config(overrides)
-    check_federated(cfg)
+    job = job_of(cfg)
+    unit = check_federated(job)
     logger.info("run %s: %s -> %s", context.run_id, " ".join(overrides) or "(defaults)", out_dir)
     write_config(out_dir, cfg, overrides)
-    metrics = GRID_JOBS[str(cfg.protocol.name)](cfg, out_dir, lambda server_main: server_main(grid))
-    print(SUMMARIES.get(str(cfg.protocol.name), summary_table)(metrics))
+    metrics = unit.run(job, out_dir, grid_launcher(grid, job.federation))
+    print(unit.summary(metrics))
     print(f"  outputs            {out_dir}")

@@ -12,10 +12,11 @@ torch.set_num_threads(1)
 import sweep as sweep_lib
 from hydra import compose, initialize_config_dir
 
-from cli.hidenseek import build_job
-from clients.hidenseek_client import site_data
+from cli.main import job_of
 from fedprune.hidenseek.aggregate import gather_kept, scatter_kept
+from fedprune.hidenseek.job import build_job
 from fedprune.hidenseek.sign_supermask import supermask_layers, to_supermask, train_scores
+from fedprune.hidenseek.site import site_data
 from fedprune.hidenseek.train import accuracy
 from tests.conftest import CONF_DIR
 
@@ -59,7 +60,7 @@ def run(
             ],
         )
     torch.manual_seed(0)
-    job = build_job(cfg)
+    job = build_job(job_of(cfg))
     n = sum(int(m.sum()) for m in job.masks.values())
     G = torch.full((n,), 0.1)
     mom = torch.zeros(n)

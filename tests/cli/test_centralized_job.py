@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cli.main import run
-from cli.validate import ConfigError, validate_common
+from cli.main import run, validate
+from fedprune.config import ConfigError
 from fedprune.data.corpus import load_works, split_works
 from fedprune.data.windows import eval_windows, tokenize_works
 from fedprune.eval import perplexity
@@ -63,7 +63,7 @@ def test_run_writes_metrics_sparsity_and_loadable_model(make_cfg, tiny_assets, t
 )
 def test_bad_config_names_the_key(make_cfg, override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
-        validate_common(make_cfg(override))
+        validate(make_cfg(override))
 
 
 def test_cli_bad_config_fails_before_loading(tmp_path):

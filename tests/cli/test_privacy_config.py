@@ -2,9 +2,9 @@
 
 import pytest
 
-from cli.main import validate
-from cli.validate import ConfigError
-from server.secure_rounds import default_threshold, plan_from_config
+from cli.main import job_of, validate
+from fedprune.config import ConfigError
+from fedprune.protocols.secure_sums import default_threshold, plan_from_job
 from tests.tiny_models import tiny_model
 
 FED = ["protocol=stats_sync", "federation.num_clients=3", "data.calib_windows=12"]
@@ -42,21 +42,21 @@ def test_secagg_is_accepted_where_the_server_sums(make_cfg, protocol):
 def test_default_is_no_privacy_and_the_plan_follows_the_config(make_cfg):
     assert (
         make_cfg(*FED).privacy.name == "none"
-        and plan_from_config(make_cfg(*FED), tiny_model("llama")) is None
+        and plan_from_job(job_of(make_cfg(*FED)), tiny_model("llama")) is None
     )
     cfg = make_cfg(*FED, "privacy=secagg_dp", "privacy.epsilon=4", "privacy.delta=1e-6")
-    plan = plan_from_config(cfg, tiny_model("llama"))
+    plan = plan_from_job(job_of(cfg), tiny_model("llama"))
     assert plan.threshold == default_threshold(3) == 2 and plan.max_tokens == 12 * 16
     assert plan.dp_epsilon == pytest.approx(4.0) and plan.dp_delta == 1e-6 and plan.dp_sigma > 0
     assert plan.value_words == 1 and plan.value_code().words_per_value == 1  # noise >> resolution
 
 
 def test_secagg_default_sends_a_word_and_a_half_per_statistic(make_cfg):
-    plan = plan_from_config(make_cfg(*FED, "privacy=secagg"), tiny_model("llama"))
+    plan = plan_from_job(job_of(make_cfg(*FED, "privacy=secagg")), tiny_model("llama"))
     assert plan.value_words == 1.5 and plan.value_code().words_per_value == 1.5
     assert plan.value_code().encoded_length(16) == 24
     for words in (1, 2):
-        other = plan_from_config(
-            make_cfg(*FED, "privacy=secagg", f"privacy.value_words={words}"), tiny_model("llama")
+        other = plan_from_job(
+            job_of(make_cfg(*FED, "privacy=secagg", f"privacy.value_words={words}")), tiny_model("llama")
         )
         assert other.value_code().words_per_value == words

@@ -4,16 +4,14 @@ import json
 
 import pytest
 import torch
-from flwr.app import Array, Context, Message
-from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-import clients.client_app as real
-from cli.federated import run_simulated
+import fedprune.protocols.llm_site as real
 from cli.main import run
 from cli.revote import revote
-from server.rounds import FederationError
+from clients.client_app import build_app
+from fedprune.protocols.federation import FederationError
 
 pytestmark = pytest.mark.integration
 
@@ -68,38 +66,33 @@ def test_mask_vote_one_shot_uploads_one_bit_per_weight(make_cfg, tmp_path):
 
 
 # A client app whose site 0 sends NaN statistics: the server must leave it out and go on.
-bad_app = ClientApp()
-
-
-def _poison(reply: Message) -> Message:
-    if "payload" in reply.content:
-        record = reply.content["payload"]
-        first = sorted(k for k in record.keys() if k.startswith("total."))[0]
-        values = record[first].numpy().copy()
-        values[0] = float("nan")
-        record[first] = Array(values)
+def _poison(reply):
+    first = sorted(k for k in reply.arrays if k.startswith("total."))[0]
+    values = reply.arrays[first].copy()
+    values[0] = float("nan")
+    reply.arrays[first] = values
     return reply
 
 
-bad_app.query("start")(real.start)
-bad_app.query("finish")(real.finish)
+def _bad_stats(site, request):
+    reply = real.stats(site, request)
+    return _poison(reply) if site.node_config["partition-id"] == 0 else reply
 
 
-@bad_app.train("stats")
-def _bad_stats(msg: Message, context: Context) -> Message:
-    reply = real.stats(msg, context)
-    return _poison(reply) if context.node_config["partition-id"] == 0 else reply
+bad_app = build_app({"query.start": real.start, "query.finish": real.finish, "train.stats": _bad_stats})
 
 
 def test_malformed_reply_is_left_out(make_cfg, tmp_path):
-    metrics = run_simulated(make_cfg("pruner=wanda", "protocol=stats_sync", *FED), tmp_path, bad_app)
+    metrics = run(make_cfg("pruner=wanda", "protocol=stats_sync", *FED), tmp_path, bad_app)
     assert len(metrics["rejected"]) == 2  # one per block
     assert all("NaN" in r["reason"] for r in metrics["rejected"])
     assert (tmp_path / "metrics.json").exists()
+    # what entered the sums: the two other sites (12 windows over 3 sites: 4 each, 16 tokens a window)
+    assert metrics["num_clients"] == 2 and metrics["calib_tokens"] == 2 * 4 * 16
 
 
 def test_too_few_valid_replies_stops_without_output(make_cfg, tmp_path):
     cfg = make_cfg("pruner=wanda", "protocol=stats_sync", *FED[:1], "federation.min_clients=3", FED[2])
     with pytest.raises(FederationError, match="min_clients=3"):
-        run_simulated(cfg, tmp_path, bad_app)
+        run(cfg, tmp_path, bad_app)
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model").exists()

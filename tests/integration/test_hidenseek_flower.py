@@ -4,18 +4,17 @@ import json
 import math
 
 import pytest
-from flwr.app import Array, Context, Message
-from flwr.clientapp import ClientApp
 from hydra import compose, initialize_config_dir
 
-import clients.hidenseek_client as real
-from cli.federated import simulation_launcher
-from cli.hidenseek import build_job
-from cli.main import run
-from cli.validate import ConfigError
-from server.hidenseek_workflow import run_hidenseek_rounds
-from server.job import wait_for_nodes
-from server.rounds import Federation
+import fedprune.hidenseek.site as real
+from cli.main import job_of, run
+from cli.simulation import simulation_launcher
+from clients.client_app import build_app
+from fedprune.config import ConfigError
+from fedprune.hidenseek.job import build_job
+from fedprune.hidenseek.server import run_hidenseek_rounds
+from fedprune.protocols.catalog import SITE_TASKS
+from fedprune.protocols.federation import Federation, Reply
 from tests.conftest import CONF_DIR
 
 pytestmark = pytest.mark.integration
@@ -69,31 +68,32 @@ def test_hidenseek_simulation_learns_and_uploads_one_bit_per_kept_weight(aggrega
 
 
 # A client app whose site 0 uploads one byte too few in round 3: the server must leave it out and go on.
-bad_app = ClientApp()
-
-
-@bad_app.train("hidenseek")
-def _short_codes(msg: Message, context: Context) -> Message:
-    reply = real.hidenseek_train(msg, context)
-    if context.node_config["partition-id"] == 0 and int(msg.content["config"]["round"]) == 3:
-        record = reply.content["payload"]
-        record["codes"] = Array(record["codes"].numpy()[:-1].copy())
+def _short_codes(site, request) -> Reply:
+    reply = real.hidenseek_train(site, request)
+    if site.node_config["partition-id"] == 0 and int(request.config["round"]) == 3:
+        reply.arrays["codes"] = reply.arrays["codes"][:-1].copy()
     return reply
 
 
-class _LateGrid:
-    """The real simulation grid, except that one node connects only after round 1 started."""
+bad_app = build_app({**SITE_TASKS, "train.hidenseek": _short_codes})
 
-    def __init__(self, grid, late: int) -> None:
-        self.grid, self.late, self.calls = grid, late, 0
 
-    def get_node_ids(self):
+class _LateTransport:
+    """The real simulation transport, except that one node connects only after round 1 started."""
+
+    def __init__(self, transport, late: int) -> None:
+        self.transport, self.late, self.calls = transport, late, 0
+
+    def node_ids(self):
         self.calls += 1
-        nodes = list(self.grid.get_node_ids())
+        nodes = list(self.transport.node_ids())
         return nodes if self.calls > 1 else [n for n in nodes if n != self.late]
 
-    def send_and_receive(self, messages, timeout=None):
-        return self.grid.send_and_receive(messages, timeout=timeout)
+    def request_bytes(self, request):
+        return self.transport.request_bytes(request)
+
+    def exchange(self, task, requests, timeout):
+        return self.transport.exchange(task, requests, timeout)
 
 
 def test_late_site_gets_current_signs_and_malformed_reply_is_left_out():
@@ -105,17 +105,17 @@ def test_late_site_gets_current_signs_and_malformed_reply_is_left_out():
         "protocol.synflow_iterations=10",
         "protocol.aggregation=vote",
     )
-    job = build_job(cfg)
+    job = build_job(job_of(cfg))
     result = {}
 
-    def server_main(grid) -> None:
-        nodes = wait_for_nodes(grid, 3)
-        fed = Federation(_LateGrid(grid, late=nodes[-1]), nodes[:-1], min_clients=1)
+    def server_main(federation) -> None:
+        nodes = federation.nodes
+        fed = Federation(_LateTransport(federation.transport, late=nodes[-1]), nodes[:-1], min_clients=1)
         result["outcome"] = run_hidenseek_rounds(fed, job)
         result["fed"] = fed
         result["late"] = nodes[-1]
 
-    simulation_launcher(cfg, bad_app)(server_main)
+    simulation_launcher(job_of(cfg).federation, bad_app)(server_main)
     records, fed = result["outcome"].records, result["fed"]
     sites = [set(record.bytes_up) for record in records[1:]]
     assert [len(s) for s in sites] == [2, 3, 2]

@@ -7,19 +7,18 @@ against each site's plain payload from a ``privacy=none`` run of the same job.
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Context, Message
-from flwr.clientapp import ClientApp
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 
-import clients.client_app as real
-import clients.secagg_client as real_secagg
-from cli.federated import simulation_launcher
-from cli.main import validate
+import fedprune.protocols.llm_site as real
+import fedprune.protocols.secure_site as real_secagg
+from cli.main import job_of
+from cli.simulation import simulation_launcher
+from clients.client_app import build_app
+from fedprune.protocols.catalog import validate
+from fedprune.protocols.federation import FederationError
+from fedprune.protocols.secure_sums import SecureAggregationError, plan_from_job
 from fedprune.secure.codec import encode_stats_vector
-from server.job import run_federated
-from server.rounds import FederationError
-from server.secure_rounds import SecureAggregationError, plan_from_config
 
 pytestmark = pytest.mark.integration
 
@@ -27,31 +26,39 @@ FED = ["federation.num_clients=3", "federation.min_clients=2", "data.calib_windo
 SECAGG = ["privacy=secagg", "privacy.threshold=2", "privacy.token_bound=100"]
 
 
-class RecordingGrid:
-    """A grid that keeps every reply the server receives."""
+class RecordingTransport:
+    """A transport that keeps every (task, reply) the server receives."""
 
-    def __init__(self, grid, log):
-        self.grid, self.log = grid, log
+    def __init__(self, transport, log):
+        self.transport, self.log = transport, log
 
-    def __getattr__(self, name):
-        return getattr(self.grid, name)
+    def node_ids(self):
+        return self.transport.node_ids()
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.log.extend(replies)
-        return replies
+    def request_bytes(self, request):
+        return self.transport.request_bytes(request)
+
+    def exchange(self, task, requests, timeout):
+        responses = self.transport.exchange(task, requests, timeout)
+        self.log.extend((task, r.reply) for r in responses if r.reply is not None)
+        return responses
 
 
 def _run(cfg, out_dir, app=None, log=None):
-    validate(cfg)
-    launch = simulation_launcher(cfg, app)
+    job = job_of(cfg)
+    unit = validate(job)
+    launch = simulation_launcher(job.federation, app)
     if log is not None:
         inner = launch
 
         def launch(server_main):
-            inner(lambda grid: server_main(RecordingGrid(grid, log)))
+            def recorded(fed):
+                fed.transport = RecordingTransport(fed.transport, log)
+                server_main(fed)
 
-    return run_federated(cfg, out_dir, launch)
+            inner(recorded)
+
+    return unit.run(job, out_dir, launch)
 
 
 def _weights(folder):
@@ -60,10 +67,7 @@ def _weights(folder):
 
 
 def _arrays(reply):
-    out = []
-    for record in reply.content.array_records.values():
-        out.extend(array.numpy() for array in record.values())
-    return out
+    return list(reply.arrays.values())
 
 
 def _assert_same_masks(expected_dir, got_dir, atol=1e-5):
@@ -86,19 +90,14 @@ def test_server_sees_only_masked_stats_and_result_equals_plain(make_cfg, tmp_pat
     assert secure["ppl_pruned"] == pytest.approx(plain["ppl_pruned"], rel=1e-5)
 
     # each site's plain payload per block, and its encoding as the site would mask it
-    plan = plan_from_config(secure_cfg, AutoModelForCausalLM.from_pretrained(str(secure_cfg.model.path)))
-    plain_payloads = [
-        {k: a.numpy() for k, a in r.content["payload"].items()}
-        for r in plain_log
-        if r.metadata.message_type == "train.stats"
-    ]
+    model = AutoModelForCausalLM.from_pretrained(str(secure_cfg.model.path))
+    plan = plan_from_job(job_of(secure_cfg), model)
+    plain_payloads = [dict(r.arrays) for task, r in plain_log if task == "train.stats"]
     assert len(plain_payloads) == 3 * 2
     encoded = [encode_stats_vector(dict(p), plan.value_code(), plan.count_code()) for p in plain_payloads]
     floats = [a for p in plain_payloads for k, a in p.items() if k.startswith("total.")]
-    received = [a for r in secure_log for a in _arrays(r)]
-    masked = [
-        r.content["payload"]["masked"].numpy() for r in secure_log if "masked" in r.content.get("payload", {})
-    ]
+    received = [a for _, r in secure_log for a in _arrays(r)]
+    masked = [r.arrays["masked"] for _, r in secure_log if "masked" in r.arrays]
     assert len(masked) == 3 * 2
     for array in received:
         for value in floats:  # no plain statistic, in any array of any message
@@ -137,55 +136,50 @@ def test_mask_vote_one_shot_secagg_equals_plain(make_cfg, tmp_path):
 
 # Site 0 fails after sharing its keys (a SecAgg dropout), site 1 sends a masked vector one word too long,
 # site 2 one with a word outside the modulus 2^62.
-def _faulty(msg: Message, context: Context, wrong_length: bool = True) -> Message:
-    stage = str(msg.content["config"]["secagg.stage"])
-    first = int(msg.content["config"]["block"]) == 0
-    reply = real_secagg.secagg(msg, context)
-    site = context.node_config["partition-id"]
-    if site == 0 and first and stage == "mask":
+def _faulty(site, request, wrong_length: bool = True):
+    stage = str(request.config["secagg.stage"])
+    first = int(request.config["block"]) == 0
+    reply = real_secagg.secagg(site, request)
+    index = site.node_config["partition-id"]
+    if index == 0 and first and stage == "mask":
         raise RuntimeError("site 0 went away")
-    if wrong_length and site == 1 and first and stage == "mask":
-        masked = reply.content["payload"]["masked"].numpy()
-        reply.content["payload"]["masked"] = Array(np.concatenate([masked, masked[:1]]))
-    if wrong_length and site == 2 and first and stage == "mask":
-        masked = reply.content["payload"]["masked"].numpy().copy()
+    if wrong_length and index == 1 and first and stage == "mask":
+        masked = reply.arrays["masked"]
+        reply.arrays["masked"] = np.concatenate([masked, masked[:1]])
+    if wrong_length and index == 2 and first and stage == "mask":
+        masked = reply.arrays["masked"].copy()
         masked[0] = np.uint64(1 << 62)
-        reply.content["payload"]["masked"] = Array(masked)
+        reply.arrays["masked"] = masked
     return reply
 
 
-faulty_app = ClientApp()
-faulty_app.query("start")(real.start)
-faulty_app.query("finish")(real.finish)
-faulty_app.train("secagg")(_faulty)
-drop_app = ClientApp()
-drop_app.query("start")(real.start)
-drop_app.query("finish")(real.finish)
-drop_app.train("secagg")(lambda msg, context: _faulty(msg, context, wrong_length=False))
+BASE = {"query.start": real.start, "query.finish": real.finish}
+faulty_app = build_app({**BASE, "train.secagg": _faulty})
+drop_app = build_app({**BASE, "train.secagg": lambda site, request: _faulty(site, request, wrong_length=False)})
+
 
 # the plain reference: sites 0, 1 and 2 fail at block 0, so both blocks are pruned from sites 3 and 4
-plain_drop_app = ClientApp()
-plain_drop_app.query("start")(real.start)
-plain_drop_app.query("finish")(real.finish)
-
-
-@plain_drop_app.train("stats")
-def _plain_drop(msg: Message, context: Context) -> Message:
-    if context.node_config["partition-id"] in (0, 1, 2):
+def _plain_drop(site, request):
+    if site.node_config["partition-id"] in (0, 1, 2):
         raise RuntimeError("site went away")
-    return real.stats(msg, context)
+    return real.stats(site, request)
+
+
+plain_drop_app = build_app({**BASE, "train.stats": _plain_drop})
 
 
 def test_survivors_sum_after_a_dropout_and_a_bad_vector(make_cfg, tmp_path):
     args = ["pruner=wanda", "protocol=stats_sync", "federation.num_clients=5", "federation.min_clients=2"]
     args.append("federation.partitioner=iid")  # the tiny corpus has 4 calibration works
     args.append("data.calib_windows=15")
-    _run(make_cfg(*args), tmp_path / "plain", plain_drop_app)
+    plain = _run(make_cfg(*args), tmp_path / "plain", plain_drop_app)
     secure = _run(make_cfg(*args, *SECAGG, "privacy.modulus_bits=62"), tmp_path / "secure", faulty_app)  # t=2
     reasons = sorted(r["reason"] for r in secure["rejected"])
     assert len(reasons) == 3 and "client error" in reasons[0], reasons
     assert any("shape (" in r for r in reasons) and any("modulus" in r for r in reasons), reasons
-    assert secure["num_clients"] == 5
+    # metrics report the sites whose data entered the sums: sites 3 and 4 (3 windows of 16 tokens each)
+    assert secure["num_clients"] == plain["num_clients"] == 2
+    assert secure["calib_tokens"] == plain["calib_tokens"] == 2 * 3 * 16
     _assert_same_masks(tmp_path / "plain" / "model", tmp_path / "secure" / "model")
 
 

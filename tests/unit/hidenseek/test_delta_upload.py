@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord
 from torch import nn
 
 from fedprune.hidenseek.aggregate import (
@@ -18,7 +18,8 @@ from fedprune.hidenseek.aggregate import (
     top_count,
     unpack_delta_upload,
 )
-from server.hidenseek_workflow import HideNseekJob, validate_reply
+from fedprune.hidenseek.server import HideNseekJob, validate_reply
+from fedprune.protocols.federation import Reply
 
 # 5 kept weights, 2 exact top changes: -2.0 at 1 and 0.5 at 3, clip scale 0.5
 SIGNS = torch.tensor([1, -1, 1, 1, -1], dtype=torch.int8)
@@ -133,26 +134,11 @@ def _job(delta_topk: float) -> HideNseekJob:
     )
 
 
-def _reply(arrays: dict[str, np.ndarray], crc: int = 7) -> Message:
-    content = RecordDict(
-        {
-            "payload": ArrayRecord({key: Array(value) for key, value in arrays.items()}),
-            "metrics": MetricRecord({"num_examples": 3, "partition_id": 1, "crc": crc}),
-        }
-    )
-    # a site's reply as the server receives it (outside a run, so the metadata is given explicitly)
-    metadata = Metadata(
-        run_id=1,
-        message_id="reply",
-        src_node_id=11,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train.hidenseek",
-    )
-    return Message(content=content, metadata=metadata)
+def _reply(arrays: dict[str, np.ndarray], crc: int = 7) -> Reply:
+    """A site's reply as the server reads it, the arrays having crossed Flower's wire format."""
+    wire = ArrayRecord({key: Array(value) for key, value in arrays.items()})
+    record = MetricRecord({"num_examples": 3, "partition_id": 1, "crc": crc})
+    return Reply({key: array.numpy() for key, array in wire.items()}, dict(record))
 
 
 def test_server_reads_one_delta_array_and_rejects_others():

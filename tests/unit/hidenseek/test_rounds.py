@@ -1,76 +1,71 @@
-"""Client/server round steps and a tiny in-process (no Flower) HideNseek run on digits."""
+"""HideNseek rounds in process: the real server routine and site task over an in-process transport."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from cli.main import job_of
 from fedprune.hidenseek.aggregate import pack_signs, unpack_signs
-from fedprune.hidenseek.data import dirichlet_label_partition, load_digits_split
+from fedprune.hidenseek.job import build_job
 from fedprune.hidenseek.models import build_model, prunable_weights
-from fedprune.hidenseek.rounds import (
-    client_update,
-    codes_of_scores,
-    global_model,
-    initial_codes,
-    run_in_process,
-    server_update,
-    set_kept_scores_,
-)
-from fedprune.hidenseek.sign_supermask import learned_codes, supermask_layers
-from fedprune.hidenseek.synflow import synflow_masks
+from fedprune.hidenseek.rounds import codes_of_scores, global_model, initial_codes, set_kept_scores_
+from fedprune.hidenseek.server import run_hidenseek_rounds
+from fedprune.hidenseek.sign_supermask import supermask_layers
+from fedprune.hidenseek.site import encode_mask, local_round, site_data
+from fedprune.protocols.federation import Federation
+from fedprune.protocols.tasks import InProcessTransport, Site
+from tests.conftest import CONF_DIR
 
 
-def test_server_update_votes_over_packed_uploads():
-    current = torch.tensor([1, -1, 1, -1, 1], dtype=torch.int8)
-    uploads = [
-        pack_signs(torch.tensor([1, 1, -1, -1, 1], dtype=torch.int8)),
-        pack_signs(torch.tensor([-1, 1, 1, -1, -1], dtype=torch.int8)),
-    ]
-    # votes [0, 2, 0, -2, 0]: ties keep current at 0, 2, 4
-    assert server_update(uploads, current).tolist() == [1, 1, 1, -1, 1]
-
-
-def test_client_update_uploads_one_bit_per_kept_weight_and_starts_from_global():
-    model = build_model("mlp", seed=0, hidden=16)
-    masks = synflow_masks(model, 0.25, iterations=5)
-    codes = initial_codes(masks)
-    n_kept = codes.numel()
-    assert n_kept == round(0.25 * (64 * 16 + 16 * 16 + 16 * 10))
-    generator = torch.Generator().manual_seed(0)
-    flipped = codes.clone()
-    flipped[torch.randperm(n_kept, generator=generator)[:10]] = -1
-    start = global_model(model, masks, flipped)
-    assert int((torch.cat([c[masks[n]] for n, c in learned_codes(start).items()]) == -1).sum()) == 10
-    x = torch.rand(40, 64, generator=generator)
-    y = torch.randint(0, 10, (40,), generator=generator)
-    packed = client_update(model, masks, flipped, x, y, epochs=1, lr=1.0, batch_size=20, seed=0)
-    assert packed.dtype == torch.uint8 and packed.numel() == (n_kept + 7) // 8
-    assert unpack_signs(packed, n_kept).abs().min() == 1
+def _in_process(aggregation: str, rounds: int):
+    """The real server routine and site task, with 3 sites in this process (no Flower)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "protocol=hidenseek",
+                "federation.num_clients=3",
+                "federation.min_clients=3",
+                f"protocol.rounds={rounds}",
+                "protocol.local_epochs=2",
+                "protocol.synflow_iterations=20",
+                "protocol.alpha=0.5",
+                f"protocol.aggregation={aggregation}",
+            ],
+        )
+    job = build_job(job_of(cfg))
+    sites = [Site(10 + p, {"partition-id": p, "num-partitions": 3}) for p in range(3)]
+    fed = Federation(InProcessTransport(sites), [10, 11, 12], min_clients=3)
+    return job, fed, run_hidenseek_rounds(fed, job)
 
 
 def test_in_process_hidenseek_on_digits_beats_chance_and_untrained_mask():
     torch.set_num_threads(1)
-    split = load_digits_split(test_fraction=0.2, seed=0)
-    model = build_model("mlp", seed=0, hidden=128)
-    masks = synflow_masks(model, 0.5, iterations=20)
-    parts = dirichlet_label_partition(split.y_train, num_clients=3, alpha=0.5, seed=0, min_size=50)
-    clients = [(split.x_train[p], split.y_train[p]) for p in parts]
-    start = time.perf_counter()
-    logs = run_in_process(
-        model, masks, clients, split.x_test, split.y_test, rounds=8, epochs=2, lr=1.0, batch_size=32, seed=0
-    )
-    elapsed = time.perf_counter() - start
-    accuracies = [log.test_accuracy for log in logs]
-    print(f"hidenseek digits mlp density .5: accuracies {accuracies}, {elapsed:.2f} s")
-    untrained = accuracies[0]
-    assert untrained < 0.3  # the pruned random network with all-+1 signs is near chance
-    assert accuracies[-1] > 0.5
-    assert accuracies[-1] > untrained + 0.3
-    kept = sum(int(m.sum()) for m in masks.values())
-    assert logs[-1].upload_bytes_per_client == (kept + 7) // 8
+    job, fed, outcome = _in_process("vote", rounds=6)
+    accuracies = [record.accuracy for record in outcome.records]
+    assert accuracies[0] < 0.3  # the pruned random network with all-+1 signs is near chance
+    assert accuracies[-1] > 0.5 and accuracies[-1] > accuracies[0] + 0.3
+    kept = sum(int(m.sum()) for m in job.masks.values())
+    # every round, each site uploads exactly its packed signs: 1 bit per kept weight
+    assert all(sent == (kept + 7) // 8 for r in outcome.records[1:] for sent in r.bytes_up.values())
+    assert not fed.rejected and sorted(outcome.records[1].bytes_up) == [0, 1, 2]
+
+
+def test_in_process_votes_equal_a_hand_computed_majority():
+    """Round 1 of the real routine equals a majority vote computed here from the sites' own uploads."""
+    torch.set_num_threads(1)
+    job, _, outcome = _in_process("vote", rounds=1)
+    num_kept = sum(int(m.sum()) for m in job.masks.values())
+    arrays = {"mask": encode_mask(job.masks), "codes": pack_signs(initial_codes(job.masks)).numpy()}
+    config = {**job.site_config, "round": 1, "num_kept": num_kept}
+    votes = torch.zeros(num_kept, dtype=torch.int32)
+    for p in range(3):
+        x, y = site_data(config, p, 3)
+        votes += unpack_signs(torch.from_numpy(local_round(config, arrays, x, y, p)["codes"]), num_kept)
+    expected = torch.where(votes == 0, initial_codes(job.masks).int(), votes.sign()).to(torch.int8)
+    assert torch.equal(outcome.state, expected)
 
 
 def test_set_kept_scores_writes_kept_entries_in_mask_order():

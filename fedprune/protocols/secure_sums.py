@@ -1,5 +1,4 @@
-"""Secure aggregation over the Flower Message API: key agreement for all sums first, then two rounds
-per sum.
+"""Secure aggregation over a :class:`Federation`: key agreement for all sums first, then two rounds per sum.
 
 Each secure sum is one independent protocol instance with its own fresh keys (``fedprune.secure``).
 The instances' first two steps do not depend on the payload, so they run for all the run's sums at
@@ -24,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message
 
+from fedprune.config import JobConfig
 from fedprune.payload import PayloadError, decode_stats
+from fedprune.protocols.federation import Federation, FederationError, Reply
 from fedprune.secure import InvalidMessageError, MaskedInput, SecAggError, SecAggServer, validate_masked_input
 from fedprune.secure.codec import (
     decode_stats_vector,
@@ -49,7 +49,6 @@ from fedprune.secure.wire import (
     shares_to_arrays,
 )
 from fedprune.stats import Stats
-from server.rounds import Federation, FederationError, reply_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +77,8 @@ class PreparedSum:
     inboxes: dict[int, dict[int, EncryptedShare]]  # receiver -> {sender: sealed shares}
 
 
-def _tokens(reply: Message) -> int:
-    return int(reply.content["metrics"]["tokens"])
+def _tokens(reply: Reply) -> int:
+    return int(reply.metrics["tokens"])
 
 
 @contextmanager
@@ -97,7 +96,7 @@ def _stage(
     fed: Federation,
     base: dict,
     stage: str,
-    parse: Callable[[int, Message], Any],
+    parse: Callable[[int, Reply], Any],
     update: dict | None = None,
     nodes: list[int] | None = None,
     node_arrays: dict[int, dict] | None = None,
@@ -117,12 +116,12 @@ def prepare_sums(
     instances = range(first, first + count)
     base = {**config, **plan.to_config(), "secagg.first": first, "secagg.count": count}
 
-    def adverts(node: int, reply: Message) -> dict[int, KeyAdvert]:
-        arrays = reply_arrays(reply)
+    def adverts(node: int, reply: Reply) -> dict[int, KeyAdvert]:
+        arrays = reply.arrays
         return {k: advert_from_arrays(node, instance_arrays(arrays, k)) for k in instances}
 
-    def bundles(node: int, reply: Message) -> dict[int, dict[int, EncryptedShare]]:
-        arrays = reply_arrays(reply)
+    def bundles(node: int, reply: Reply) -> dict[int, dict[int, EncryptedShare]]:
+        arrays = reply.arrays
         return {k: shares_from_arrays(node, instance_arrays(arrays, k), outgoing=True) for k in instances}
 
     with _stop_on_protocol_error("key agreement"):
@@ -153,7 +152,7 @@ def secure_sum(
     config: dict,
     update: dict | None,
     plan: SecurePlan,
-    public: Callable[[int, Message], Any],
+    public: Callable[[int, Reply], Any],
     layout: Callable[[dict[int, Any]], tuple[int, set[int]]],
 ) -> SecureSum:
     """The sum of the sites' encoded ``task`` payloads; the server never sees one site's vector.
@@ -166,8 +165,8 @@ def secure_sum(
     server = prepared.server
     nodes = sorted(node for node in prepared.inboxes if node in fed.nodes)
 
-    def masked(node: int, reply: Message) -> tuple[Any, np.ndarray]:
-        return public(node, reply), reply_arrays(reply)["masked"]
+    def masked(node: int, reply: Reply) -> tuple[Any, np.ndarray]:
+        return public(node, reply), reply.arrays["masked"]
 
     with _stop_on_protocol_error(task):
         inboxes = {node: shares_to_arrays(prepared.inboxes[node], outgoing=False) for node in nodes}
@@ -192,7 +191,7 @@ def secure_sum(
             fed,
             base,
             "unmask",
-            lambda node, reply: reply_from_arrays(node, reply_arrays(reply)),
+            lambda node, reply: reply_from_arrays(node, reply.arrays),
             None,
             survivors,
             requests,
@@ -216,8 +215,8 @@ def secure_vote_counts(
     update: dict | None,
     plan: SecurePlan,
     shapes: dict,
-) -> tuple[dict[str, torch.Tensor], int, dict[int, int]]:
-    """Per layer, how many sites kept each weight (exact), the number of sites summed, their tokens."""
+) -> tuple[dict[str, torch.Tensor], frozenset[int], dict[int, int]]:
+    """Per layer, how many sites kept each weight (exact), the sites summed, their tokens."""
     names = sorted(shapes)
     sizes = [int(np.prod(shapes[name])) for name in names]
     length = sum(packed_length(size, plan.max_sites, plan.modulus_bits) for size in sizes)
@@ -230,7 +229,7 @@ def secure_vote_counts(
         flat = unpack_counts(result.total[start : start + words], size, plan.max_sites, plan.modulus_bits)
         counts[name] = torch.from_numpy(flat.astype(np.int32)).reshape(shapes[name])
         start += words
-    return counts, len(result.survivors), result.public
+    return counts, result.survivors, result.public
 
 
 def secure_stats(
@@ -242,12 +241,12 @@ def secure_stats(
     kind: str,
     widths: dict[str, int],
     tokens: dict[int, int],
-) -> dict[str, Stats]:
-    """The survivors' summed statistics of one block, validated like a plain reply."""
+) -> tuple[dict[str, Stats], frozenset[int]]:
+    """The survivors' summed statistics of one block, validated like a plain reply; the survivors."""
     names = sorted(widths)
 
-    def public(node: int, reply: Message) -> tuple[int, ...]:
-        index = reply_arrays(reply)["index"]
+    def public(node: int, reply: Reply) -> tuple[int, ...]:
+        index = reply.arrays["index"]
         if index.dtype != np.int64 or index.shape != (len(names),):
             raise PayloadError(f"index: expected ({len(names)},) int64")
         sizes = slot_sizes(kind, index.tolist(), [widths[n] for n in names])
@@ -271,33 +270,31 @@ def secure_stats(
     stats = decode_stats(arrays, kind, widths, sum(tokens[node] for node in result.survivors))
     if plan.dp_sigma > 0 and kind == "hessian":
         stats = {k: Stats(s.kind, psd_project(s.total), s.count) for k, s in stats.items()}
-    return stats
+    return stats, result.survivors
 
 
-def plan_from_config(cfg, model: torch.nn.Module) -> SecurePlan | None:
-    """The public secure-aggregation plan of a run (``None`` for ``privacy=none``), from the Hydra config
-    and the model's shape only."""
-    privacy = cfg.get("privacy", {"name": "none"})
-    if str(privacy.get("name", "none")) == "none":
+def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:
+    """The public secure-aggregation plan of a run (``None`` for ``privacy=none``), from the job and the
+    model's shape only."""
+    privacy = job.privacy
+    if privacy.name == "none":
         return None
     from fedprune.models import find_blocks, find_prunable_layers
     from fedprune.secure.plan import make_plan
 
     blocks = find_blocks(model)[1]
-    sites = int(cfg.federation.num_clients)
-    dp = str(privacy.name) == "secagg_dp"
+    sites = job.federation.num_clients
+    dp = privacy.name == "secagg_dp"
     return make_plan(
-        threshold=int(privacy.threshold)
-        if privacy.get("threshold") is not None
-        else default_threshold(sites),
-        modulus_bits=int(privacy.get("modulus_bits", 64)),
-        value_words=float(privacy.get("value_words", 1)),
+        threshold=privacy.threshold if privacy.threshold is not None else default_threshold(sites),
+        modulus_bits=privacy.modulus_bits,
+        value_words=privacy.value_words,
         max_sites=sites,
-        max_tokens=int(cfg.data.calib_windows) * int(cfg.data.seq_len),
-        token_bound=float(privacy.token_bound),
-        epsilon=float(privacy.epsilon) if dp else None,
-        delta=float(privacy.delta) if dp else None,
-        seq_len=int(cfg.data.seq_len),
+        max_tokens=job.data.calib_windows * job.data.seq_len,
+        token_bound=privacy.token_bound,
+        epsilon=privacy.epsilon if dp else None,
+        delta=privacy.delta if dp else None,
+        seq_len=job.data.seq_len,
         releases=len(blocks),
         slots=max(len(find_prunable_layers(block)) for block in blocks),
     )

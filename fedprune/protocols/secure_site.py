@@ -1,13 +1,13 @@
-"""The site's side of secure aggregation (``train.secagg``): thin glue over ``fedprune.secure``.
+"""The site's side of secure aggregation (``train.secagg``): wraps any summed task's payload.
 
 Each secure sum is one protocol instance (a number) with fresh keys; ``secagg.stage`` says which step
-(see ``server/secure_rounds.py``): ``keys`` and ``share`` run the first two steps for instances
+(see ``fedprune/protocols/secure_sums.py``): ``keys`` and ``share`` run the first two steps for instances
 ``secagg.first .. + secagg.count - 1`` at once; ``mask`` (instance ``secagg.instance``) computes the
-plain payload (``secagg.task``: ``stats``, ``masks`` or ``local_prune``), encodes it as one uint64 vector
-with the public codes of the plan, adds its share of DP noise (``secagg_dp``) and sends it masked;
-``unmask`` answers the server's request. Each instance's secrets stay on this site's disk, one file
-per instance (each message may run in a fresh process), deleted after ``unmask``. Masks are never
-reused across sums.
+plain payload of ``secagg.task`` (any entry of :data:`fedprune.protocols.llm_site.PAYLOADS`), encodes it
+as one uint64 vector with the public codes of the plan, adds its share of DP noise (``secagg_dp``) and
+sends it masked; ``unmask`` answers the server's request. Each instance's secrets stay on this site's
+disk, one file per instance (each message may run in a fresh process), deleted after ``unmask``. Masks
+are never reused across sums.
 """
 
 from __future__ import annotations
@@ -18,18 +18,12 @@ import os
 import tempfile
 
 import numpy as np
-from flwr.app import Context, Message
 
-from clients.client_app import (
-    _reply,
-    app,
-    block_payload,
-    local_prune_payload,
-    masks_payload,
-    site_key_of,
-    stats_payload,
-)
-from clients.site_cache import state_dir
+from fedprune.protocols.federation import Reply, Request
+from fedprune.protocols.llm_site import PAYLOADS, Payload
+from fedprune.protocols.messages import SiteJob
+from fedprune.protocols.site_state import state_dir
+from fedprune.protocols.tasks import Site, reply, site_task
 from fedprune.secure import SecAggClient
 from fedprune.secure.codec import encode_stats_vector, pack_votes
 from fedprune.secure.dp import site_noise
@@ -48,8 +42,8 @@ from fedprune.secure.wire import (
 logger = logging.getLogger(__name__)
 
 
-def _client_path(msg: Message, context: Context, instance: int):
-    folder = state_dir(str(msg.content["config"]["run_key"]), site_key_of(context))
+def _client_path(site: Site, request: Request, instance: int):
+    folder = state_dir(SiteJob.from_record(request.config).run_key, site.key)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"secagg_{instance}.json"
 
@@ -91,69 +85,63 @@ def _stats_vector(arrays: dict, plan: SecurePlan) -> np.ndarray:
     return encode_stats_vector(arrays, plan.value_code(), plan.count_code())
 
 
-def _payload(msg: Message, context: Context, plan: SecurePlan) -> tuple[np.ndarray, dict, int]:
+def _payload(site: Site, request: Request, plan: SecurePlan) -> tuple[np.ndarray, dict, int]:
     """This site's encoded vector, its public metadata arrays and its tokens."""
-    task = str(msg.content["config"]["secagg.task"])
-    if task == "stats":
-        bound = plan.token_bound if plan.dp_sigma > 0 else None
-        arrays, tokens = block_payload(msg, context, lambda *args: stats_payload(*args, token_bound=bound))
-        return _stats_vector(arrays, plan), {"index": arrays["index"]}, tokens
-    if task == "masks":
-        masks, tokens = block_payload(msg, context, masks_payload)
-    elif task == "local_prune":
-        masks, tokens = local_prune_payload(msg, context)
-    else:
-        raise ValueError(f"unknown secure-aggregation task {task!r}")
-    return _votes_vector(masks, plan), {}, tokens
+    task = str(request.config["secagg.task"])
+    if task not in PAYLOADS:
+        raise ValueError(f"unknown secure-aggregation task {task!r}; known: {sorted(PAYLOADS)}")
+    bound = plan.token_bound if plan.dp_sigma > 0 else None
+    payload: Payload = PAYLOADS[task](site, request, token_bound=bound)
+    if payload.kind == "stats":
+        arrays = payload.values
+        return _stats_vector(arrays, plan), {"index": arrays["index"]}, payload.tokens
+    return _votes_vector(payload.values, plan), {}, payload.tokens
 
 
-def _keys(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
+def _keys(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
     out = {}
-    for k in _instances(msg.content["config"]):
-        client = SecAggClient(int(context.node_id), plan.modulus_bits)
+    for k in _instances(request.config):
+        client = SecAggClient(int(site.node_id), plan.modulus_bits)
         out.update(prefixed(advert_to_arrays(client.advertise_keys()), k))
-        _save_client(_client_path(msg, context, k), client)
-    return _reply(msg, out, {"tokens": 0})
+        _save_client(_client_path(site, request, k), client)
+    return reply(out, {"tokens": 0})
 
 
-def _share(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
+def _share(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
     out = {}
-    for k in _instances(msg.content["config"]):
-        path = _client_path(msg, context, k)
+    for k in _instances(request.config):
+        path = _client_path(site, request, k)
         client = _load_client(path)
         shares = client.share_keys(peers_from_arrays(instance_arrays(arrays, k)), plan.threshold)
         out.update(prefixed(shares_to_arrays(shares, outgoing=True), k))
         _save_client(path, client)
-    return _reply(msg, out, {"tokens": 0})
+    return reply(out, {"tokens": 0})
 
 
-def _mask(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
-    path = _client_path(msg, context, int(msg.content["config"]["secagg.instance"]))
+def _mask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
+    path = _client_path(site, request, int(request.config["secagg.instance"]))
     client = _load_client(path)
-    vector, public, tokens = _payload(msg, context, plan)
+    vector, public, tokens = _payload(site, request, plan)
     masked = client.masked_input(vector, shares_from_arrays(client.client_id, arrays, outgoing=False))
     _save_client(path, client)
-    return _reply(msg, {"masked": masked.vector, **public}, {"tokens": tokens})
+    return reply({"masked": masked.vector, **public}, {"tokens": tokens})
 
 
-def _unmask(msg: Message, context: Context, plan: SecurePlan, arrays: dict) -> Message:
-    path = _client_path(msg, context, int(msg.content["config"]["secagg.instance"]))
+def _unmask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
+    path = _client_path(site, request, int(request.config["secagg.instance"]))
     client = _load_client(path)
-    reply = client.unmask(request_from_arrays(arrays))
+    answer = client.unmask(request_from_arrays(arrays))
     path.unlink()  # one protocol instance per key pair
-    return _reply(msg, reply_to_arrays(reply), {"tokens": 0})
+    return reply(reply_to_arrays(answer), {"tokens": 0})
 
 
 STAGES = {"keys": _keys, "share": _share, "mask": _mask, "unmask": _unmask}
 
 
-@app.train("secagg")
-def secagg(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    plan = SecurePlan.from_config(config)
-    stage = str(config["secagg.stage"])
+@site_task("train.secagg")
+def secagg(site: Site, request: Request) -> Reply:
+    plan = SecurePlan.from_config(request.config)
+    stage = str(request.config["secagg.stage"])
     if stage not in STAGES:
         raise ValueError(f"unknown secure-aggregation stage {stage!r}; known: {sorted(STAGES)}")
-    routed = msg.content["secagg"] if "secagg" in msg.content else {}
-    arrays = {k: v.numpy() for k, v in routed.items()}
-    return STAGES[stage](msg, context, plan, arrays)
+    return STAGES[stage](site, request, plan, dict(request.routed or {}))

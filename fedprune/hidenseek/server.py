@@ -1,10 +1,10 @@
-"""HideNseek on Flower, the server's side: R rounds of broadcast, local training, validation, aggregation.
+"""HideNseek, the server's side: R rounds of broadcast, local training, validation, aggregation.
 
 The global state is a flat vector over the kept weights of the server's prune masks (mask key order):
 int8 codes in {-1, +1} (signs, or ``2b - 1`` for the binary supermask), float32 scores
 (``aggregation=score_delta``) or float32 weights (FedAvg).
 Each round every current site gets the mask and the whole current state (so a site that joins late
-starts from the current global signs), and replies as ``clients/hidenseek_client.py`` describes. A
+starts from the current global signs), and replies as ``fedprune/hidenseek/site.py`` describes. A
 reply with the wrong array, dtype, length, a non-finite value, a bad example count or a CRC that does
 not match what was sent is left out (``Federation.round``). Aggregation: majority vote of the codes
 (ties keep the current code), the sign of the example-weighted mean score (``score_average``), the
@@ -22,15 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import Message
 from torch import nn
 
-from clients.hidenseek_client import (
-    SUPERMASK_KINDS,
-    encode_mask,
-    update_crc,
-    with_weights,
-)
 from fedprune.hidenseek.aggregate import (
     add_score_delta,
     average_scores,
@@ -47,8 +40,9 @@ from fedprune.hidenseek.aggregate import (
 )
 from fedprune.hidenseek.models import prunable_weights
 from fedprune.hidenseek.rounds import codes_of_scores, global_model, initial_codes
+from fedprune.hidenseek.site import SUPERMASK_KINDS, encode_mask, update_crc, with_weights
 from fedprune.hidenseek.train import accuracy
-from server.rounds import Federation
+from fedprune.protocols.federation import Federation, Reply
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +136,11 @@ def test_accuracy(job: HideNseekJob, state: torch.Tensor) -> float:
     return accuracy(global_network(job, state), job.x_test, job.y_test)
 
 
-def _payload_array(reply: Message, name: str) -> np.ndarray:
-    payload = reply.content["payload"]
+def _payload_array(reply: Reply, name: str) -> np.ndarray:
+    payload = reply.arrays
     if list(payload.keys()) != [name]:
         raise ValueError(f"payload must hold exactly [{name!r}], got {sorted(payload.keys())}")
-    return payload[name].numpy()
+    return payload[name]
 
 
 def _check_codes(packed: np.ndarray, num_kept: int) -> None:
@@ -154,9 +148,9 @@ def _check_codes(packed: np.ndarray, num_kept: int) -> None:
         raise ValueError(f"codes must be uint8 ({(num_kept + 7) // 8},), got {packed.dtype} {packed.shape}")
 
 
-def validate_reply(job: HideNseekJob, num_kept: int, crc: int, reply: Message) -> SiteUpdate:
+def validate_reply(job: HideNseekJob, num_kept: int, crc: int, reply: Reply) -> SiteUpdate:
     """Decode and check one reply; ValueError names what is wrong."""
-    metrics = reply.content["metrics"]
+    metrics = reply.metrics
     num_examples, partition_id = int(metrics["num_examples"]), int(metrics["partition_id"])
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
@@ -181,7 +175,7 @@ def validate_reply(job: HideNseekJob, num_kept: int, crc: int, reply: Message) -
     return SiteUpdate(partition_id, num_examples, values)
 
 
-def reply_validator(job: HideNseekJob, num_kept: int, crc: int) -> Callable[[int, Message], SiteUpdate]:
+def reply_validator(job: HideNseekJob, num_kept: int, crc: int) -> Callable[[int, Reply], SiteUpdate]:
     """``validate(node, reply)`` for :meth:`Federation.round` of one round."""
     return lambda node, reply: validate_reply(job, num_kept, crc, reply)
 
@@ -200,25 +194,22 @@ def aggregate(job: HideNseekJob, updates: list[SiteUpdate], state: torch.Tensor)
     return fedavg([{"w": u.values} for u in updates], counts)["w"]
 
 
-def admit_new_nodes_(fed: Federation, known: set[int]) -> list[int]:
-    """Add sites that connected since the last round to ``fed.nodes`` (and ``known``); return them."""
-    new = [node for node in sorted(fed.grid.get_node_ids()) if node not in known]
-    fed.nodes = [*fed.nodes, *new]
-    known.update(new)
-    if new:
-        logger.info("%d site(s) joined; they get the current global state", len(new))
-    return new
+Aggregate = Callable[[HideNseekJob, list[SiteUpdate], torch.Tensor], torch.Tensor]
 
 
-def run_hidenseek_rounds(fed: Federation, job: HideNseekJob, admit_late: bool = True) -> HideNseekOutcome:
-    """Round 0 (the untrained global model), then ``job.rounds`` federated rounds over ``fed``."""
+def run_hidenseek_rounds(
+    fed: Federation, job: HideNseekJob, admit_late: bool = True, aggregate_fn: Aggregate | None = None
+) -> HideNseekOutcome:
+    """Round 0 (the untrained global model), then ``job.rounds`` federated rounds over ``fed``
+    (``aggregate_fn``: another aggregation rule to study, default :func:`aggregate`)."""
+    aggregate_fn = aggregate if aggregate_fn is None else aggregate_fn
     state = initial_state(job)
     num_kept = num_kept_weights(job.masks)
     records = [RoundRecord(0, test_accuracy(job, state))]
     known = set(fed.nodes)
     for round_index in range(1, job.rounds + 1):
         if admit_late:
-            admit_new_nodes_(fed, known)
+            fed.admit_new_nodes_(known)
         start = time.perf_counter()
         arrays = round_arrays(job, state)
         crc = update_crc(arrays)
@@ -226,7 +217,7 @@ def run_hidenseek_rounds(fed: Federation, job: HideNseekJob, admit_late: bool = 
         config = {**job.site_config, "round": round_index, "num_kept": num_kept}
         valid = fed.round("train.hidenseek", config, arrays, reply_validator(job, num_kept, crc))
         updates = [valid[node] for node in sorted(valid)]
-        state = aggregate(job, updates, state)
+        state = aggregate_fn(job, updates, state)
         partition = {node: update.partition_id for node, update in valid.items()}
         record = RoundRecord(round_index, test_accuracy(job, state), wall_s=time.perf_counter() - start)
         for node, pid in partition.items():

@@ -1,8 +1,9 @@
-"""``protocol=hidenseek``: HideNseek and its baselines on digits over a Flower federation.
+"""``protocol=hidenseek``: HideNseek and its baselines on digits over a federation.
 
 The server builds the seeded random network, prunes it without data (``protocol.prune``: SynFlow,
 magnitude or random, at ``protocol.density``), then runs ``protocol.rounds`` rounds
-(``server/hidenseek_workflow.py``) of ``protocol.variant``:
+(``fedprune/hidenseek/server.py``; the sites' side is ``fedprune/hidenseek/site.py``) of
+``protocol.variant``:
 
 ``sign_supermask``    HideNseek: sites learn a sign per kept frozen weight, upload 1 bit per kept weight.
 ``binary_supermask``  sites learn keep/drop (``{0, 1}``) per kept frozen weight, 1 bit per kept weight.
@@ -19,19 +20,22 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from cli.validate import ConfigError, validate_sites
+from fedprune.config import JobConfig, check, check_sites
+from fedprune.hidenseek import site as _site  # noqa: F401  (registers the site task)
 from fedprune.hidenseek.baseline_masks import magnitude_masks_at_init, random_masks
 from fedprune.hidenseek.data import load_digits_split
 from fedprune.hidenseek.models import INIT_SCHEMES, build_model, masks_density, prunable_weights
+from fedprune.hidenseek.server import HideNseekJob, run_hidenseek_rounds
 from fedprune.hidenseek.synflow import synflow_masks
 from fedprune.outputs import peak_rss_mb, write_json_atomic
+from fedprune.protocols.federation import Launcher
+from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -43,52 +47,80 @@ OPTIMIZERS = ("sgd", "adam")
 PLOT_NAME = "accuracy.png"
 
 
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key '{key}': {message}")
-
-
 def _one_of(value: object, key: str, known: tuple[str, ...]) -> None:
-    _check(str(value) in known, key, f"must be one of {known}, got {value!r}")
+    check(str(value) in known, key, f"must be one of {known}, got {value!r}")
 
 
-def validate_hidenseek(cfg: DictConfig) -> None:
+@dataclass(frozen=True)
+class HideNseekOptions:
+    """``protocol.*`` of HideNseek (defaults as in ``conf/protocol/hidenseek.yaml``)."""
+
+    variant: str = "sign_supermask"
+    model: str = "mlp"
+    hidden: int = 128
+    init: str = "kaiming_normal"
+    density: float = 0.5
+    prune: str = "synflow"
+    synflow_iterations: int = 100
+    aggregation: str = "score_delta"
+    server_lr: float = 1.0
+    delta_clip_quantile: float = 0.9
+    delta_topk: float = 0.025
+    alpha: float = 1.0
+    rounds: int = 20
+    local_epochs: int = 5
+    lr: float = 1.0
+    fedavg_lr: float = 0.05
+    momentum: float = 0.9
+    optimizer: str = "sgd"
+    batch_size: int = 32
+    init_scale: float = 0.1
+    test_fraction: float = 0.2
+    min_client_samples: int = 10
+
+    def __post_init__(self) -> None:
+        _one_of(self.variant, "protocol.variant", VARIANTS)
+        _one_of(self.model, "protocol.model", ARCHS)
+        _one_of(self.init, "protocol.init", INIT_SCHEMES)
+        _one_of(self.prune, "protocol.prune", PRUNE_METHODS)
+        _one_of(self.aggregation, "protocol.aggregation", AGGREGATIONS)
+        _one_of(self.optimizer, "protocol.optimizer", OPTIMIZERS)
+        p = self
+        check(0.0 < p.density <= 1.0, "protocol.density", f"must be in (0, 1], got {p.density}")
+        check(p.alpha > 0.0, "protocol.alpha", f"must be > 0, got {p.alpha}")
+        check(p.hidden >= 1, "protocol.hidden", f"must be >= 1, got {p.hidden}")
+        check(p.rounds >= 1, "protocol.rounds", f"must be >= 1, got {p.rounds}")
+        check(p.local_epochs >= 1, "protocol.local_epochs", f"must be >= 1, got {p.local_epochs}")
+        check(p.batch_size >= 1, "protocol.batch_size", f"must be >= 1, got {p.batch_size}")
+        check(p.lr > 0.0, "protocol.lr", f"must be > 0, got {p.lr}")
+        check(p.fedavg_lr > 0.0, "protocol.fedavg_lr", f"must be > 0, got {p.fedavg_lr}")
+        check(0.0 <= p.momentum < 1.0, "protocol.momentum", f"must be in [0, 1), got {p.momentum}")
+        check(p.init_scale > 0.0, "protocol.init_scale", f"must be > 0, got {p.init_scale}")
+        check(p.server_lr > 0.0, "protocol.server_lr", f"must be > 0, got {p.server_lr}")
+        check(
+            0.0 < p.delta_clip_quantile <= 1.0,
+            "protocol.delta_clip_quantile",
+            f"must be in (0, 1], got {p.delta_clip_quantile}",
+        )
+        check(0.0 <= p.delta_topk < 1.0, "protocol.delta_topk", f"must be in [0, 1), got {p.delta_topk}")
+        check(p.synflow_iterations >= 1, "protocol.synflow_iterations", "must be >= 1")
+        check(0.0 < p.test_fraction < 1.0, "protocol.test_fraction", "must be in (0, 1)")
+        check(p.min_client_samples >= 1, "protocol.min_client_samples", "must be >= 1")
+        check(
+            p.aggregation == "vote" or p.variant in ("sign_supermask", "binary_supermask"),
+            "protocol.aggregation",
+            "score_average and score_delta apply to the supermask variants only",
+        )
+
+    @classmethod
+    def from_options(cls, options) -> HideNseekOptions:
+        return parse_options(cls, options)
+
+
+def validate_hidenseek(job: JobConfig) -> None:
     """Checks of ``protocol=hidenseek`` and the ``federation`` group (no model or corpus involved)."""
-    p = cfg.protocol
-    _one_of(p.variant, "protocol.variant", VARIANTS)
-    _one_of(p.model, "protocol.model", ARCHS)
-    _one_of(p.init, "protocol.init", INIT_SCHEMES)
-    _one_of(p.prune, "protocol.prune", PRUNE_METHODS)
-    _one_of(p.aggregation, "protocol.aggregation", AGGREGATIONS)
-    _one_of(p.optimizer, "protocol.optimizer", OPTIMIZERS)
-    _check(0.0 < float(p.density) <= 1.0, "protocol.density", f"must be in (0, 1], got {p.density}")
-    _check(float(p.alpha) > 0.0, "protocol.alpha", f"must be > 0, got {p.alpha}")
-    _check(int(p.hidden) >= 1, "protocol.hidden", f"must be >= 1, got {p.hidden}")
-    _check(int(p.rounds) >= 1, "protocol.rounds", f"must be >= 1, got {p.rounds}")
-    _check(int(p.local_epochs) >= 1, "protocol.local_epochs", f"must be >= 1, got {p.local_epochs}")
-    _check(int(p.batch_size) >= 1, "protocol.batch_size", f"must be >= 1, got {p.batch_size}")
-    _check(float(p.lr) > 0.0, "protocol.lr", f"must be > 0, got {p.lr}")
-    _check(float(p.fedavg_lr) > 0.0, "protocol.fedavg_lr", f"must be > 0, got {p.fedavg_lr}")
-    _check(0.0 <= float(p.momentum) < 1.0, "protocol.momentum", f"must be in [0, 1), got {p.momentum}")
-    _check(float(p.init_scale) > 0.0, "protocol.init_scale", f"must be > 0, got {p.init_scale}")
-    _check(float(p.server_lr) > 0.0, "protocol.server_lr", f"must be > 0, got {p.server_lr}")
-    _check(
-        0.0 < float(p.delta_clip_quantile) <= 1.0,
-        "protocol.delta_clip_quantile",
-        f"must be in (0, 1], got {p.delta_clip_quantile}",
-    )
-    _check(
-        0.0 <= float(p.delta_topk) < 1.0, "protocol.delta_topk", f"must be in [0, 1), got {p.delta_topk}"
-    )
-    _check(int(p.synflow_iterations) >= 1, "protocol.synflow_iterations", "must be >= 1")
-    _check(0.0 < float(p.test_fraction) < 1.0, "protocol.test_fraction", "must be in (0, 1)")
-    _check(int(p.min_client_samples) >= 1, "protocol.min_client_samples", "must be >= 1")
-    _check(
-        str(p.aggregation) == "vote" or str(p.variant) in ("sign_supermask", "binary_supermask"),
-        "protocol.aggregation",
-        "score_average and score_delta apply to the supermask variants only",
-    )
-    validate_sites(cfg)
+    HideNseekOptions.from_options(job.protocol)
+    check_sites(job.federation)
 
 
 def prune_at_init(model: torch.nn.Module, method: str, density: float, iterations: int, seed: int):
@@ -100,53 +132,50 @@ def prune_at_init(model: torch.nn.Module, method: str, density: float, iteration
     return random_masks(model, density, seed)
 
 
-def site_config(cfg: DictConfig) -> dict:
+def site_config(p: HideNseekOptions, seed: int) -> dict:
     """What every site needs, sent in each message (flat ConfigRecord values)."""
-    p = cfg.protocol
-    fedavg = str(p.variant).startswith("fedavg")
+    fedavg = p.variant.startswith("fedavg")
     return {
-        "variant": str(p.variant),
-        "aggregation": str(p.aggregation),
-        "arch": str(p.model),
-        "hidden": int(p.hidden),
-        "init": str(p.init),
-        "model_seed": int(cfg.seed),
-        "data_seed": int(cfg.seed),
-        "seed": int(cfg.seed),
-        "test_fraction": float(p.test_fraction),
-        "alpha": float(p.alpha),
-        "min_size": int(p.min_client_samples),
-        "epochs": int(p.local_epochs),
+        "variant": p.variant,
+        "aggregation": p.aggregation,
+        "arch": p.model,
+        "hidden": p.hidden,
+        "init": p.init,
+        "model_seed": seed,
+        "data_seed": seed,
+        "seed": seed,
+        "test_fraction": p.test_fraction,
+        "alpha": p.alpha,
+        "min_size": p.min_client_samples,
+        "epochs": p.local_epochs,
         "lr": float(p.fedavg_lr if fedavg else p.lr),
-        "momentum": float(p.momentum),
-        "batch_size": int(p.batch_size),
-        "init_scale": float(p.init_scale),
-        "optimizer": str(p.optimizer),
-        "delta_clip_quantile": float(p.delta_clip_quantile),
-        "delta_topk": float(p.delta_topk),
+        "momentum": p.momentum,
+        "batch_size": p.batch_size,
+        "init_scale": p.init_scale,
+        "optimizer": p.optimizer,
+        "delta_clip_quantile": p.delta_clip_quantile,
+        "delta_topk": p.delta_topk,
     }
 
 
-def build_job(cfg: DictConfig):
+def build_job(job: JobConfig) -> HideNseekJob:
     """The server's model, masks and test split, as a :class:`HideNseekJob`."""
-    from server.hidenseek_workflow import HideNseekJob
-
-    p = cfg.protocol
-    model = build_model(str(p.model), int(cfg.seed), str(p.init), hidden=int(p.hidden))
-    if str(p.variant) == "fedavg_dense":
+    p, seed = HideNseekOptions.from_options(job.protocol), job.seed
+    model = build_model(p.model, seed, p.init, hidden=p.hidden)
+    if p.variant == "fedavg_dense":
         masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable_weights(model).items()}
     else:
-        masks = prune_at_init(model, str(p.prune), float(p.density), int(p.synflow_iterations), int(cfg.seed))
-    split = load_digits_split(float(p.test_fraction), int(cfg.seed))
+        masks = prune_at_init(model, p.prune, p.density, p.synflow_iterations, seed)
+    split = load_digits_split(p.test_fraction, seed)
     return HideNseekJob(
-        variant=str(p.variant),
-        aggregation=str(p.aggregation),
+        variant=p.variant,
+        aggregation=p.aggregation,
         base_model=model,
         masks=masks,
-        rounds=int(p.rounds),
-        init_scale=float(p.init_scale),
-        server_lr=float(p.server_lr),
-        site_config=site_config(cfg),
+        rounds=p.rounds,
+        init_scale=p.init_scale,
+        server_lr=p.server_lr,
+        site_config=site_config(p, seed),
         x_test=split.x_test,
         y_test=split.y_test,
     )
@@ -184,9 +213,9 @@ def write_plot_atomic(path: Path, accuracy: list[float], cumulative_up: list[flo
         plt.close(fig)
 
 
-def outcome_metrics(cfg: DictConfig, job, outcome, fed, wall_s: float) -> dict:
+def outcome_metrics(config: JobConfig, job: HideNseekJob, outcome, fed, wall_s: float) -> dict:
     """``metrics.json``: config, accuracy per round, bytes per site per round (by partition id)."""
-    p = cfg.protocol
+    p = HideNseekOptions.from_options(config.protocol)
     records = outcome.records[1:]
     up = [float(np.mean(list(r.bytes_up.values()))) for r in records]
     down = [float(np.mean(list(r.bytes_down.values()))) for r in records]
@@ -195,17 +224,17 @@ def outcome_metrics(cfg: DictConfig, job, outcome, fed, wall_s: float) -> dict:
         "protocol": "hidenseek",
         "variant": job.variant,
         "aggregation": job.aggregation,
-        "model": str(p.model),
-        "hidden": int(p.hidden),
-        "prune": "none" if job.variant == "fedavg_dense" else str(p.prune),
-        "density": float(p.density) if job.variant != "fedavg_dense" else 1.0,
+        "model": p.model,
+        "hidden": p.hidden,
+        "prune": "none" if job.variant == "fedavg_dense" else p.prune,
+        "density": p.density if job.variant != "fedavg_dense" else 1.0,
         "density_actual": masks_density(job.masks),
         "kept_weights": sum(int(mask.sum()) for mask in job.masks.values()),
         "total_weights": total,
-        "alpha": float(p.alpha),
-        "num_clients": int(cfg.federation.num_clients),
+        "alpha": p.alpha,
+        "num_clients": config.federation.num_clients,
         "rounds": job.rounds,
-        "local_epochs": int(p.local_epochs),
+        "local_epochs": p.local_epochs,
         "lr": job.site_config["lr"],
         "server_lr": job.server_lr,
         "delta_clip_quantile": job.site_config["delta_clip_quantile"],
@@ -224,42 +253,26 @@ def outcome_metrics(cfg: DictConfig, job, outcome, fed, wall_s: float) -> dict:
         "rejected": [{"round": r, "node": n, "reason": why} for r, n, why in fed.rejected],
         "wall_s": wall_s,
         "peak_rss_mb": peak_rss_mb(),
-        "seed": int(cfg.seed),
+        "seed": config.seed,
     }
 
 
-Launcher = Callable[[Callable], None]
-
-
-def run_hidenseek(cfg: DictConfig, out_dir: Path, launch: Launcher | None = None) -> dict:
-    """Run ``protocol=hidenseek`` over the grid ``launch`` gives (default: a Flower simulation)."""
-    from server.hidenseek_workflow import run_hidenseek_rounds
-    from server.job import wait_for_nodes
-    from server.rounds import Federation
-
-    validate_hidenseek(cfg)
+def run_hidenseek(config: JobConfig, out_dir: Path, launch: Launcher) -> dict:
+    """Run ``protocol=hidenseek`` over the federation ``launch`` gives."""
+    validate_hidenseek(config)
     start = time.perf_counter()
-    torch.manual_seed(int(cfg.seed))
-    job = build_job(cfg)
-    if launch is None:
-        from cli.federated import simulation_launcher
-
-        launch = simulation_launcher(cfg)
+    torch.manual_seed(config.seed)
+    job = build_job(config)
     result: dict = {}
 
-    def server_main(grid) -> None:
-        nodes = wait_for_nodes(grid, int(cfg.federation.num_clients))
-        timeout = cfg.federation.get("round_timeout")
-        fed = Federation(
-            grid, nodes, int(cfg.federation.min_clients), None if timeout is None else float(timeout)
-        )
+    def server_main(fed) -> None:
         result["outcome"] = run_hidenseek_rounds(fed, job)
         result["fed"] = fed
 
     launch(server_main)
     if "outcome" not in result:
         raise RuntimeError("the federated run ended without a result (see the log above)")
-    metrics = outcome_metrics(cfg, job, result["outcome"], result["fed"], time.perf_counter() - start)
+    metrics = outcome_metrics(config, job, result["outcome"], result["fed"], time.perf_counter() - start)
     cumulative = np.cumsum(
         [0.0, *[sum(r.bytes_up.values()) / max(1, len(r.bytes_up)) for r in result["outcome"].records[1:]]]
     )
@@ -281,3 +294,10 @@ def summary_table(metrics: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+UNIT = register_protocol(
+    ProtocolUnit(
+        "hidenseek", HideNseekOptions, run_hidenseek, validate_hidenseek, summary_table, federated=True
+    )
+)

@@ -1,4 +1,7 @@
-"""Pieces every protocol's job shares: resolving assets, building windows, evaluating, writing outputs."""
+"""Pieces every LLM protocol's job shares: resolving assets, building windows, evaluating, metrics, outputs.
+
+Everything takes the typed :class:`fedprune.config.JobConfig`; nothing here knows Flower or Hydra.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from fedprune.config import JobConfig, build_pruner, target_sparsity
 from fedprune.data.assets import resolve_corpus_path, resolve_model_path
 from fedprune.data.corpus import load_works, split_works
 from fedprune.data.sites import pooled_windows
@@ -18,7 +21,7 @@ from fedprune.eval import Perplexity, perplexity
 from fedprune.masks import Pattern, parse_pattern
 from fedprune.models import load_causal_lm, load_tokenizer, model_sparsity
 from fedprune.outputs import peak_rss_mb, save_model_atomic, write_json_atomic
-from fedprune.pruners import Pruner, get_pruner
+from fedprune.pruners import Pruner
 
 logger = logging.getLogger(__name__)
 
@@ -31,47 +34,34 @@ class RunData:
     eval_ids: torch.Tensor  # (windows, seq_len)
 
 
-def load_run_data(cfg: DictConfig, tokenizer: object) -> RunData:
+def load_run_data(job: JobConfig, tokenizer: object) -> RunData:
     """Tokenize the corpus, split off the held-out works and cut the evaluation windows."""
-    works = load_works(resolve_corpus_path(str(cfg.data.path)))
-    calib_works, eval_works = split_works(works, list(cfg.data.heldout))
+    works = load_works(resolve_corpus_path(job.data.path))
+    calib_works, eval_works = split_works(works, list(job.data.heldout))
     calib_docs = tokenize_works(tokenizer, calib_works)
     eval_docs = tokenize_works(tokenizer, eval_works)
-    max_windows = None if cfg.data.eval_windows is None else int(cfg.data.eval_windows)
-    return RunData(calib_docs, eval_windows(eval_docs, int(cfg.data.seq_len), max_windows))
+    return RunData(calib_docs, eval_windows(eval_docs, job.data.seq_len, job.data.eval_windows))
 
 
-def calibration_windows(cfg: DictConfig, docs: dict[str, torch.Tensor]) -> torch.Tensor:
+def calibration_windows(job: JobConfig, docs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The pooled calibration set: every site's windows stacked (``federation.num_clients`` sites,
     ``federation.partitioner``), so a centralized run uses exactly the data a federation would."""
-    fed = cfg.federation
+    fed = job.federation
     return pooled_windows(
-        str(fed.partitioner),
-        docs,
-        int(fed.num_clients),
-        int(cfg.data.calib_windows),
-        int(cfg.data.seq_len),
-        int(cfg.seed),
+        fed.partitioner, docs, fed.num_clients, job.data.calib_windows, job.data.seq_len, job.seed
     )
 
 
-def load_model_and_tokenizer(cfg: DictConfig) -> tuple[torch.nn.Module, object, Path]:
-    """The model (eval mode, on ``cfg.device``), its tokenizer and its folder."""
-    path = resolve_model_path(str(cfg.model.path))
-    dtype = getattr(torch, str(cfg.model.get("dtype", "float32")))
-    model = load_causal_lm(path, dtype=dtype).to(cfg.device)
+def load_model_and_tokenizer(job: JobConfig) -> tuple[torch.nn.Module, object, Path]:
+    """The model (eval mode, on ``job.device``), its tokenizer and its folder."""
+    path = resolve_model_path(job.model.path)
+    model = load_causal_lm(path, dtype=getattr(torch, job.model.dtype)).to(job.device)
     return model, load_tokenizer(path), path
 
 
-def target_sparsity(cfg: DictConfig) -> float:
-    """The sparsity asked for: implied by an N:M pattern, else ``cfg.sparsity``."""
-    pattern = parse_pattern(str(cfg.pattern))
-    return pattern.sparsity if pattern.sparsity is not None else float(cfg.sparsity)
-
-
-def evaluate(cfg: DictConfig, model: torch.nn.Module, eval_ids: torch.Tensor, label: str):
+def evaluate(job: JobConfig, model: torch.nn.Module, eval_ids: torch.Tensor, label: str):
     """Held-out perplexity, logged."""
-    result = perplexity(model, eval_ids, int(cfg.eval_batch_size), progress=bool(cfg.progress))
+    result = perplexity(model, eval_ids, job.eval_batch_size, progress=job.progress)
     logger.info("%s perplexity %.3f over %d tokens", label, result.value, result.tokens)
     return result
 
@@ -129,15 +119,14 @@ class Prepared:
     start: float = field(default_factory=time.perf_counter)
 
 
-def prepare(cfg: DictConfig) -> Prepared:
+def prepare(job: JobConfig) -> Prepared:
     """Build the pruner, load model, tokenizer and data, and evaluate the dense model."""
     start = time.perf_counter()
-    params = cfg.pruner.get("params", {})
-    pruner = get_pruner(cfg.pruner.name, **(dict(params) if params else {}))
-    model, tokenizer, _ = load_model_and_tokenizer(cfg)
-    data = load_run_data(cfg, tokenizer)
-    dense = evaluate(cfg, model, data.eval_ids, "dense")
-    return Prepared(pruner, parse_pattern(str(cfg.pattern)), model, tokenizer, data, dense, start)
+    pruner = build_pruner(job.pruner)
+    model, tokenizer, _ = load_model_and_tokenizer(job)
+    data = load_run_data(job, tokenizer)
+    dense = evaluate(job, model, data.eval_ids, "dense")
+    return Prepared(pruner, parse_pattern(job.pattern), model, tokenizer, data, dense, start)
 
 
 def privacy_metrics(privacy: str, plan) -> dict:
@@ -151,14 +140,14 @@ def privacy_metrics(privacy: str, plan) -> dict:
     return metrics
 
 
-def base_metrics(cfg: DictConfig, prep: Prepared, ppl_pruned: float, calib_tokens: int, **extra) -> dict:
+def base_metrics(job: JobConfig, prep: Prepared, ppl_pruned: float, calib_tokens: int, **extra) -> dict:
     """The metrics every protocol reports, then protocol-specific ``extra`` ones, then timing and memory."""
     metrics = {
-        "model": str(cfg.model.name),
-        "protocol": str(cfg.protocol.name),
+        "model": job.model.name,
+        "protocol": job.protocol_name,
         "pruner": prep.pruner.name,
         "pattern": str(prep.pattern),
-        "sparsity": target_sparsity(cfg),
+        "sparsity": target_sparsity(job),
         "sparsity_actual": model_sparsity(prep.model),
         "ppl_dense": prep.dense.value,
         "ppl_pruned": ppl_pruned,
@@ -166,5 +155,5 @@ def base_metrics(cfg: DictConfig, prep: Prepared, ppl_pruned: float, calib_token
         "eval_tokens": prep.dense.tokens,
         **extra,
     }
-    metrics.update(wall_s=time.perf_counter() - prep.start, peak_rss_mb=peak_rss_mb(), seed=int(cfg.seed))
+    metrics.update(wall_s=time.perf_counter() - prep.start, peak_rss_mb=peak_rss_mb(), seed=job.seed)
     return metrics

@@ -1,4 +1,4 @@
-"""A site's state between rounds, on the site's own disk, keyed by run and site.
+"""A site's state between rounds, on the site's own disk, keyed by run and site (no Flower here).
 
 flwr does not keep a ClientApp's process between messages (a fresh process per message under the
 Deployment Engine, any free actor in simulation), so block inputs (tens of MB) live in a per-run local

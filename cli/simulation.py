@@ -1,10 +1,11 @@
-"""Federated protocols in the Flower Simulation Engine (one Ray actor per CPU given to a client)."""
+"""The launcher for the Flower Simulation Engine: runs a protocol's server routine inside a ServerApp
+of ``run_simulation``, with ``federation.num_clients`` simulated SuperNodes (one Ray actor per CPU given to
+a client)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -13,15 +14,17 @@ logging.getLogger("alembic").setLevel(logging.WARNING)  # flwr's in-memory state
 
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
-from server.job import run_federated  # noqa: E402
+from fedprune.config import FederationSpec  # noqa: E402
+from fedprune.protocols.federation import Launcher  # noqa: E402
+from server.flower_transport import grid_federation  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-def simulation_launcher(cfg: DictConfig, client_app=None):
-    """A launcher that runs ``server_main(grid)`` as the ServerApp of a Flower simulation."""
+def simulation_launcher(fed: FederationSpec, client_app=None) -> Launcher:
+    """A launcher that runs ``server_main(federation)`` in a Flower simulation (``client_app``: for
+    tests; default the fedprune ClientApp)."""
     from flwr.simulation import run_simulation
 
     if client_app is None:
@@ -32,13 +35,12 @@ def simulation_launcher(cfg: DictConfig, client_app=None):
 
         @server_app.main()
         def _main(grid: Grid, context: Context) -> None:
-            server_main(grid)
+            server_main(grid_federation(grid, fed.num_clients, fed.min_clients, fed.round_timeout))
 
-        cpus = float(cfg.federation.cpus_per_client)
         backend_config = {
-            "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": fed.cpus_per_client, "num_gpus": 0.0},
             "init_args": {
-                "num_cpus": max(int(cpus), os.cpu_count() or 1),
+                "num_cpus": max(int(fed.cpus_per_client), os.cpu_count() or 1),
                 "logging_level": "ERROR",
                 "log_to_driver": False,
                 "include_dashboard": False,
@@ -51,15 +53,10 @@ def simulation_launcher(cfg: DictConfig, client_app=None):
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
-                num_supernodes=int(cfg.federation.num_clients),
+                num_supernodes=fed.num_clients,
                 backend_config=backend_config,
             )
         finally:
             flwr_logger.setLevel(level)
 
     return launch
-
-
-def run_simulated(cfg: DictConfig, out_dir: Path, client_app=None) -> dict:
-    """A federated protocol on ``federation.num_clients`` simulated sites (``client_app``: for tests)."""
-    return run_federated(cfg, out_dir, simulation_launcher(cfg, client_app))

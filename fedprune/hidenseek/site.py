@@ -1,6 +1,6 @@
-"""HideNseek on Flower, the site's side: rebuild the frozen network from a seed, train locally, reply.
+"""HideNseek, the site's side: rebuild the frozen network from a seed, train locally, reply.
 
-Registered on the shared ClientApp (``clients.client_app.app``) as ``train.hidenseek``. Every message
+Registered as the site task ``train.hidenseek``. Every message
 carries all a site needs (simulation gives clients no run config), so a site keeps no state between
 rounds and a site that joins late starts from the current global model:
 
@@ -23,7 +23,7 @@ float32); its ``metrics`` hold
 ``num_examples``, ``partition_id`` and ``crc``, the CRC-32 of the ``update`` the site started from.
 
 The wire codec (:func:`encode_mask`, :func:`decode_mask`, :func:`update_crc`) and
-:func:`with_weights` are shared with the server (``server/hidenseek_workflow.py``).
+:func:`with_weights` are shared with the server (``fedprune/hidenseek/server.py``).
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from __future__ import annotations
 import copy
 import logging
 import zlib
+from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from clients.client_app import app
 from fedprune.hidenseek.aggregate import (
     delta_scale,
     gather_kept,
@@ -57,6 +56,8 @@ from fedprune.hidenseek.rounds import codes_of_scores, global_model, set_kept_sc
 from fedprune.hidenseek.sign_supermask import learned_codes, supermask_layers, train_scores
 from fedprune.hidenseek.train import local_sgd
 from fedprune.masks import pack_bits, unpack_bits
+from fedprune.protocols.federation import Reply, Request
+from fedprune.protocols.tasks import Site, reply, site_task
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
     return copied
 
 
-def frozen_model(config: ConfigRecord) -> nn.Module:
+def frozen_model(config: Mapping) -> nn.Module:
     """The seeded random network both ends rebuild (its weights never travel)."""
     return build_model(
         str(config["arch"]), int(config["model_seed"]), str(config["init"]), hidden=int(config["hidden"])
@@ -123,9 +124,7 @@ def _digits(test_fraction: float, seed: int) -> DigitsSplit:
     return load_digits_split(test_fraction, seed)
 
 
-def site_data(
-    config: ConfigRecord, partition_id: int, num_partitions: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def site_data(config: Mapping, partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The site's Dirichlet(alpha) share of the digits training split: ``x (n, 64)``, ``y (n,)``."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is not in [0, {num_partitions})")
@@ -169,7 +168,7 @@ def train_supermask(
     update: dict[str, np.ndarray],
     x: torch.Tensor,
     y: torch.Tensor,
-    config: ConfigRecord,
+    config: Mapping,
     seed: int,
 ) -> dict[str, np.ndarray]:
     """Train scores from the global state; the reply payload for ``config["aggregation"]``.
@@ -219,7 +218,7 @@ def train_weights(
     flat_weights: np.ndarray,
     x: torch.Tensor,
     y: torch.Tensor,
-    config: ConfigRecord,
+    config: Mapping,
     seed: int,
 ) -> dict[str, np.ndarray]:
     """Local SGD from the global kept weights (pruned ones stay 0); ``{"weights": float32 kept}``."""
@@ -241,7 +240,7 @@ def train_weights(
 
 
 def local_round(
-    config: ConfigRecord, update: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, partition_id: int
+    config: Mapping, update: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, partition_id: int
 ) -> dict[str, np.ndarray]:
     """One site's round for any variant: the reply payload."""
     variant = str(config["variant"])
@@ -260,19 +259,13 @@ def local_round(
     return train_weights(model, masks, weights, x, y, config, seed)
 
 
-@app.train("hidenseek")
-def hidenseek_train(msg: Message, context: Context) -> Message:
+@site_task("train.hidenseek")
+def hidenseek_train(site: Site, request: Request) -> Reply:
     """``train.hidenseek``: one local round on the site's partition of digits."""
-    config = msg.content["config"]
-    update = {key: array.numpy() for key, array in msg.content["update"].items()}
-    partition_id = int(context.node_config["partition-id"])
-    x, y = site_data(config, partition_id, int(context.node_config["num-partitions"]))
+    config, update = request.config, dict(request.update or {})
+    partition_id = int(site.node_config["partition-id"])
+    x, y = site_data(config, partition_id, int(site.node_config["num-partitions"]))
     payload = local_round(config, update, x, y, partition_id)
-    metrics = {"num_examples": int(y.numel()), "partition_id": partition_id, "crc": update_crc(update)}
-    content = RecordDict(
-        {
-            "payload": ArrayRecord({key: Array(value) for key, value in payload.items()}),
-            "metrics": MetricRecord(metrics),
-        }
+    return reply(
+        payload, {"num_examples": int(y.numel()), "partition_id": partition_id, "crc": update_crc(update)}
     )
-    return Message(content, reply_to=msg)

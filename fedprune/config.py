@@ -1,0 +1,396 @@
+"""The typed job: one dataclass per config group, built from the plain nested mapping of the Hydra config.
+
+The library never sees Hydra or OmegaConf: the CLI turns the composed config into a plain dict and calls
+:meth:`JobConfig.from_mapping`. Parsing checks types and names the key of a bad value
+(:class:`ConfigError`); the checks that need more than one group (the pruner against the pattern, the
+assets on disk, the sites against the windows) are the ``check_*`` functions, which a protocol applies
+before any work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _get(mapping: Mapping, key: str, prefix: str, kind: Callable[[Any], T], default: Any = ...) -> T:
+    """``kind(mapping[key])`` with an error naming ``prefix.key`` when missing or of the wrong type."""
+    name = f"{prefix}.{key}" if prefix else key
+    if key not in mapping or mapping[key] is None and default is not ...:
+        if default is ...:
+            raise ConfigError(f"config key '{name}': missing")
+        return default
+    value = mapping[key]
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{name}': must be true or false, got {value!r}")
+    if kind in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{name}': must be a number, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config key '{name}': {error}") from None
+
+
+def _optional(kind: Callable[[Any], T]) -> Callable[[Any], T | None]:
+    return lambda value: None if value is None else kind(value)
+
+
+def _section(mapping: Mapping, key: str) -> Mapping:
+    value = mapping.get(key)
+    if value is None:
+        return {}
+    check(isinstance(value, Mapping), key, f"must be a group of keys, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``model``: a bundled model name or an HF folder, and the dtype it is loaded in."""
+
+    name: str
+    path: str
+    dtype: str = "float32"
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> ModelSpec:
+        return cls(
+            name=_get(m, "name", "model", str, "model"),
+            path=_get(m, "path", "model", str, ""),
+            dtype=_get(m, "dtype", "model", str, "float32"),
+        )
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """``data``: the corpus, its held-out works, window length and counts."""
+
+    path: str
+    heldout: tuple[str, ...]
+    seq_len: int
+    calib_windows: int
+    eval_windows: int | None
+    name: str = ""
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> DataSpec:
+        heldout = m.get("heldout") or ()
+        check(not isinstance(heldout, str), "data.heldout", "must be a list of work names")
+        return cls(
+            path=_get(m, "path", "data", str, ""),
+            heldout=tuple(str(w) for w in heldout),
+            seq_len=_get(m, "seq_len", "data", int, 512),
+            calib_windows=_get(m, "calib_windows", "data", int, 32),
+            eval_windows=_get(m, "eval_windows", "data", _optional(int), None),
+            name=_get(m, "name", "data", str, ""),
+        )
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """``pruner``: a registered pruner's name and its parameters."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> PrunerSpec:
+        params = m.get("params") or {}
+        check(isinstance(params, Mapping), "pruner.params", f"must be a group of keys, got {params!r}")
+        return cls(name=_get(m, "name", "pruner", str, "wanda"), params=dict(params))
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """``federation``: how many sites, how many must reply, how windows are dealt, CPUs per site."""
+
+    num_clients: int = 4
+    min_clients: int = 2
+    partitioner: str = "by_document"
+    cpus_per_client: float = 1.0
+    round_timeout: float | None = None
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> FederationSpec:
+        return cls(
+            num_clients=_get(m, "num_clients", "federation", int, 4),
+            min_clients=_get(m, "min_clients", "federation", int, 2),
+            partitioner=_get(m, "partitioner", "federation", str, "by_document"),
+            cpus_per_client=_get(m, "cpus_per_client", "federation", float, 1.0),
+            round_timeout=_get(m, "round_timeout", "federation", _optional(float), None),
+        )
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """``privacy``: none, secure aggregation, or secure aggregation with distributed DP."""
+
+    name: str = "none"
+    threshold: int | None = None
+    modulus_bits: int = 64
+    value_words: float = 1.0
+    token_bound: float = 1.0
+    epsilon: float | None = None
+    delta: float | None = None
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> PrivacySpec:
+        words = m.get("value_words", 1)
+        check(
+            isinstance(words, int | float) and not isinstance(words, bool),
+            "privacy.value_words",
+            f"must be a number, got {words!r}",
+        )
+        return cls(
+            name=_get(m, "name", "privacy", str, "none"),
+            threshold=_get(m, "threshold", "privacy", _optional(int), None),
+            modulus_bits=_get(m, "modulus_bits", "privacy", int, 64),
+            value_words=float(words),
+            token_bound=_get(m, "token_bound", "privacy", float, 1.0),
+            epsilon=_get(m, "epsilon", "privacy", _optional(float), None),
+            delta=_get(m, "delta", "privacy", _optional(float), None),
+        )
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One run, typed. ``protocol`` keeps the protocol group's raw options: the protocol parses them."""
+
+    model: ModelSpec
+    data: DataSpec
+    pruner: PrunerSpec
+    federation: FederationSpec
+    privacy: PrivacySpec
+    protocol_name: str
+    protocol: Mapping = field(default_factory=dict)
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 4
+    eval_batch_size: int = 4
+    save_model: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> JobConfig:
+        """Parse the whole config (a plain nested mapping); ConfigError names the first bad key."""
+        protocol = dict(_section(m, "protocol"))
+        check("name" in protocol, "protocol.name", "missing")
+        return cls(
+            model=ModelSpec.from_mapping(_section(m, "model")),
+            data=DataSpec.from_mapping(_section(m, "data")),
+            pruner=PrunerSpec.from_mapping(_section(m, "pruner")),
+            federation=FederationSpec.from_mapping(_section(m, "federation")),
+            privacy=PrivacySpec.from_mapping(_section(m, "privacy")),
+            protocol_name=str(protocol.pop("name")),
+            protocol=protocol,
+            sparsity=_get(m, "sparsity", "", _optional(float), None),
+            pattern=_get(m, "pattern", "", str, "unstructured"),
+            seed=_get(m, "seed", "", int, 0),
+            device=_get(m, "device", "", str, "cpu"),
+            batch_size=_get(m, "batch_size", "", int, 4),
+            eval_batch_size=_get(m, "eval_batch_size", "", int, 4),
+            save_model=_get(m, "save_model", "", bool, True),
+            progress=_get(m, "progress", "", bool, True),
+        )
+
+
+def check_model_spec(spec: str, key: str = "model.path") -> None:
+    """A bundled model name or an existing HF folder (with config.json)."""
+    from fedprune.data.assets import MODEL_ASSETS
+
+    if spec in MODEL_ASSETS:
+        return
+    path = Path(spec).expanduser()
+    check(
+        path.is_dir() and (path / "config.json").is_file(),
+        key,
+        f"{spec!r} is neither a bundled model ({', '.join(sorted(MODEL_ASSETS))}) "
+        "nor an existing HF model folder with config.json",
+    )
+
+
+def check_corpus_spec(spec: str, key: str = "data.path") -> None:
+    """A bundled corpus name or an existing folder of .txt works."""
+    from fedprune.data.assets import CORPUS_ASSETS
+
+    if spec in CORPUS_ASSETS:
+        return
+    path = Path(spec).expanduser()
+    check(
+        path.is_dir() and any(path.glob("*.txt")),
+        key,
+        f"{spec!r} is neither a bundled corpus ({', '.join(sorted(CORPUS_ASSETS))}) "
+        "nor a folder of <work>.txt files",
+    )
+
+
+def build_pruner(spec: PrunerSpec):
+    """The configured pruner; ConfigError naming ``pruner.name`` or ``pruner.params``."""
+    from fedprune.pruners import get_pruner
+
+    try:
+        return get_pruner(spec.name, **spec.params)
+    except KeyError as error:
+        raise ConfigError(f"config key 'pruner.name': {error.args[0]}") from None
+    except TypeError as error:
+        raise ConfigError(f"config key 'pruner.params': {error}") from None
+
+
+def target_sparsity(job: JobConfig) -> float:
+    """The sparsity to prune to: implied by an N:M pattern, else ``sparsity``."""
+    from fedprune.masks import parse_pattern
+
+    implied = parse_pattern(job.pattern).sparsity
+    return implied if implied is not None else float(job.sparsity)
+
+
+def check_llm_job(job: JobConfig) -> None:
+    """Checks shared by the LLM protocols: pruner, pattern, sparsity, model, data, batch size."""
+    from fedprune.masks import check_sparsity, parse_pattern
+    from fedprune.pruners import check_pruner_supports
+
+    pruner = build_pruner(job.pruner)
+    try:
+        pattern = parse_pattern(job.pattern)
+    except ValueError as error:
+        raise ConfigError(f"config key 'pattern': {error}") from None
+    if pattern.sparsity is None:
+        check(job.sparsity is not None, "sparsity", "missing: unstructured pruning needs a sparsity")
+        try:
+            check_sparsity(float(job.sparsity))
+        except ValueError as error:
+            raise ConfigError(f"config key 'sparsity': {error}") from None
+    else:
+        check(
+            job.sparsity is None or abs(job.sparsity - pattern.sparsity) < 1e-12,
+            "sparsity",
+            f"{job.sparsity} conflicts with pattern {pattern} (which prunes {pattern.sparsity:g}); "
+            f"give sparsity={pattern.sparsity:g} or sparsity=null with an N:M pattern",
+        )
+    try:
+        check_pruner_supports(pruner, pattern)
+    except ValueError as error:
+        raise ConfigError(f"config key 'pattern': {error}") from None
+    check(bool(job.model.path), "model.path", "missing: give a bundled model name or a folder")
+    check_model_spec(job.model.path)
+    check_corpus_spec(job.data.path)
+    data = job.data
+    check(data.seq_len >= 2, "data.seq_len", f"must be >= 2, got {data.seq_len}")
+    check(data.calib_windows >= 1, "data.calib_windows", f"must be >= 1, got {data.calib_windows}")
+    check(
+        data.eval_windows is None or data.eval_windows >= 1,
+        "data.eval_windows",
+        f"must be >= 1 or null, got {data.eval_windows}",
+    )
+    check(job.batch_size >= 1, "batch_size", f"must be >= 1, got {job.batch_size}")
+    check(job.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {job.eval_batch_size}")
+    check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")
+
+
+def check_sites(fed: FederationSpec) -> None:
+    """How many sites, how many must reply, CPUs each."""
+    clients = fed.num_clients
+    check(clients >= 1, "federation.num_clients", f"must be >= 1, got {clients}")
+    check(
+        1 <= fed.min_clients <= clients,
+        "federation.min_clients",
+        f"must be in [1, num_clients={clients}], got {fed.min_clients}",
+    )
+    check(fed.cpus_per_client > 0, "federation.cpus_per_client", "must be > 0")
+    check(
+        fed.round_timeout is None or fed.round_timeout > 0,
+        "federation.round_timeout",
+        f"must be > 0 or null, got {fed.round_timeout}",
+    )
+
+
+def check_llm_federation(job: JobConfig) -> None:
+    """Sites of an LLM federation: :func:`check_sites`, the partitioner, enough windows, the device."""
+    from fedprune.data.sites import SITE_PARTITIONERS
+
+    check_sites(job.federation)
+    fed = job.federation
+    check(
+        fed.partitioner in SITE_PARTITIONERS,
+        "federation.partitioner",
+        f"unknown partitioner {fed.partitioner!r}; known: {sorted(SITE_PARTITIONERS)}",
+    )
+    check(
+        job.data.calib_windows >= fed.num_clients,
+        "data.calib_windows",
+        f"{job.data.calib_windows} windows cannot be split over {fed.num_clients} sites",
+    )
+
+
+def check_privacy(
+    job: JobConfig, secure: bool, dp: bool, secure_protocols: tuple[str, ...], dp_protocols: tuple[str, ...]
+) -> None:
+    """The ``privacy`` group against a protocol (``secure``: its server sums site payloads; ``dp``: the
+    Gaussian mechanism on statistics applies). A setting where it cannot apply is an error."""
+    from fedprune.secure.plan import PRIVACY_SETTINGS, VALUE_WORDS
+
+    privacy = job.privacy
+    check(
+        privacy.name in PRIVACY_SETTINGS,
+        "privacy.name",
+        f"unknown privacy {privacy.name!r}; known: {list(PRIVACY_SETTINGS)}",
+    )
+    if privacy.name == "none":
+        return
+    check(
+        secure,
+        "privacy.name",
+        f"{privacy.name} needs a protocol whose server sums site payloads ({', '.join(secure_protocols)}); "
+        f"protocol {job.protocol_name!r} has none to protect this way",
+    )
+    sites = job.federation.num_clients
+    if privacy.threshold is not None:
+        check(
+            2 <= privacy.threshold <= sites,
+            "privacy.threshold",
+            f"must be in [2, federation.num_clients={sites}], got {privacy.threshold}",
+        )
+    check(sites >= 2, "federation.num_clients", f"secure aggregation needs >= 2 sites, got {sites}")
+    check(privacy.modulus_bits in range(8, 65), "privacy.modulus_bits", "must be in [8, 64]")
+    check(privacy.token_bound > 0, "privacy.token_bound", f"must be > 0, got {privacy.token_bound}")
+    check(
+        privacy.value_words in VALUE_WORDS,
+        "privacy.value_words",
+        f"must be one of {VALUE_WORDS}, got {privacy.value_words!r}",
+    )
+    if privacy.name != "secagg_dp":
+        return
+    check(
+        dp,
+        "privacy.name",
+        f"secagg_dp adds noise to statistics: use protocol {' or '.join(dp_protocols)}, "
+        f"not {job.protocol_name!r}",
+    )
+    check(
+        privacy.epsilon is not None and privacy.epsilon > 0,
+        "privacy.epsilon",
+        f"must be > 0, got {privacy.epsilon}",
+    )
+    check(
+        privacy.delta is not None and 0 < privacy.delta < 1,
+        "privacy.delta",
+        f"must be in (0, 1), got {privacy.delta}",
+    )

@@ -1,0 +1,107 @@
+"""A federated LLM pruning job: evaluate dense, run the protocol's server routine over a federation,
+evaluate, write outputs. The federation comes from a launcher (a Flower simulation or deployment in
+``server/``, or in process), so the same job serves all of them.
+
+``metrics.json`` reports what happened: ``num_clients`` and ``calib_tokens`` are the sites (and their
+tokens) whose data entered the final sums; ``sites_per_sum`` lists the sites of every sum where they
+differ (a site that dropped out or whose reply was rejected).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from fedprune.config import JobConfig, check, target_sparsity
+from fedprune.job import base_metrics, evaluate, prepare, privacy_metrics, write_outputs
+from fedprune.outputs import save_tensors_atomic
+from fedprune.protocols.centralized import check_llm
+from fedprune.protocols.federation import Federation, Launcher
+from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome
+from fedprune.protocols.messages import MethodSpec, SiteJob
+from fedprune.protocols.secure_sums import plan_from_job
+
+logger = logging.getLogger(__name__)
+
+ServerRoutine = Callable[[Federation, FederatedJob], FederatedOutcome]
+
+
+def check_federated_llm(job: JobConfig) -> None:
+    """The LLM checks; sites compute on their own CPUs, so the server's ``device`` must be ``cpu``."""
+    check_llm(job)
+    check(
+        job.device == "cpu",
+        "device",
+        f"federated protocols compute on each site's CPU; got {job.device!r} (use device=cpu, or "
+        "protocol=centralized / local to prune on another device)",
+    )
+
+
+def run_federated(
+    job: JobConfig, out_dir: Path, launch: Launcher, routine: ServerRoutine, options: object
+) -> dict:
+    """Prune the model with ``routine`` over the federation that ``launch`` provides."""
+    prep = prepare(job)
+    fed_job = FederatedJob(
+        model=prep.model,
+        pruner=prep.pruner,
+        method=MethodSpec.from_job(job, prep.pruner),
+        pattern=prep.pattern,
+        site_job=SiteJob.from_job(job, uuid.uuid4().hex[:12]),
+        options=options,
+        seed=job.seed,
+        progress=job.progress,
+        privacy=job.privacy.name,
+        plan=plan_from_job(job, prep.model),
+    )
+    result: dict = {}
+
+    def server_main(fed: Federation) -> None:
+        result["outcome"] = routine(fed, fed_job)
+        result["fed"] = fed
+
+    federated_start = time.perf_counter()
+    launch(server_main)
+    if "outcome" not in result:
+        raise RuntimeError("the federated run ended without a result (see the log above)")
+    federated_s = time.perf_counter() - federated_start
+    outcome: FederatedOutcome = result["outcome"]
+    fed: Federation = result["fed"]
+    pruned = evaluate(job, prep.model, prep.data.eval_ids, "pruned")
+    extra = {}
+    if len(set(outcome.sites_per_sum)) > 1:
+        extra["sites_per_sum"] = [list(sites) for sites in outcome.sites_per_sum]
+    metrics = base_metrics(
+        job,
+        prep,
+        pruned.value,
+        outcome.calib_tokens,
+        num_clients=len(outcome.final_sites),
+        partition=job.federation.partitioner,
+        **protocol_metrics(options),
+        rounds=len(fed.round_seconds),
+        round_wall_s=[round(s, 3) for s in fed.round_seconds],
+        bytes_up_per_client=fed.mean_bytes(fed.bytes_up),
+        bytes_down_per_client=fed.mean_bytes(fed.bytes_down),
+        rejected=[{"round": r, "node": n, "reason": why} for r, n, why in fed.rejected],
+        prune_s=federated_s,
+        **extra,
+        **privacy_metrics(fed_job.privacy, fed_job.plan),
+    )
+    if outcome.votes and getattr(options, "save_votes", False):
+        metrics["vote_sites"] = outcome.vote_sites
+        save_tensors_atomic(out_dir / "votes.safetensors", outcome.votes)
+    model = prep.model if job.save_model else None
+    write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer)
+    return metrics
+
+
+def protocol_metrics(options: object) -> dict:
+    """``group`` and ``scaling`` of the voting protocols (None for the others)."""
+    return {"group": getattr(options, "group", None), "scaling": getattr(options, "scaling", None)}
+
+
+__all__ = ["check_federated_llm", "run_federated", "target_sparsity"]

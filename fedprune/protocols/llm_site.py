@@ -1,0 +1,193 @@
+"""The LLM protocols' site tasks: calibration windows, block statistics, own masks, local pruning.
+
+A site never sends tokens, activations or per-sample values: only summed statistics with counts, or
+bit-packed masks. Every request's config is a :class:`~fedprune.protocols.messages.SiteJob` record, plus
+:class:`MethodSpec` and :class:`BlockTask` where the task needs them. A site's private data is either its
+partition of the bundled corpus (``partition-id`` and ``num-partitions`` in its node config, as in
+simulation) or its own folder of ``<work>.txt`` files (``data-path``, as at a real site).
+
+Tasks
+-----
+``query.start``       sample the site's windows, embed them, keep block-0 inputs (sync protocols).
+``train.stats``       [apply block b-1] then statistics of block b (``stats_sync``).
+``train.masks``       [apply block b-1] then the site's own masks of block b (``mask_vote_sync``).
+``train.local_prune`` prune a private copy of the whole model, upload all masks (``mask_vote``).
+``query.finish``      delete the site's state of the run.
+
+The payload functions (:data:`PAYLOADS`) return the plain payload and the site's tokens; the plain task
+encodes it, and the secure task (``fedprune/protocols/secure_site.py``) wraps the same payload.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fedprune.data.assets import resolve_corpus_path, resolve_model_path
+from fedprune.data.sites import site_window_count, site_windows
+from fedprune.data.windows import sample_windows
+from fedprune.masks import parse_pattern
+from fedprune.payload import decode_masks, decode_weights, encode_masks, encode_stats
+from fedprune.protocols.federation import Reply, Request
+from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
+from fedprune.protocols.site_state import dense_model, drop_state, load_state, save_state, tokenized_works
+from fedprune.protocols.tasks import Site, reply, site_task
+from fedprune.pruners import get_pruner
+from fedprune.site import (
+    SiteState,
+    advance_site_,
+    block_layer_shapes,
+    local_masks,
+    site_block_masks,
+    site_block_stats,
+    start_site,
+    weights_from_masks,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def calibration_ids(job: SiteJob, site: Site) -> torch.Tensor:
+    """The site's private calibration windows ``(windows, seq_len)``.
+
+    A real site (``data-path``) samples its share of ``total_windows`` (split as in simulation: site
+    ``partition-id`` of ``num_sites``, the first ``total % sites`` get one more) from all of its works.
+    """
+    model_path = str(resolve_model_path(job.model))
+    node = site.node_config
+    if "data-path" in node:
+        if "partition-id" not in node:
+            raise ValueError(
+                "node config: a site with 'data-path' also needs 'partition-id' (its site index)"
+            )
+        index = int(node["partition-id"])
+        if not 0 <= index < job.num_sites:
+            raise ValueError(f"node config: partition-id {index} outside [0, {job.num_sites})")
+        docs = tokenized_works(model_path, str(node["data-path"]))
+        count = site_window_count(job.total_windows, index, job.num_sites)
+        return sample_windows(docs, count, job.seq_len, job.seed * 1000 + index + 1)
+    corpus = str(resolve_corpus_path(job.corpus))
+    docs = tokenized_works(model_path, corpus, job.heldout)
+    index, num_sites = int(node["partition-id"]), int(node["num-partitions"])
+    if num_sites != job.num_sites:
+        raise ValueError(f"node config: num-partitions {num_sites} but the job has {job.num_sites} sites")
+    return site_windows(job.partitioner, docs, index, num_sites, job.total_windows, job.seq_len, job.seed)
+
+
+def site_model(job: SiteJob) -> torch.nn.Module:
+    """The dense model named in the job (a bundled name or a folder at this site), read-only."""
+    return dense_model(str(resolve_model_path(job.model)), job.dtype)
+
+
+def site_pruner(method: MethodSpec):
+    return get_pruner(method.pruner, **method.pruner_params)
+
+
+def apply_update_(model, state: SiteState, task: BlockTask, update: dict | None) -> None:
+    """Move past block b-1 if the request carries its globally pruned version."""
+    if not update:
+        return
+    block = task.block - 1
+    shapes = block_layer_shapes(model, block)
+    if task.update_kind == "masks":
+        weights = weights_from_masks(model, block, decode_masks(update, shapes))
+    else:
+        weights = decode_weights(update, shapes)
+    advance_site_(model, state, block, weights)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A site's plain payload for a summed task: statistics arrays or keep-masks, and its tokens."""
+
+    kind: str  # "stats" | "masks"
+    values: dict  # encode_stats arrays, or {layer: bool mask}
+    tokens: int
+
+
+def block_payload(site: Site, request: Request, compute: Callable) -> tuple[object, int]:
+    """[Apply block b-1], then ``compute(model, state, job, method, task)``; the result and the tokens."""
+    job, method = SiteJob.from_record(request.config), MethodSpec.from_record(request.config)
+    task = BlockTask.from_record(request.config)
+    model = site_model(job)
+    state = load_state(job.run_key, site.key)
+    apply_update_(model, state, task, request.update)
+    result = compute(model, state, method, task)
+    save_state(job.run_key, site.key, state)
+    return result, state.tokens
+
+
+def stats_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
+    """This site's statistics of the request's block (``token_bound``: DP clip of each token first)."""
+
+    def compute(model, state, method: MethodSpec, task: BlockTask) -> dict:
+        return encode_stats(site_block_stats(model, state, task.block, method.stat_kind, token_bound))
+
+    arrays, tokens = block_payload(site, request, compute)
+    return Payload("stats", arrays, tokens)
+
+
+def masks_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
+    """This site's own keep-masks of the request's block."""
+
+    def compute(model, state, method: MethodSpec, task: BlockTask) -> dict:
+        pattern = parse_pattern(method.pattern)
+        return site_block_masks(model, state, task.block, site_pruner(method), method.sparsity, pattern)
+
+    masks, tokens = block_payload(site, request, compute)
+    return Payload("masks", masks, tokens)
+
+
+def local_prune_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
+    """This site's keep-masks of its privately pruned whole model."""
+    job, method = SiteJob.from_record(request.config), MethodSpec.from_record(request.config)
+    ids = calibration_ids(job, site)
+    pattern = parse_pattern(method.pattern)
+    masks = local_masks(site_model(job), ids, site_pruner(method), method.sparsity, pattern, job.batch_size)
+    return Payload("masks", masks, int(ids.numel()))
+
+
+# payload name (the ``secagg.task`` of a secure sum) -> payload function
+PAYLOADS: dict[str, Callable[..., Payload]] = {
+    "stats": stats_payload,
+    "masks": masks_payload,
+    "local_prune": local_prune_payload,
+}
+
+
+def plain_reply(payload: Payload) -> Reply:
+    """A payload in the clear: statistics arrays as they are, masks bit-packed."""
+    arrays = payload.values if payload.kind == "stats" else encode_masks(payload.values)
+    return reply(arrays, {"tokens": payload.tokens})
+
+
+@site_task("query.start")
+def start(site: Site, request: Request) -> Reply:
+    job = SiteJob.from_record(request.config)
+    state = start_site(site_model(job), calibration_ids(job, site), job.batch_size)
+    save_state(job.run_key, site.key, state)
+    return reply(None, {"tokens": state.tokens})
+
+
+@site_task("train.stats")
+def stats(site: Site, request: Request) -> Reply:
+    return plain_reply(stats_payload(site, request))
+
+
+@site_task("train.masks")
+def masks(site: Site, request: Request) -> Reply:
+    return plain_reply(masks_payload(site, request))
+
+
+@site_task("train.local_prune")
+def local_prune(site: Site, request: Request) -> Reply:
+    return plain_reply(local_prune_payload(site, request))
+
+
+@site_task("query.finish")
+def finish(site: Site, request: Request) -> Reply:
+    drop_state(SiteJob.from_record(request.config).run_key, site.key)
+    return reply(None, {"tokens": 0})

@@ -1,0 +1,64 @@
+"""``local`` (FedPrLLM baseline): each site prunes alone on its own windows; no communication.
+
+Reports every site's pruned perplexity on the held-out works and their mean (``ppl_pruned``). The saved
+model, if any, is site 0's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+from fedprune.config import JobConfig, target_sparsity
+from fedprune.data.sites import site_windows
+from fedprune.job import base_metrics, evaluate, prepare, summary_table, write_outputs
+from fedprune.protocols.centralized import NoOptions, check_llm
+from fedprune.protocols.registry import ProtocolUnit, register_protocol
+from fedprune.sequential import prune_model_
+
+logger = logging.getLogger(__name__)
+
+
+def run_local(job: JobConfig, out_dir: Path, launch=None) -> dict:
+    """Prune one copy per site on that site's windows; evaluate each."""
+    prep = prepare(job)
+    fed, data = job.federation, job.data
+    per_site, first, calib_tokens = [], None, 0
+    for site in range(fed.num_clients):
+        ids = site_windows(
+            fed.partitioner,
+            prep.data.calib_docs,
+            site,
+            fed.num_clients,
+            data.calib_windows,
+            data.seq_len,
+            job.seed,
+        )
+        local = copy.deepcopy(prep.model)
+        report = prune_model_(
+            local, ids, prep.pruner, target_sparsity(job), prep.pattern, job.batch_size, job.progress
+        )
+        calib_tokens += report.calib_tokens
+        per_site.append(evaluate(job, local, prep.data.eval_ids, f"site {site} pruned").value)
+        if first is None:
+            first = (local, report)
+    local, report = first
+    prep.model = local  # the reported sparsity and saved model are site 0's
+    metrics = base_metrics(
+        job,
+        prep,
+        sum(per_site) / len(per_site),
+        calib_tokens,
+        ppl_per_client=per_site,
+        num_clients=fed.num_clients,
+        partition=fed.partitioner,
+        rounds=0,
+        bytes_up_per_client=0,
+        bytes_down_per_client=0,
+    )
+    write_outputs(out_dir, metrics, report.layer_sparsity, local if job.save_model else None, prep.tokenizer)
+    return metrics
+
+
+UNIT = register_protocol(ProtocolUnit("local", NoOptions, run_local, check_llm, summary_table))

@@ -1,0 +1,86 @@
+"""``mask_vote`` (FedPrLLM one-shot): every site prunes its own copy fully and uploads all its masks
+bit-packed (one round); the server keeps the most-kept weights within each comparison group
+(``group``: layer, row or column; ``scaling``: kept weights times the fraction of sites that kept them).
+Secure aggregation applies (the server learns only the per-weight keep counts).
+
+Site task: ``train.local_prune`` (or ``train.secagg`` with task ``local_prune``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedprune.aggregation.block import vote_model_from_counts_
+from fedprune.config import JobConfig, check
+from fedprune.job import summary_table
+from fedprune.masks import GROUPS
+from fedprune.models import find_blocks
+from fedprune.protocols import llm_site  # noqa: F401  (registers the site tasks)
+from fedprune.protocols.federation import Federation, Launcher
+from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, task_config
+from fedprune.protocols.llm_job import check_federated_llm, run_federated
+from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
+from fedprune.site import block_layer_shapes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VoteOptions:
+    """``protocol.group``, ``protocol.scaling``; ``protocol.save_votes`` keeps the counts (one-shot)."""
+
+    group: str = "layer"
+    scaling: bool = False
+    save_votes: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.group in GROUPS, "protocol.group", f"must be one of {GROUPS}, got {self.group}")
+
+    @classmethod
+    def from_options(cls, options) -> VoteOptions:
+        return parse_options(cls, options)
+
+
+def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
+    """One upload of every site's masks of its privately pruned model; vote per layer."""
+    options: VoteOptions = job.options
+    outcome = FederatedOutcome()
+    blocks_name, blocks = find_blocks(job.model)
+    shapes = {
+        f"{b}.{name}": shape
+        for b in range(len(blocks))
+        for name, shape in block_layer_shapes(job.model, b).items()
+    }
+    summed = job.sums(fed).votes("local_prune", task_config(job), None, shapes)
+    masks = vote_model_from_counts_(
+        job.model,
+        summed.counts,
+        summed.num_sites,
+        job.sparsity,
+        job.pattern,
+        options.group,
+        options.scaling,
+        job.seed,
+    )
+    for block, block_masks in masks.items():
+        outcome.record(blocks_name, block, block_masks)
+    outcome.votes, outcome.vote_sites = summed.counts, summed.num_sites
+    outcome.sites_per_sum, outcome.tokens = [summed.sites], summed.tokens
+    return outcome
+
+
+def check_mask_vote(job: JobConfig) -> None:
+    check_federated_llm(job)
+
+
+def run_job(job: JobConfig, out_dir: Path, launch: Launcher) -> dict:
+    return run_federated(job, out_dir, launch, run_mask_vote, VoteOptions.from_options(job.protocol))
+
+
+UNIT = register_protocol(
+    ProtocolUnit(
+        "mask_vote", VoteOptions, run_job, check_mask_vote, summary_table, federated=True, secure=True
+    )
+)

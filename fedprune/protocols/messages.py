@@ -1,0 +1,169 @@
+"""The typed schema of what an LLM site is sent: one dataclass per part, each with ``to_record`` /
+``from_record`` (flat values a Flower ConfigRecord holds) and validated on both sides.
+
+A record is the merge of the parts a task needs: :class:`SiteJob` (every message), :class:`MethodSpec`
+(pruning tasks), :class:`BlockTask` (per-block tasks). ``from_record`` raises :class:`MessageError`
+naming the key when one is missing or malformed, so a drifted key fails at once, on either side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from fedprune.config import JobConfig, target_sparsity
+
+logger = logging.getLogger(__name__)
+
+
+class MessageError(ValueError):
+    """A task record that does not follow the schema; the message names the key."""
+
+
+def _read(record: Mapping, key: str, kind: type):
+    if key not in record:
+        raise MessageError(f"task record: missing key {key!r}")
+    value = record[key]
+    try:
+        if kind is tuple:
+            if isinstance(value, str | bytes):
+                raise TypeError("expected a list")
+            return tuple(str(v) for v in value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise TypeError("expected a number")
+        return kind(value)
+    except (TypeError, ValueError) as error:
+        raise MessageError(f"task record: key {key!r} = {value!r}: {error}") from None
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise MessageError(f"task record: key {key!r}: {message}")
+
+
+@dataclass(frozen=True)
+class SiteJob:
+    """What every site needs for an LLM job: the model, its corpus and how its windows are drawn."""
+
+    run_key: str
+    model: str  # a bundled model name or a folder at the site
+    dtype: str
+    corpus: str  # a bundled corpus (simulated sites); a real site reads its own folder
+    heldout: tuple[str, ...]
+    seq_len: int
+    total_windows: int  # over all sites
+    partitioner: str
+    num_sites: int
+    seed: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_key), "run_key", "must not be empty")
+        _require(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(self.num_sites >= 1, "num_sites", f"must be >= 1, got {self.num_sites}")
+        _require(
+            self.total_windows >= self.num_sites,
+            "total_windows",
+            f"{self.total_windows} windows cannot be split over {self.num_sites} sites",
+        )
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.dtype in ("float32", "bfloat16", "float16", "float64"), "dtype", f"got {self.dtype}")
+
+    @classmethod
+    def from_job(cls, job: JobConfig, run_key: str) -> SiteJob:
+        return cls(
+            run_key=run_key,
+            model=job.model.path,
+            dtype=job.model.dtype,
+            corpus=job.data.path,
+            heldout=tuple(job.data.heldout),
+            seq_len=job.data.seq_len,
+            total_windows=job.data.calib_windows,
+            partitioner=job.federation.partitioner,
+            num_sites=job.federation.num_clients,
+            seed=job.seed,
+            batch_size=job.batch_size,
+        )
+
+    def to_record(self) -> dict:
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> SiteJob:
+        types = {"heldout": tuple, "seq_len": int, "total_windows": int, "num_sites": int, "seed": int}
+        types["batch_size"] = int
+        return cls(**{f.name: _read(record, f.name, types.get(f.name, str)) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How a site prunes or what it measures: the pruner, its parameters, sparsity, pattern, statistic."""
+
+    pruner: str
+    pruner_params: dict
+    sparsity: float
+    pattern: str
+    stat_kind: str  # "" for a data-free pruner
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.sparsity < 1.0, "sparsity", f"must be in [0, 1), got {self.sparsity}")
+
+    @classmethod
+    def from_job(cls, job: JobConfig, pruner) -> MethodSpec:
+        return cls(
+            pruner=pruner.name,
+            pruner_params=dict(job.pruner.params),
+            sparsity=float(target_sparsity(job)),
+            pattern=str(job.pattern),
+            stat_kind=pruner.stat_kind or "",
+        )
+
+    def to_record(self) -> dict:
+        return {
+            "pruner": self.pruner,
+            "pruner_params": json.dumps(self.pruner_params),
+            "sparsity": float(self.sparsity),
+            "pattern": self.pattern,
+            "stat_kind": self.stat_kind,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> MethodSpec:
+        try:
+            params = json.loads(_read(record, "pruner_params", str))
+        except json.JSONDecodeError as error:
+            raise MessageError(f"task record: key 'pruner_params': not JSON ({error})") from None
+        _require(isinstance(params, dict), "pruner_params", "must be a JSON object")
+        return cls(
+            pruner=_read(record, "pruner", str),
+            pruner_params=params,
+            sparsity=_read(record, "sparsity", float),
+            pattern=_read(record, "pattern", str),
+            stat_kind=_read(record, "stat_kind", str),
+        )
+
+
+UPDATE_KINDS = ("masks", "weights")
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """Which block a per-block task is about, and how the previous block's edit travels."""
+
+    block: int
+    update_kind: str = "masks"  # masks | weights
+
+    def __post_init__(self) -> None:
+        _require(self.block >= 0, "block", f"must be >= 0, got {self.block}")
+        _require(self.update_kind in UPDATE_KINDS, "update_kind", f"must be one of {UPDATE_KINDS}")
+
+    def to_record(self) -> dict:
+        return {"block": self.block, "update_kind": self.update_kind}
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> BlockTask:
+        return cls(block=_read(record, "block", int), update_kind=_read(record, "update_kind", str))

@@ -1,0 +1,73 @@
+"""``stats_sync`` (exact): per block, sites upload summed statistics with token counts (Wanda Σx²,
+SparseGPT Σxxᵀ upper triangle); the server adds them and prunes with the centralized code, so the
+result equals centralized pruning on the pooled data. Secure aggregation and DP apply.
+
+Site tasks: ``query.start``, ``train.stats`` (or ``train.secagg`` with task ``stats``), ``query.finish``
+(:mod:`fedprune.protocols.llm_site`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fedprune.aggregation.block import prune_block_from_stats_
+from fedprune.config import JobConfig, build_pruner, check
+from fedprune.job import summary_table
+from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
+from fedprune.protocols import llm_site  # noqa: F401  (registers the site tasks)
+from fedprune.protocols.centralized import NoOptions
+from fedprune.protocols.federation import Federation, Launcher
+from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, layer_sync
+from fedprune.protocols.llm_job import check_federated_llm, run_federated
+from fedprune.protocols.registry import ProtocolUnit, register_protocol
+from fedprune.protocols.sums import Sums
+
+logger = logging.getLogger(__name__)
+
+
+def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
+    """Exact federated pruning: summed statistics, centralized pruning code, per block."""
+    if job.pruner.stat_kind is None:
+        raise ValueError(f"stats_sync needs a pruner with statistics; {job.pruner.name!r} is data-free")
+    blocks = find_blocks(job.model)[1]
+
+    def step(sums: Sums, block: int, config: dict, update: dict | None, tokens: dict[int, int]):
+        layers = find_prunable_layers(blocks[block])
+        widths = {name: layer_input_features(m) for name, m in layers.items()}
+        summed = sums.stats(config, update, widths, tokens)
+        masks, weights = prune_block_from_stats_(
+            job.model, block, summed.stats, job.pruner, job.sparsity, job.pattern
+        )
+        return masks, weights, job.pruner.updates_weights, summed.sites
+
+    return layer_sync(fed, job, "stats", step)
+
+
+def check_stats_sync(job: JobConfig) -> None:
+    check_federated_llm(job)
+    pruner = build_pruner(job.pruner)
+    check(
+        pruner.stat_kind is not None,
+        "pruner.name",
+        f"stats_sync needs a pruner with calibration statistics; {pruner.name!r} is data-free "
+        "(use protocol=mask_vote or centralized)",
+    )
+
+
+def run_job(job: JobConfig, out_dir: Path, launch: Launcher) -> dict:
+    return run_federated(job, out_dir, launch, run_stats_sync, NoOptions.from_options(job.protocol))
+
+
+UNIT = register_protocol(
+    ProtocolUnit(
+        "stats_sync",
+        NoOptions,
+        run_job,
+        check_stats_sync,
+        summary_table,
+        federated=True,
+        secure=True,
+        dp=True,
+    )
+)

@@ -1,0 +1,134 @@
+"""How the server obtains the SUM of the sites' payloads: in the clear, or by secure aggregation.
+
+``PRIVACY`` maps the ``privacy`` setting to a :class:`Sums` class, instantiated once per run (secure sums
+keep the keys agreed for the run's later sums). ``none``: the server sees every site's statistics or
+masks. ``secagg`` / ``secagg_dp``: every sum is a secure-aggregation instance
+(``fedprune/protocols/secure_sums.py``); the server never sees one site's payload.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fedprune.aggregation.block import aggregate_stats
+from fedprune.aggregation.mask_vote import vote_counts
+from fedprune.payload import decode_masks, decode_stats
+from fedprune.protocols.federation import Federation, Reply
+from fedprune.protocols.secure_sums import PreparedSum, prepare_sums, secure_stats, secure_vote_counts
+from fedprune.secure.plan import SecurePlan
+from fedprune.stats import Stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StatsSum:
+    """Summed statistics of one block by layer, and the sites whose data entered the sum."""
+
+    stats: dict[str, Stats]
+    sites: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class VoteSum:
+    """Per layer, how many sites kept each weight; the sites counted and their tokens."""
+
+    counts: dict[str, torch.Tensor]
+    sites: tuple[int, ...]
+    tokens: dict[int, int]
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.sites)
+
+
+class Sums:
+    """The SUM of the sites' payloads, one per block or per run (one object per run)."""
+
+    def __init__(self, fed: Federation, plan: SecurePlan | None, stat_kind: str | None):
+        self.fed, self.plan, self.stat_kind = fed, plan, stat_kind
+
+    def prepare(self, config: dict, count: int) -> None:
+        """Called once before a run's ``count`` sums (``config``: the first sum's)."""
+        raise NotImplementedError
+
+    def stats(
+        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+    ) -> StatsSum:
+        """The summed statistics of one block (``widths``: input width per layer)."""
+        raise NotImplementedError
+
+    def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
+        """Per layer, how many sites kept each weight (task ``train.<task>`` gives the masks)."""
+        raise NotImplementedError
+
+
+class PlainSums(Sums):
+    """``privacy=none``: sites send their payloads in the clear; the server adds them up itself."""
+
+    def prepare(self, config: dict, count: int) -> None:
+        """Nothing to agree on before plain sums."""
+
+    def stats(
+        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+    ) -> StatsSum:
+        def validate(node: int, reply: Reply) -> dict[str, Stats]:
+            return decode_stats(reply.arrays, self.stat_kind, widths, tokens[node])
+
+        got = self.fed.round("train.stats", config, update, validate)
+        return StatsSum(aggregate_stats(list(got.values())), tuple(sorted(got)))
+
+    def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
+        tokens: dict[int, int] = {}
+
+        def validate(node: int, reply: Reply) -> dict[str, torch.Tensor]:
+            tokens[node] = int(reply.metrics["tokens"])
+            return decode_masks(reply.arrays, shapes)
+
+        got = self.fed.round(f"train.{task}", config, update, validate)
+        masks = list(got.values())
+        counts = {name: vote_counts([m[name] for m in masks]) for name in shapes}
+        return VoteSum(counts, tuple(sorted(got)), {n: tokens[n] for n in got})
+
+
+class SecureSums(Sums):
+    """``privacy=secagg`` / ``secagg_dp``: every sum is a secure-aggregation instance whose keys were
+    agreed beforehand (``prepare``: two rounds for all of a run's sums)."""
+
+    def __init__(self, fed: Federation, plan: SecurePlan | None, stat_kind: str | None):
+        super().__init__(fed, plan, stat_kind)
+        if plan is None:
+            raise ValueError("secure sums need a SecurePlan")
+        self._ready: list[PreparedSum] = []
+        self._instances = 0
+
+    def prepare(self, config: dict, count: int) -> None:
+        """Agree keys for the next ``count`` sums."""
+        self._ready += prepare_sums(self.fed, config, self.plan, self._instances, count)
+        self._instances += count
+
+    def _take(self, config: dict) -> PreparedSum:
+        if not self._ready:
+            self.prepare(config, 1)
+        return self._ready.pop(0)
+
+    def stats(
+        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+    ) -> StatsSum:
+        prepared = self._take(config)
+        stats, sites = secure_stats(
+            self.fed, prepared, config, update, self.plan, self.stat_kind, widths, tokens
+        )
+        return StatsSum(stats, tuple(sorted(sites)))
+
+    def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
+        counts, sites, tokens = secure_vote_counts(
+            self.fed, self._take(config), task, config, update, self.plan, shapes
+        )
+        return VoteSum(counts, tuple(sorted(sites)), tokens)
+
+
+PRIVACY: dict[str, type[Sums]] = {"none": PlainSums, "secagg": SecureSums, "secagg_dp": SecureSums}
