@@ -2,12 +2,14 @@
 
 Steps, each its own function, so that the federation can split them between sites and server:
 
-1. :func:`capture_block_inputs` — embed the calibration windows and record the inputs of block 0.
+1. :func:`capture_block_inputs` — embed the calibration windows; record the inputs of block 0 and the
+   keyword arguments of every block.
 2. :func:`collect_block_stats` — run the dense block with hooks; per prunable layer, summed statistics.
 3. :func:`prune_block_` — prune every prunable layer of the block from its statistics.
-4. :func:`run_block` — re-run the pruned block: the inputs of the next block.
+4. :func:`run_block` — re-run the pruned block: the inputs of the next block (with its own kwargs).
 
-Memory: the model plus one block's inputs and outputs for the whole calibration set.
+Memory: the model plus one block's inputs and outputs for the whole calibration set, and every block's
+keyword arguments (references: blocks given the same mask or position embeddings share one tensor).
 """
 
 from __future__ import annotations
@@ -31,14 +33,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BlockInputs:
-    """Inputs of one decoder block for the calibration set, in micro-batches.
+    """Inputs of decoder block ``block`` for the calibration set, in micro-batches.
 
-    ``hidden[i]`` is ``(batch, tokens, hidden)``; ``kwargs[i]`` are the keyword arguments the model
-    passed to the block for that micro-batch (attention mask, position embeddings, ...).
+    ``hidden[i]`` is ``(batch, tokens, hidden)``; ``kwargs_per_block[b][i]`` are the keyword arguments the
+    model passes to block ``b`` for micro-batch ``i`` (attention mask, position embeddings, ...), recorded
+    for every block at capture: models with per-layer attention types (``config.layer_types``) give blocks
+    different masks. A tensor the model passes to several blocks is one shared object here.
     """
 
     hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    kwargs_per_block: list[list[dict]]  # block -> micro-batch -> kwargs
+    block: int
+
+    @property
+    def kwargs(self) -> list[dict]:
+        """Per micro-batch, the keyword arguments of block ``block``."""
+        if not 0 <= self.block < len(self.kwargs_per_block):
+            raise IndexError(f"no block {self.block}: the model has {len(self.kwargs_per_block)} blocks")
+        return self.kwargs_per_block[self.block]
 
     @property
     def num_tokens(self) -> int:
@@ -46,20 +58,29 @@ class BlockInputs:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook to stop the model after block 0's inputs are recorded."""
+    """Raised during capture to stop the model once the last block's call is recorded."""
 
 
-def _detach_kwargs(kwargs: dict) -> dict:
-    """Keyword arguments of a block call, without caches and with tensors detached."""
-    out = {}
-    for key, value in kwargs.items():
-        if key in ("past_key_value", "past_key_values", "cache", "layer_past"):
-            continue
-        if isinstance(value, torch.Tensor):
-            value = value.detach()
-        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
-            value = tuple(v.detach() for v in value)
-        out[key] = value
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past")
+
+
+def _detach_value(value: object, memo: dict[int, tuple[object, object]]) -> object:
+    """``value`` detached (tensors and tuples of tensors), once per object: shared inputs stay shared.
+
+    ``memo``: ``id(original) -> (original, kept alive so its id is not reused; detached)``.
+    """
+    is_tensor = isinstance(value, torch.Tensor)
+    if not is_tensor and not (isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value)):
+        return value
+    if id(value) not in memo:
+        detached = value.detach() if is_tensor else tuple(_detach_value(v, memo) for v in value)
+        memo[id(value)] = (value, detached)
+    return memo[id(value)][1]
+
+
+def _detach_kwargs(kwargs: dict, memo: dict[int, tuple[object, object]]) -> dict:
+    """Keyword arguments of a block call, without caches and with tensors detached (via ``memo``)."""
+    out = {key: _detach_value(value, memo) for key, value in kwargs.items() if key not in _CACHE_KWARGS}
     out["use_cache"] = False
     return out
 
@@ -71,30 +92,56 @@ def micro_batches(input_ids: torch.Tensor, batch_size: int) -> Iterable[torch.Te
     return input_ids.split(batch_size, dim=0)
 
 
+def _recording_forward(
+    index: int, last: int, hidden: list[torch.Tensor], kwargs_list: list[dict], memo: dict
+) -> Callable:
+    """A stand-in ``forward`` for block ``index``: records its call and returns its input unchanged."""
+
+    def forward(*args: object, **kwargs: object) -> torch.Tensor:
+        states = args[0] if args else kwargs.pop("hidden_states")  # (batch, tokens, hidden)
+        if index == 0:
+            hidden.append(states.detach())
+        kwargs_list.append(_detach_kwargs({k: v for k, v in kwargs.items() if k != "hidden_states"}, memo))
+        if index == last:
+            raise _StopForward
+        return states
+
+    return forward
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Record the inputs of the first decoder block for ``input_ids`` ``(windows, tokens)``."""
+    """Record the inputs of block 0 and every block's keyword arguments for ``input_ids`` ``(windows, tokens)``.
+
+    Meanwhile each block's ``forward`` only records its call and passes its input on (no block compute);
+    the model stops at the last block.
+    """
     _, blocks = find_blocks(model)
     hidden: list[torch.Tensor] = []
-    kwargs_list: list[dict] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        states = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(states.detach())
-        kwargs_list.append(_detach_kwargs({k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    kwargs_per_block: list[list[dict]] = [[] for _ in blocks]
+    memo: dict[int, tuple[object, object]] = {}
+    saved = [vars(block).get("forward") for block in blocks]  # instance-level forwards (e.g. accelerate)
+    for index, block in enumerate(blocks):
+        block.forward = _recording_forward(index, len(blocks) - 1, hidden, kwargs_per_block[index], memo)
     device = next(model.parameters()).device
     try:
-        for batch in micro_batches(input_ids, batch_size):
+        for count, batch in enumerate(micro_batches(input_ids, batch_size), start=1):
+            memo.clear()
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
+            missed = [i for i, kw in enumerate(kwargs_per_block) if len(kw) != count]
+            if missed:
+                raise RuntimeError(f"decoder blocks {missed} were not called exactly once per forward")
     finally:
-        handle.remove()
-    return BlockInputs(hidden=hidden, kwargs=kwargs_list)
+        memo.clear()
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+    return BlockInputs(hidden=hidden, kwargs_per_block=kwargs_per_block, block=0)
 
 
 def _block_output(output: object) -> torch.Tensor:
@@ -104,9 +151,10 @@ def _block_output(output: object) -> torch.Tensor:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
-    """Run a block on every micro-batch: the inputs of the next block."""
+    """Run ``block`` (block ``inputs.block``) on every micro-batch: the inputs of the next block, with its
+    own keyword arguments (after the last block: its outputs)."""
     hidden = [_block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)]
-    return BlockInputs(hidden=hidden, kwargs=inputs.kwargs)
+    return BlockInputs(hidden=hidden, kwargs_per_block=inputs.kwargs_per_block, block=inputs.block + 1)
 
 
 @torch.no_grad()

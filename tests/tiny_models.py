@@ -58,10 +58,26 @@ def _configs():
                 **common,
             ),
         ),
+        # per-layer attention types: blocks get different masks (window 3 < the tests' 8-12 tokens)
+        "qwen2_sliding": (
+            Qwen2ForCausalLM,
+            Qwen2Config(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                use_sliding_window=True,
+                sliding_window=3,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                **common,
+            ),
+        ),
     }
 
 
-ARCHITECTURES = tuple(_configs())
+ARCHITECTURES = ("llama", "opt", "gpt2", "qwen2")  # the models every parametrized test runs on
+MIXED_ATTENTION = "qwen2_sliding"  # sliding and full attention layers, for the tests of per-block kwargs
 
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:

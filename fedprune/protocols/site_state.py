@@ -68,9 +68,14 @@ def save_state(run_key: str, site_key: str, state: SiteState) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
-    payload = {"hidden": state.inputs.hidden, "kwargs": state.inputs.kwargs, "block": state.block}
-    payload["tokens"] = state.tokens
-    torch.save(payload, tmp)
+    inputs = state.inputs
+    payload = {
+        "hidden": inputs.hidden,
+        "kwargs_per_block": inputs.kwargs_per_block,
+        "inputs_block": inputs.block,
+    }
+    payload.update(block=state.block, tokens=state.tokens)
+    torch.save(payload, tmp)  # one save: a tensor shared by several blocks' kwargs is stored once
     os.replace(tmp, folder / "state.pt")
 
 
@@ -82,7 +87,9 @@ def load_state(run_key: str, site_key: str) -> SiteState:
     if not path.exists():
         raise RuntimeError(f"no state for run {run_key} at this site: the 'start' message never arrived")
     payload = torch.load(path, weights_only=False)
-    inputs = BlockInputs(hidden=payload["hidden"], kwargs=payload["kwargs"])
+    inputs = BlockInputs(
+        hidden=payload["hidden"], kwargs_per_block=payload["kwargs_per_block"], block=payload["inputs_block"]
+    )
     return SiteState(inputs=inputs, block=payload["block"], tokens=payload["tokens"])
 
 
