@@ -8,12 +8,19 @@ shape, dtype, finiteness and count range and raises :class:`PayloadError` with t
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from fedprune.masks import pack_bits, unpack_bits
-from fedprune.stats import Stats
+from fedprune.stat_kinds import (  # noqa: F401  (triu_of, symmetric_from_triu: public here too)
+    StatKind,
+    get_stat_kind,
+    symmetric_from_triu,
+    triu_of,
+)
+from fedprune.stats import BlockStats, Stats, as_block_stats
 
 logger = logging.getLogger(__name__)
 
@@ -22,66 +29,41 @@ class PayloadError(ValueError):
     """A malformed payload; the message says why."""
 
 
-def triu_of(matrix: torch.Tensor) -> torch.Tensor:
-    """Upper triangle (with diagonal) of a symmetric ``(n, n)`` matrix, row-major, ``(n(n+1)/2,)``."""
-    n = matrix.shape[0]
-    rows, cols = torch.triu_indices(n, n)
-    return matrix[rows, cols]
+def encode_stats(stats: Mapping[str, Stats]) -> dict[str, np.ndarray]:
+    """Arrays for one block's statistics: ``total.<i>`` (float64), ``count`` and ``index`` (int64).
 
-
-def symmetric_from_triu(values: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`triu_of`."""
-    rows, cols = torch.triu_indices(n, n)
-    matrix = torch.zeros(n, n, dtype=values.dtype)
-    matrix[rows, cols] = values
-    matrix[cols, rows] = values
-    return matrix
-
-
-def _unique_stats(stats: dict[str, Stats]) -> tuple[list[Stats], list[int]]:
-    """Distinct statistics and, per layer (sorted by name), the index of its distinct entry."""
-    unique: list[Stats] = []
-    index: list[int] = []
-    for name in sorted(stats):
-        found = next(
-            (
-                i
-                for i, u in enumerate(unique)
-                if u.count == stats[name].count
-                and u.total.shape == stats[name].total.shape
-                and torch.equal(u.total, stats[name].total)
-            ),
-            None,
-        )
-        if found is None:
-            unique.append(stats[name])
-            found = len(unique) - 1
-        index.append(found)
-    return unique, index
-
-
-def encode_stats(stats: dict[str, Stats]) -> dict[str, np.ndarray]:
-    """Arrays for one block's statistics: ``total.<i>`` (float64), ``count`` and ``index`` (int64)."""
-    unique, index = _unique_stats(stats)
+    One ``total.<i>`` per group of layers sharing one input (:class:`BlockStats` groups; for a plain
+    dict, layers holding the same Stats object), numbered in sorted layer-name order; ``index`` gives
+    each layer's (sorted by name) entry.
+    """
+    block = as_block_stats(stats)
     arrays = {
-        f"total.{i}": (triu_of(s.total) if s.kind == "hessian" else s.total).numpy()
-        for i, s in enumerate(unique)
+        f"total.{i}": get_stat_kind(s.kind).to_wire(s.total).numpy() for i, s in enumerate(block.group_stats)
     }
-    arrays["count"] = np.array([s.count for s in unique], dtype=np.int64)
-    arrays["index"] = np.array(index, dtype=np.int64)
+    arrays["count"] = np.array([s.count for s in block.group_stats], dtype=np.int64)
+    arrays["index"] = np.array(block.index, dtype=np.int64)
     return arrays
 
 
 def decode_stats(
-    arrays: dict[str, np.ndarray], kind: str, in_features: dict[str, int], max_count: int
-) -> dict[str, Stats]:
+    arrays: dict[str, np.ndarray],
+    kind: str | StatKind,
+    in_features: dict[str, int],
+    max_count: int,
+    noisy: bool = False,
+) -> BlockStats:
     """Validated statistics by layer name from :func:`encode_stats` arrays.
+
+    Layers sharing one entry share one :class:`Stats` object (a :class:`BlockStats` group).
 
     Parameters
     ----------
     in_features : the expected layers of the block and their input width (the server's own model).
     max_count : the largest token count a client may claim.
+    noisy : the sums carry DP noise: project each onto the possible sums (the kind's ``project_noisy``,
+        free post-processing) before it is validated.
     """
+    spec = get_stat_kind(kind)
     names = sorted(in_features)
     index = _array(arrays, "index", np.int64, (len(names),))
     counts = _array(arrays, "count", np.int64, None)
@@ -89,16 +71,25 @@ def decode_stats(
         raise PayloadError(f"token counts {counts.tolist()} outside [1, {max_count}]")
     if index.min(initial=0) < 0 or index.max(initial=0) >= counts.shape[0]:
         raise PayloadError("layer index points outside the statistics sent")
-    out: dict[str, Stats] = {}
+    decoded: dict[int, Stats] = {}
+    members: dict[int, list[str]] = {}
     for name, i in zip(names, index.tolist(), strict=True):
         n = in_features[name]
-        shape = (n * (n + 1) // 2,) if kind == "hessian" else (n,)
-        values = torch.from_numpy(_array(arrays, f"total.{i}", np.float64, shape).copy())
-        total = symmetric_from_triu(values, n) if kind == "hessian" else values
-        if kind == "sq_norm" and (total < 0).any():
-            raise PayloadError(f"negative sum of squares for {name}")
-        out[name] = Stats(kind=kind, total=total, count=int(counts[i]))
-    return out
+        values = _array(arrays, f"total.{i}", np.float64, (spec.wire_length(n),))
+        if i not in decoded:
+            decoded[i] = _decode_entry(spec, values, n, int(counts[i]), name, noisy)
+        members.setdefault(i, []).append(name)
+    return BlockStats({tuple(group): decoded[i] for i, group in members.items()})
+
+
+def _decode_entry(spec: StatKind, values: np.ndarray, n: int, count: int, name: str, noisy: bool) -> Stats:
+    """One validated entry from its wire values ``(wire_length(n),)``."""
+    total = spec.from_wire(torch.from_numpy(values.copy()), n)  # spec.shape(n)
+    if noisy:
+        total = spec.project_noisy(total)
+    if (reason := spec.invalid_reason(total)) is not None:
+        raise PayloadError(f"{reason} for {name}")
+    return Stats(kind=spec.name, total=total, count=count)
 
 
 def encode_masks(masks: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -26,7 +26,8 @@ from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import find_blocks, find_prunable_layers, get_weight, set_weight_
 from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
 from fedprune.secure.dp import clip_tokens
-from fedprune.stats import Stats, add_stats, batch_stats
+from fedprune.stat_kinds import StatKind
+from fedprune.stats import BlockStats, Stats, add_stats, batch_stats
 
 logger = logging.getLogger(__name__)
 
@@ -159,18 +160,21 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 @torch.no_grad()
 def collect_block_stats(
-    block: nn.Module, inputs: BlockInputs, stat_kind: str | None, token_bound: float | None = None
-) -> dict[str, Stats]:
+    block: nn.Module,
+    inputs: BlockInputs,
+    stat_kind: str | StatKind | None,
+    token_bound: float | None = None,
+) -> BlockStats:
     """Summed statistics of the inputs of each prunable layer of ``block`` (empty if data-free).
 
     Layers fed the very same tensor (q/k/v, gate/up) share one computation and one :class:`Stats`
-    object. The first micro-batch runs the whole block and records the order in which the prunable
-    layers are called; later micro-batches stop as soon as the last of them has its input (its own
-    product and the rest of the block are not needed). With ``token_bound`` (differential privacy), each
+    object: they form one of the result's ``groups``. The first micro-batch runs the whole block and
+    records the order in which the prunable layers are called; later micro-batches stop as soon as the
+    last of them has its input (its own product and the rest of the block are not needed). With ``token_bound`` (differential privacy), each
     token's input vector is first clipped to that L2 norm (the block itself runs unchanged).
     """
     if stat_kind is None:
-        return {}
+        return BlockStats({})
     layers = find_prunable_layers(block)
     collected: dict[str, Stats] = {}
     owner: dict[str, str] = {}  # layer -> first layer seen with the same input tensor
@@ -211,7 +215,15 @@ def collect_block_stats(
         for handle in handles:
             handle.remove()
     seen.clear()
-    return {name: collected[owner[name]] for name in layers if name in owner}
+    return _shared_inputs(collected, owner, [name for name in layers if name in owner])
+
+
+def _shared_inputs(collected: dict[str, Stats], owner: dict[str, str], order: list[str]) -> BlockStats:
+    """Group each layer with the first layer fed its input (``owner``), whose statistics it shares."""
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(owner[name], []).append(name)
+    return BlockStats({tuple(group): collected[first] for first, group in groups.items()}, order=order)
 
 
 def _called_once_each(order: list[str], layers: dict[str, nn.Module]) -> bool:

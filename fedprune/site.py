@@ -27,7 +27,7 @@ from fedprune.sequential import (
     prune_model_,
     run_block,
 )
-from fedprune.stats import Stats
+from fedprune.stats import BlockStats
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _check_block(state: SiteState, block: int) -> None:
 
 def site_block_stats(
     model: nn.Module, state: SiteState, block: int, stat_kind: str, token_bound: float | None = None
-) -> dict[str, Stats]:
+) -> BlockStats:
     """Summed statistics of every prunable layer of dense ``block`` on the site's inputs (``token_bound``:
     clip each token's layer input to this L2 norm first, for differential privacy)."""
     _check_block(state, block)

@@ -5,19 +5,31 @@ same layer add up exactly: ``add_stats(stats(A), stats(B)) == stats(A ∪ B)``. 
 are computed in the activations' dtype and summed across windows in float64, which makes the result
 independent (to float64 rounding) of how windows are grouped into batches or split across clients.
 
-Kinds
------
+Kinds (objects in :mod:`fedprune.stat_kinds`, named by ``Stats.kind``)
+----------------------------------------------------------------------
 ``sq_norm``: Σ_t x_tj², shape ``(in_features,)`` (Wanda's squared activation norms).
 ``hessian``: Σ_t x_t x_tᵀ, shape ``(in_features, in_features)`` (SparseGPT/OBS; H = 2·Σ/count).
+
+A block's statistics are a :class:`BlockStats`: by layer name, with the groups of layers that share one
+input (q/k/v, gate/up) sharing one :class:`Stats` object.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from fedprune.stat_kinds import (  # noqa: F401  (GRAM_TILE, gram_sum, sq_norm_sum: public here too)
+    GRAM_TILE,
+    STAT_KINDS,
+    StatKind,
+    get_stat_kind,
+    gram_sum,
+    sq_norm_sum,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +38,7 @@ logger = logging.getLogger(__name__)
 class Stats:
     """A summed statistic of one layer's inputs and the number of tokens it sums over."""
 
-    kind: str
+    kind: str  # a name in fedprune.stat_kinds.STAT_KINDS
     total: torch.Tensor  # float64
     count: int
 
@@ -37,47 +49,8 @@ class Stats:
         return self.total / self.count
 
 
-def _as_windows(x: torch.Tensor) -> torch.Tensor:
-    """View layer inputs as ``(windows, tokens, in_features)``."""
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
-
-
-def sq_norm_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ over tokens of x², per input feature. ``x``: ``(..., tokens, in)`` -> ``(in,)`` float64."""
-    xw = _as_windows(x.detach())  # (windows, tokens, in)
-    return xw.pow(2).sum(dim=1).double().sum(dim=0)
-
-
-GRAM_TILE = 256  # features per tile: only tiles on and above the diagonal are multiplied
-
-
-def gram_sum(x: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
-    """Σ over tokens of x xᵀ. ``x``: ``(..., tokens, in)`` -> ``(in, in)`` float64.
-
-    The Gram matrix is symmetric, so it is computed tile by tile, upper tiles only (about half the
-    multiply-adds for wide inputs), each per window and summed over windows in float64.
-    """
-    xw = _as_windows(x.detach())  # (windows, tokens, in)
-    n = xw.shape[-1]
-    out = torch.empty(n, n, dtype=torch.float64)
-    starts = range(0, n, tile)
-    for i in starts:
-        xi = xw[:, :, i : i + tile].transpose(1, 2)  # (windows, tile_i, tokens)
-        for j in starts:
-            if j < i:
-                continue
-            block = torch.bmm(xi, xw[:, :, j : j + tile]).double().sum(dim=0)  # (tile_i, tile_j)
-            out[i : i + tile, j : j + tile] = block
-            if j > i:
-                out[j : j + tile, i : i + tile] = block.t()
-    return out
-
-
 STAT_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "sq_norm": sq_norm_sum,
-    "hessian": gram_sum,
+    name: kind.compute for name, kind in STAT_KINDS.items()
 }
 
 
@@ -86,19 +59,16 @@ def token_count(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def batch_stats(kind: str, x: torch.Tensor) -> Stats:
+def batch_stats(kind: str | StatKind, x: torch.Tensor) -> Stats:
     """Statistics of one batch of layer inputs."""
-    if kind not in STAT_FUNCTIONS:
-        raise KeyError(f"unknown statistic {kind!r}; known: {sorted(STAT_FUNCTIONS)}")
-    return Stats(kind=kind, total=STAT_FUNCTIONS[kind](x), count=token_count(x))
+    spec = get_stat_kind(kind)
+    return Stats(kind=spec.name, total=spec.compute(x), count=token_count(x))
 
 
-def empty_stats(kind: str, in_features: int) -> Stats:
+def empty_stats(kind: str | StatKind, in_features: int) -> Stats:
     """Zero statistics of the given kind."""
-    shape = (in_features,) if kind == "sq_norm" else (in_features, in_features)
-    if kind not in STAT_FUNCTIONS:
-        raise KeyError(f"unknown statistic {kind!r}; known: {sorted(STAT_FUNCTIONS)}")
-    return Stats(kind=kind, total=torch.zeros(shape, dtype=torch.float64), count=0)
+    spec = get_stat_kind(kind)
+    return Stats(kind=spec.name, total=torch.zeros(spec.shape(in_features), dtype=torch.float64), count=0)
 
 
 def add_stats(a: Stats, b: Stats) -> Stats:
@@ -118,3 +88,78 @@ def sum_stats(parts: list[Stats]) -> Stats:
     for part in parts[1:]:
         total = add_stats(total, part)
     return total
+
+
+Group = tuple[str, ...]  # names of layers fed one input tensor, sorted
+
+
+class BlockStats(Mapping[str, Stats]):
+    """One block's statistics by layer name; the layers of a group (one shared input) share one Stats.
+
+    ``groups`` are sorted tuples of layer names, ordered by their first name: walking the layers in
+    sorted order, the i-th group is the i-th distinct entry met (the wire's slot order). Iteration
+    follows ``order`` (default: sorted names).
+    """
+
+    def __init__(self, shared: Mapping[Group, Stats], order: Iterable[str] | None = None) -> None:
+        items = sorted(((tuple(sorted(group)), stats) for group, stats in shared.items()), key=lambda i: i[0])
+        if any(not group for group, _ in items):
+            raise ValueError("a group of layers is empty")
+        self._groups: list[Group] = [group for group, _ in items]
+        self._group_stats: list[Stats] = [stats for _, stats in items]
+        self._group_of: dict[str, int] = {name: i for i, group in enumerate(self._groups) for name in group}
+        if len(self._group_of) != sum(len(group) for group in self._groups):
+            raise ValueError(f"a layer is in two groups: {self._groups}")
+        names = sorted(self._group_of) if order is None else list(order)
+        if sorted(names) != sorted(self._group_of):
+            raise ValueError(f"order {names} does not list the grouped layers {sorted(self._group_of)}")
+        self._order = names
+
+    @property
+    def groups(self) -> list[Group]:
+        """The groups of layers sharing one input, each sorted, ordered by first name."""
+        return list(self._groups)
+
+    @property
+    def group_stats(self) -> list[Stats]:
+        """One Stats per group, in :attr:`groups` order."""
+        return list(self._group_stats)
+
+    @property
+    def index(self) -> list[int]:
+        """Per layer in sorted name order, the position of its group in :attr:`groups`."""
+        return [self._group_of[name] for name in sorted(self._group_of)]
+
+    def group_of(self, name: str) -> Group:
+        """The group of layer ``name`` (KeyError if the block has no such layer)."""
+        return self._groups[self._group_of[name]]
+
+    def __getitem__(self, name: str) -> Stats:
+        return self._group_stats[self._group_of[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __repr__(self) -> str:
+        return f"BlockStats({dict(zip(self._groups, self._group_stats, strict=True))!r})"
+
+
+def as_block_stats(stats: Mapping[str, Stats]) -> BlockStats:
+    """``stats`` as a :class:`BlockStats`: itself, or layers grouped by shared Stats object (identity)."""
+    if isinstance(stats, BlockStats):
+        return stats
+    groups: dict[int, list[str]] = {}
+    for name, value in stats.items():
+        groups.setdefault(id(value), []).append(name)
+    return BlockStats({tuple(names): stats[names[0]] for names in groups.values()}, order=stats)
+
+
+def common_groups(blocks: Sequence[BlockStats]) -> list[list[str]]:
+    """Layers of ``blocks[0]`` grouped when they share one entry in every block (in its order)."""
+    members: dict[tuple[Group, ...], list[str]] = {}
+    for name in blocks[0]:
+        members.setdefault(tuple(block.group_of(name) for block in blocks), []).append(name)
+    return list(members.values())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -13,17 +13,20 @@ from fedprune.masks import Pattern
 from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners.base import Pruner
 from fedprune.sequential import apply_weights_, prune_layers
-from fedprune.stats import Stats, sum_stats
+from fedprune.stats import BlockStats, Stats, as_block_stats, common_groups, sum_stats
 
 logger = logging.getLogger(__name__)
 
 
-def aggregate_stats(site_stats: Sequence[dict[str, Stats]]) -> dict[str, Stats]:
-    """Per layer, the exact sum of the sites' statistics."""
+def aggregate_stats(site_stats: Sequence[Mapping[str, Stats]]) -> BlockStats:
+    """Per layer, the exact sum of the sites' statistics; layers sharing one entry at every site share
+    one sum (one Stats object)."""
     if not site_stats:
         raise ValueError("no site statistics to aggregate")
-    names = site_stats[0].keys()
-    return {name: sum_stats([s[name] for s in site_stats]) for name in names}
+    blocks = [as_block_stats(s) for s in site_stats]
+    groups = common_groups(blocks)
+    sums = {tuple(group): sum_stats([b[group[0]] for b in blocks]) for group in groups}
+    return BlockStats(sums, order=blocks[0])
 
 
 def prune_block_from_stats_(

@@ -35,7 +35,6 @@ from fedprune.secure.codec import (
     stats_vector_length,
     unpack_counts,
 )
-from fedprune.secure.dp import psd_project
 from fedprune.secure.messages import EncryptedShare, KeyAdvert
 from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import (
@@ -264,13 +263,10 @@ def secure_stats(
     sizes = slot_sizes(kind, index, [widths[n] for n in names])
     n = len(result.survivors)
     arrays = decode_stats_vector(result.total, sizes, plan.value_code(), plan.count_code(), n)
-    if plan.dp_sigma > 0 and kind == "sq_norm":  # post-processing of noisy sums
-        arrays = {k: (np.maximum(v, 0.0) if k.startswith("total.") else v) for k, v in arrays.items()}
     arrays["index"] = np.array(index, dtype=np.int64)
-    stats = decode_stats(arrays, kind, widths, sum(tokens[node] for node in result.survivors))
-    if plan.dp_sigma > 0 and kind == "hessian":
-        stats = {k: Stats(s.kind, psd_project(s.total), s.count) for k, s in stats.items()}
-    return stats, result.survivors
+    # noisy sums (DP) are post-processed by their kind (clamp at 0 / PSD projection), then validated
+    max_count = sum(tokens[node] for node in result.survivors)
+    return decode_stats(arrays, kind, widths, max_count, noisy=plan.dp_sigma > 0), result.survivors
 
 
 def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:

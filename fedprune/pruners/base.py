@@ -26,7 +26,7 @@ class Pruner(Protocol):
     """Turns one layer's weight (and its calibration statistics) into a pruned weight and mask."""
 
     name: str
-    stat_kind: str | None  # statistic the pruner needs, None if data-free
+    stat_kind: str | None  # name of the statistic it needs (a STAT_KINDS key), None if data-free
     patterns: tuple[str, ...]  # "unstructured" and/or "nm"
     updates_weights: bool  # True if kept weights change (SparseGPT)
 

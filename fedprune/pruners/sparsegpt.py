@@ -14,6 +14,7 @@ import torch
 
 from fedprune.masks import Pattern
 from fedprune.pruners.base import PruneResult, register_pruner, require_stats
+from fedprune.stat_kinds import HESSIAN
 from fedprune.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -50,11 +51,6 @@ def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
     torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
     del lower
     return inverse.flip(0, 1)
-
-
-def _same_stats(a: Stats, b: Stats) -> bool:
-    """True if two statistics are equal (q/k/v and gate/up share their inputs, hence their Hessian)."""
-    return a is b or (a.count == b.count and torch.equal(a.total, b.total))
 
 
 def _block_mask_unstructured(
@@ -132,21 +128,23 @@ class SparseGPTPruner:
     """SparseGPT with dampening ``percdamp`` of mean(diag H) and lazy blocks of ``blocksize`` columns."""
 
     name = "sparsegpt"
-    stat_kind = "hessian"
+    stat_kind = HESSIAN.name
     patterns = ("unstructured", "nm")
     updates_weights = True
 
     def __init__(self, percdamp: float = 0.01, blocksize: int = 128) -> None:
         self.percdamp = percdamp
         self.blocksize = blocksize
-        # the last layer's statistics (weakly: dropped with them) and float32 factor, reused for equal stats
+        # the last layer's statistics (weakly: dropped with them) and float32 factor, reused for the same
+        # Stats object (layers sharing one input share one: collect_block_stats, decode_stats,
+        # aggregate_stats)
         self._last_factor: tuple[weakref.ref, torch.Tensor] | None = None
 
     def _factor(self, stats: Stats) -> torch.Tensor:
         """The upper Cholesky factor of the damped H⁻¹ (float32, as the sweep uses it), reused when the
-        previous layer's statistics are equal (q/k/v, gate/up)."""
+        previous layer had the same Stats object (q/k/v, gate/up)."""
         last = self._last_factor[0]() if self._last_factor is not None else None
-        if last is None or not _same_stats(last, stats):
+        if last is not stats:
             self._last_factor = None  # free the old factor first
             factor = inverse_hessian_factor(damped_hessian(hessian_from_stats(stats), self.percdamp))
             self._last_factor = (weakref.ref(stats, self._forget), factor.to(torch.float32))

@@ -6,6 +6,7 @@ import torch
 
 from fedprune.masks import Pattern, select_mask
 from fedprune.pruners.base import PruneResult, register_pruner, require_stats
+from fedprune.stat_kinds import SQ_NORM
 from fedprune.stats import Stats
 
 
@@ -19,7 +20,7 @@ class WandaPruner:
     """Wanda: weights × activation norms, per-output comparison group."""
 
     name = "wanda"
-    stat_kind = "sq_norm"
+    stat_kind = SQ_NORM.name
     patterns = ("unstructured", "nm")
     updates_weights = False
     group = "row"

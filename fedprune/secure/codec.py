@@ -32,6 +32,7 @@ from fedprune.secure.encoding import (
     pack_fields,
     unpack_fields,
 )
+from fedprune.stat_kinds import StatKind, get_stat_kind
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +73,16 @@ def unpack_counts(words: np.ndarray, num_votes: int, max_sites: int, modulus_bit
     return unpack_fields(words, num_votes, width, per_word).astype(np.int64)
 
 
-def slot_sizes(kind: str, index: Sequence[int], widths: Sequence[int]) -> list[int]:
-    """Length of each statistics slot: ``n`` (sq_norm) or ``n(n+1)/2`` (hessian) of its first layer.
+def slot_sizes(kind: str | StatKind, index: Sequence[int], widths: Sequence[int]) -> list[int]:
+    """Length of each statistics slot: the kind's ``wire_length`` (``n`` for sq_norm, ``n(n+1)/2`` for
+    hessian) of its first layer's width ``n``.
 
     ``index[i]`` is the slot of layer ``i`` (layers sorted by name), ``widths[i]`` its input width.
     """
+    spec = get_stat_kind(kind)
     sizes: dict[int, int] = {}
     for slot, n in zip(index, widths, strict=True):
-        size = n * (n + 1) // 2 if kind == "hessian" else n
+        size = spec.wire_length(n)
         if sizes.setdefault(int(slot), size) != size:
             raise ValueError(f"layers of slot {slot} have different input widths")
     if sorted(sizes) != list(range(len(sizes))):

@@ -24,6 +24,9 @@ import math
 import numpy as np
 import torch
 
+from fedprune.stat_kinds import STAT_KINDS, StatKind, get_stat_kind
+from fedprune.stat_kinds import psd_project as psd_project  # public here too (DP post-processing)
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,11 +39,16 @@ def clip_tokens(x: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.where(norms > bound, (x.double() * factor).to(x.dtype), x)
 
 
-def window_sensitivity(seq_len: int, bound: float, slots: int) -> float:
-    """L2 sensitivity of one block's statistics to replacing one window: ``√2 · seq_len · bound² · √slots``."""
+def window_sensitivity(seq_len: int, bound: float, slots: int, kind: str | StatKind | None = None) -> float:
+    """L2 sensitivity of one block's statistics to replacing one window: ``√2 · seq_len · bound² · √slots``.
+
+    Per slot, the kind's ``window_sensitivity``; ``kind=None``: the largest over the registered kinds
+    (they are all ``√2 · seq_len · bound²``).
+    """
     if seq_len < 1 or slots < 1 or not bound > 0:
         raise ValueError("seq_len and slots must be >= 1 and bound > 0")
-    return math.sqrt(2.0) * seq_len * bound**2 * math.sqrt(slots)
+    kinds = STAT_KINDS.values() if kind is None else [get_stat_kind(kind)]
+    return max(spec.window_sensitivity(seq_len, bound) for spec in kinds) * math.sqrt(slots)
 
 
 def gaussian_rho(sensitivity: float, sigma: float, releases: int = 1) -> float:
@@ -83,12 +91,3 @@ def site_noise(shape: tuple[int, ...], sigma: float, min_sites: int, rng: np.ran
     if min_sites < 1 or sigma < 0:
         raise ValueError("min_sites must be >= 1 and sigma >= 0")
     return rng.normal(0.0, sigma / math.sqrt(min_sites), size=shape)
-
-
-def psd_project(matrix: torch.Tensor) -> torch.Tensor:
-    """The nearest (Frobenius) positive semi-definite matrix to a symmetric one: negative eigenvalues -> 0.
-
-    Post-processing of a noisy Gram sum (costs no privacy), so that SparseGPT's Cholesky succeeds.
-    """
-    values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.clamp(min=0)) @ vectors.T

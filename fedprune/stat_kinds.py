@@ -1,0 +1,213 @@
+"""Statistic kinds as objects: each kind owns its computation, shape, wire layout, checks and DP facts.
+
+``SQ_NORM`` (Wanda): Σ_t x_tj², shape ``(in,)``; on the wire the vector itself.
+``HESSIAN`` (SparseGPT/OBS): Σ_t x_t x_tᵀ, shape ``(in, in)``; on the wire its upper triangle, row-major.
+
+Everything else (``fedprune.stats``, ``fedprune.payload``, ``fedprune.secure``, the server) asks the kind
+object, found by name in :data:`STAT_KINDS` (:func:`get_stat_kind`), instead of branching on its name.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+GRAM_TILE = 256  # features per tile: only tiles on and above the diagonal are multiplied
+
+
+def _as_windows(x: torch.Tensor) -> torch.Tensor:
+    """View layer inputs as ``(windows, tokens, in_features)``."""
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def sq_norm_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of x², per input feature. ``x``: ``(..., tokens, in)`` -> ``(in,)`` float64."""
+    xw = _as_windows(x.detach())  # (windows, tokens, in)
+    return xw.pow(2).sum(dim=1).double().sum(dim=0)
+
+
+def gram_sum(x: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
+    """Σ over tokens of x xᵀ. ``x``: ``(..., tokens, in)`` -> ``(in, in)`` float64.
+
+    The Gram matrix is symmetric, so it is computed tile by tile, upper tiles only (about half the
+    multiply-adds for wide inputs), each per window and summed over windows in float64.
+    """
+    xw = _as_windows(x.detach())  # (windows, tokens, in)
+    n = xw.shape[-1]
+    out = torch.empty(n, n, dtype=torch.float64)
+    starts = range(0, n, tile)
+    for i in starts:
+        xi = xw[:, :, i : i + tile].transpose(1, 2)  # (windows, tile_i, tokens)
+        for j in starts:
+            if j < i:
+                continue
+            block = torch.bmm(xi, xw[:, :, j : j + tile]).double().sum(dim=0)  # (tile_i, tile_j)
+            out[i : i + tile, j : j + tile] = block
+            if j > i:
+                out[j : j + tile, i : i + tile] = block.t()
+    return out
+
+
+def triu_of(matrix: torch.Tensor) -> torch.Tensor:
+    """Upper triangle (with diagonal) of a symmetric ``(n, n)`` matrix, row-major, ``(n(n+1)/2,)``."""
+    n = matrix.shape[0]
+    rows, cols = torch.triu_indices(n, n)
+    return matrix[rows, cols]
+
+
+def symmetric_from_triu(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`triu_of`: ``(n(n+1)/2,)`` -> symmetric ``(n, n)``."""
+    rows, cols = torch.triu_indices(n, n)
+    matrix = torch.zeros(n, n, dtype=values.dtype)
+    matrix[rows, cols] = values
+    matrix[cols, rows] = values
+    return matrix
+
+
+def psd_project(matrix: torch.Tensor) -> torch.Tensor:
+    """The nearest (Frobenius) positive semi-definite matrix to a symmetric one: negative eigenvalues -> 0.
+
+    Post-processing of a noisy Gram sum (costs no privacy), so that SparseGPT's Cholesky succeeds.
+    """
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0)) @ vectors.T
+
+
+def replace_one_sensitivity(seq_len: int, bound: float) -> float:
+    """``√2 · seq_len · bound²``: the L2 change of a sum of non-negative vectors (or PSD matrices) when one
+    window of ``seq_len`` tokens, each of norm at most ``bound`` and contributing norm at most ``bound²``,
+    is replaced (``‖a − b‖² <= ‖a‖² + ‖b‖²`` since ``⟨a, b⟩ >= 0``)."""
+    return math.sqrt(2.0) * seq_len * bound**2
+
+
+class StatKind(ABC):
+    """One kind of summed statistic of a layer's inputs: a float64 sum over tokens (plus a token count)."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"StatKind({self.name!r})"
+
+    @abstractmethod
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the tokens of ``x`` ``(..., tokens, in)``: float64 of :meth:`shape` ``(in)``."""
+
+    @abstractmethod
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        """Shape of the sum for inputs of width ``in_features``."""
+
+    @abstractmethod
+    def wire_length(self, in_features: int) -> int:
+        """Number of float64 values the sum takes on the wire."""
+
+    @abstractmethod
+    def to_wire(self, total: torch.Tensor) -> torch.Tensor:
+        """The sum as flat float64 values, ``(wire_length(in),)``."""
+
+    @abstractmethod
+    def from_wire(self, values: torch.Tensor, in_features: int) -> torch.Tensor:
+        """Inverse of :meth:`to_wire`; ValueError if ``values`` is not ``(wire_length(in),)``."""
+
+    def invalid_reason(self, total: torch.Tensor) -> str | None:
+        """Why a decoded sum is impossible for this kind (``None`` if it is possible)."""
+        if not torch.isfinite(total).all():
+            return "contains NaN or Inf"
+        return None
+
+    def window_sensitivity(self, seq_len: int, bound: float) -> float:
+        """L2 change of the sum when one window of ``seq_len`` tokens (clipped to L2 norm ``bound``) is
+        replaced by another, as it travels (:meth:`to_wire`)."""
+        return replace_one_sensitivity(seq_len, bound)
+
+    @abstractmethod
+    def project_noisy(self, total: torch.Tensor) -> torch.Tensor:
+        """The nearest possible sum to a noisy one (post-processing: costs no privacy)."""
+
+    def _check_wire(self, values: torch.Tensor, in_features: int) -> None:
+        expected = (self.wire_length(in_features),)
+        if tuple(values.shape) != expected:
+            raise ValueError(f"{self.name}: wire length {tuple(values.shape)}, expected {expected}")
+
+
+class SqNormKind(StatKind):
+    """Σ_t x_tj² per input feature (Wanda). ``‖x²‖₂ <= ‖x‖²`` and the sums are non-negative."""
+
+    name = "sq_norm"
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return sq_norm_sum(x)  # (in,)
+
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        return (in_features,)
+
+    def wire_length(self, in_features: int) -> int:
+        return in_features
+
+    def to_wire(self, total: torch.Tensor) -> torch.Tensor:
+        return total  # (in,) as is
+
+    def from_wire(self, values: torch.Tensor, in_features: int) -> torch.Tensor:
+        self._check_wire(values, in_features)
+        return values
+
+    def invalid_reason(self, total: torch.Tensor) -> str | None:
+        if total.dim() != 1:
+            return f"shape {tuple(total.shape)} is not a vector"
+        if (reason := super().invalid_reason(total)) is not None:
+            return reason
+        return "negative sum of squares" if (total < 0).any() else None
+
+    def project_noisy(self, total: torch.Tensor) -> torch.Tensor:
+        """Negative sums of squares -> 0 (``np.maximum``: also -0.0 -> +0.0)."""
+        return torch.from_numpy(np.maximum(total.numpy(), 0.0))
+
+
+class HessianKind(StatKind):
+    """Σ_t x_t x_tᵀ (SparseGPT/OBS; H = 2·Σ/count). ``‖x xᵀ‖_F = ‖x‖²``; the triangle that travels has
+    at most the Frobenius norm of the matrix; the sums are positive semi-definite."""
+
+    name = "hessian"
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return gram_sum(x)  # (in, in)
+
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        return (in_features, in_features)
+
+    def wire_length(self, in_features: int) -> int:
+        return in_features * (in_features + 1) // 2
+
+    def to_wire(self, total: torch.Tensor) -> torch.Tensor:
+        return triu_of(total)  # (in(in+1)/2,)
+
+    def from_wire(self, values: torch.Tensor, in_features: int) -> torch.Tensor:
+        self._check_wire(values, in_features)
+        return symmetric_from_triu(values, in_features)
+
+    def invalid_reason(self, total: torch.Tensor) -> str | None:
+        if total.dim() != 2 or total.shape[0] != total.shape[1]:
+            return f"shape {tuple(total.shape)} is not a square matrix"
+        return super().invalid_reason(total)
+
+    def project_noisy(self, total: torch.Tensor) -> torch.Tensor:
+        """The nearest positive semi-definite matrix (:func:`psd_project`)."""
+        return psd_project(total)
+
+
+SQ_NORM = SqNormKind()
+HESSIAN = HessianKind()
+STAT_KINDS: dict[str, StatKind] = {kind.name: kind for kind in (SQ_NORM, HESSIAN)}
+
+
+def get_stat_kind(kind: str | StatKind) -> StatKind:
+    """The registered kind object for a name (or the object itself); KeyError naming the known kinds."""
+    if isinstance(kind, StatKind):
+        return kind
+    if kind not in STAT_KINDS:
+        raise KeyError(f"unknown statistic {kind!r}; known: {sorted(STAT_KINDS)}")
+    return STAT_KINDS[kind]
