@@ -8,6 +8,10 @@ Steps, each its own function, so that the federation can split them between site
 3. :func:`prune_block_` — prune every prunable layer of the block from its statistics.
 4. :func:`run_block` — re-run the pruned block: the inputs of the next block (with its own kwargs).
 
+Layers matched by ``ignore`` patterns (see :mod:`fedprune.models`) are skipped by every step: no statistics,
+weights untouched. The block-level functions take ``block_prefix`` (``"model.layers.3"``) so that qualified
+patterns match; :func:`prune_model_` first runs :func:`fedprune.models.check_prunable`.
+
 Memory: the model plus one block's inputs and outputs for the whole calibration set, and every block's
 keyword arguments (references: blocks given the same mask or position embeddings share one tensor).
 """
@@ -15,7 +19,7 @@ keyword arguments (references: blocks given the same mask or position embeddings
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedprune.masks import Pattern, sparsity_of
-from fedprune.models import find_blocks, find_prunable_layers, get_weight, set_weight_
+from fedprune.models import check_prunable, find_blocks, find_prunable_layers, get_weight, set_weight_
 from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
 from fedprune.secure.dp import clip_tokens
 from fedprune.stat_kinds import StatKind
@@ -164,18 +168,21 @@ def collect_block_stats(
     inputs: BlockInputs,
     stat_kind: str | StatKind | None,
     token_bound: float | None = None,
+    ignore: Sequence[str] = (),
+    block_prefix: str = "",
 ) -> BlockStats:
     """Summed statistics of the inputs of each prunable layer of ``block`` (empty if data-free).
 
     Layers fed the very same tensor (q/k/v, gate/up) share one computation and one :class:`Stats`
     object: they form one of the result's ``groups``. The first micro-batch runs the whole block and
     records the order in which the prunable layers are called; later micro-batches stop as soon as the
-    last of them has its input (its own product and the rest of the block are not needed). With ``token_bound`` (differential privacy), each
-    token's input vector is first clipped to that L2 norm (the block itself runs unchanged).
+    last of them has its input (its own product and the rest of the block are not needed). With
+    ``token_bound`` (differential privacy), each token's input vector is first clipped to that L2 norm
+    (the block itself runs unchanged). Layers matched by ``ignore`` get no hook and no statistics.
     """
     if stat_kind is None:
         return BlockStats({})
-    layers = find_prunable_layers(block)
+    layers = find_prunable_layers(block, ignore, block_prefix)
     collected: dict[str, Stats] = {}
     owner: dict[str, str] = {}  # layer -> first layer seen with the same input tensor
     order: list[str] = []  # call order of the prunable layers in the first micro-batch
@@ -240,10 +247,12 @@ def prune_layers(
     pruner: Pruner,
     sparsity: float,
     pattern: Pattern,
+    ignore: Sequence[str] = (),
+    block_prefix: str = "",
 ) -> dict[str, PruneResult]:
-    """Pruned weights and masks of each prunable layer of ``block`` (the block is not modified)."""
+    """Pruned weights and masks of each prunable, not ignored layer of ``block`` (the block is not modified)."""
     results = {}
-    for name, layer in find_prunable_layers(block).items():
+    for name, layer in find_prunable_layers(block, ignore, block_prefix).items():
         results[name] = pruner.prune(get_weight(layer), stats.get(name), sparsity, pattern)
     return results
 
@@ -261,21 +270,25 @@ def prune_block_(
     pruner: Pruner,
     sparsity: float,
     pattern: Pattern,
+    ignore: Sequence[str] = (),
+    block_prefix: str = "",
 ) -> dict[str, torch.Tensor]:
-    """Prune ``block`` in place; return the keep-masks by layer name."""
-    results = prune_layers(block, stats, pruner, sparsity, pattern)
+    """Prune ``block`` in place (ignored layers untouched); return the keep-masks by layer name."""
+    results = prune_layers(block, stats, pruner, sparsity, pattern, ignore, block_prefix)
     apply_weights_(block, {name: r.weight for name, r in results.items()})
     return {name: r.mask for name, r in results.items()}
 
 
 @dataclass
 class PruneReport:
-    """Per-layer sparsity (``"<blocks>.<block>.<layer>"`` -> fraction pruned), calibration tokens, and the
-    keep-masks by ``"<block>.<layer>"`` when asked for (overall sparsity: :func:`fedprune.models.model_sparsity`)."""
+    """Per-layer sparsity (``"<blocks>.<block>.<layer>"`` -> fraction pruned), calibration tokens, the
+    keep-masks by ``"<block>.<layer>"`` when asked for, and the prunable layers left dense by ``ignore``
+    (``"<blocks>.<block>.<layer>"``; overall sparsity and coverage: :func:`fedprune.models.sparsity_report`)."""
 
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     calib_tokens: int = 0
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    ignored_layers: list[str] = field(default_factory=list)
 
 
 def prune_model_(
@@ -287,23 +300,29 @@ def prune_model_(
     batch_size: int = 8,
     progress: bool = True,
     keep_masks: bool = False,
+    ignore: Sequence[str] = (),
 ) -> PruneReport:
     """Centralized sequential pruning of every decoder block of ``model`` in place.
 
     Parameters
     ----------
     input_ids : ``(windows, tokens)`` calibration windows (ignored by data-free pruners).
+    ignore : layer-name patterns left dense on purpose; checked first by
+        :func:`fedprune.models.check_prunable`, which also refuses block weights nothing can prune.
     """
     check_pruner_supports(pruner, pattern)
+    check_prunable(model, ignore)
     blocks_name, blocks = find_blocks(model)
     report = PruneReport()
     inputs = capture_block_inputs(model, input_ids, batch_size) if pruner.stat_kind else None
     report.calib_tokens = inputs.num_tokens if inputs else 0
     for index, block in enumerate(tqdm(blocks, desc=f"pruning ({pruner.name})", disable=not progress)):
-        stats = collect_block_stats(block, inputs, pruner.stat_kind) if inputs else {}
-        masks = prune_block_(block, stats, pruner, sparsity, pattern)
+        prefix = f"{blocks_name}.{index}"
+        stats = collect_block_stats(block, inputs, pruner.stat_kind, None, ignore, prefix) if inputs else {}
+        masks = prune_block_(block, stats, pruner, sparsity, pattern, ignore, prefix)
+        report.ignored_layers += [f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks]
         for name, mask in masks.items():
-            key = f"{blocks_name}.{index}.{name}"
+            key = f"{prefix}.{name}"
             report.layer_sparsity[key] = sparsity_of(mask)
             if keep_masks:
                 report.masks[f"{index}.{name}"] = mask

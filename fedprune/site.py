@@ -3,13 +3,15 @@
 The site keeps the inputs of the block it is about to be asked for, so that one round costs the same at
 block 30 as at block 0. Per round it either reports statistics of the dense block (``stats_sync``) or its
 own mask of the block (``mask_vote_sync``); then it applies the globally pruned block and runs it once to
-get the next block's inputs. Nothing here ever leaves the site except what the caller encodes.
+get the next block's inputs. Nothing here ever leaves the site except what the caller encodes. Layers
+matched by ``ignore`` patterns (:mod:`fedprune.models`) get no statistics and no mask.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,23 +55,36 @@ def _check_block(state: SiteState, block: int) -> None:
 
 
 def site_block_stats(
-    model: nn.Module, state: SiteState, block: int, stat_kind: str, token_bound: float | None = None
+    model: nn.Module,
+    state: SiteState,
+    block: int,
+    stat_kind: str,
+    token_bound: float | None = None,
+    ignore: Sequence[str] = (),
 ) -> BlockStats:
-    """Summed statistics of every prunable layer of dense ``block`` on the site's inputs (``token_bound``:
-    clip each token's layer input to this L2 norm first, for differential privacy)."""
+    """Summed statistics of every prunable, not ignored layer of dense ``block`` on the site's inputs
+    (``token_bound``: clip each token's layer input to this L2 norm first, for differential privacy)."""
     _check_block(state, block)
-    _, blocks = find_blocks(model)
-    return collect_block_stats(blocks[block], state.inputs, stat_kind, token_bound)
+    blocks_name, blocks = find_blocks(model)
+    prefix = f"{blocks_name}.{block}"
+    return collect_block_stats(blocks[block], state.inputs, stat_kind, token_bound, ignore, prefix)
 
 
 def site_block_masks(
-    model: nn.Module, state: SiteState, block: int, pruner: Pruner, sparsity: float, pattern: Pattern
+    model: nn.Module,
+    state: SiteState,
+    block: int,
+    pruner: Pruner,
+    sparsity: float,
+    pattern: Pattern,
+    ignore: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """The site's own keep-masks of ``block`` (pruned locally on a copy; the model is not changed)."""
     _check_block(state, block)
-    _, blocks = find_blocks(model)
-    stats = collect_block_stats(blocks[block], state.inputs, pruner.stat_kind)
-    results = prune_layers(blocks[block], stats, pruner, sparsity, pattern)
+    blocks_name, blocks = find_blocks(model)
+    prefix = f"{blocks_name}.{block}"
+    stats = collect_block_stats(blocks[block], state.inputs, pruner.stat_kind, None, ignore, prefix)
+    results = prune_layers(blocks[block], stats, pruner, sparsity, pattern, ignore, prefix)
     return {name: r.mask for name, r in results.items()}
 
 
@@ -99,16 +114,28 @@ def local_masks(
     sparsity: float,
     pattern: Pattern,
     batch_size: int,
+    ignore: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """One-shot: prune a private copy of the whole model sequentially; its keep-masks by ``<block>.<layer>``."""
     local = copy.deepcopy(model)
     report = prune_model_(
-        local, calib_ids, pruner, sparsity, pattern, batch_size, progress=False, keep_masks=True
+        local,
+        calib_ids,
+        pruner,
+        sparsity,
+        pattern,
+        batch_size,
+        progress=False,
+        keep_masks=True,
+        ignore=ignore,
     )
     return report.masks
 
 
-def block_layer_shapes(model: nn.Module, block: int) -> dict[str, tuple[int, int]]:
-    """``(out, in)`` shapes of the prunable layers of one block, by name."""
-    _, blocks = find_blocks(model)
-    return {name: tuple(get_weight(m).shape) for name, m in find_prunable_layers(blocks[block]).items()}
+def block_layer_shapes(
+    model: nn.Module, block: int, ignore: Sequence[str] = ()
+) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` shapes of the prunable, not ignored layers of one block, by name."""
+    blocks_name, blocks = find_blocks(model)
+    layers = find_prunable_layers(blocks[block], ignore, f"{blocks_name}.{block}")
+    return {name: tuple(get_weight(m).shape) for name, m in layers.items()}

@@ -1,4 +1,9 @@
-"""Tiny random-init causal LMs of several architectures, built from configs (no downloads)."""
+"""Tiny random-init causal LMs of several architectures, built from configs (no downloads).
+
+:data:`ARCHITECTURES` are the dense ones every pipeline test runs on; :data:`MOE_ARCHITECTURES` store their
+experts as fused 3-D parameters and a non-``Linear`` router (transformers 5), which the pruners cannot
+prune: they need ``ignore`` patterns.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,14 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
 )
 
 VOCAB = 96
@@ -76,13 +85,46 @@ def _configs():
     }
 
 
+def _moe_configs():
+    common = dict(
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+    )
+    return {
+        # 4 experts gate_up (4, 32, 32), down (4, 32, 16); router (4, 32); shared expert of 32 + its gate
+        "qwen2_moe": (
+            Qwen2MoeForCausalLM,
+            Qwen2MoeConfig(
+                intermediate_size=64,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=32,
+                num_experts=4,
+                **common,
+            ),
+        ),
+        # 4 experts gate_up (4, 32, 32), down (4, 32, 16); router (4, 32); no shared expert
+        "mixtral": (
+            MixtralForCausalLM,
+            MixtralConfig(intermediate_size=16, num_local_experts=4, **common),
+        ),
+    }
+
+
 ARCHITECTURES = ("llama", "opt", "gpt2", "qwen2")  # the models every parametrized test runs on
 MIXED_ATTENTION = "qwen2_sliding"  # sliding and full attention layers, for the tests of per-block kwargs
+MOE_ARCHITECTURES = tuple(_moe_configs())
 
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random-init model of the given architecture, in eval mode."""
-    cls, config = _configs()[arch]
+    cls, config = {**_configs(), **_moe_configs()}[arch]
     torch.manual_seed(seed)
     return cls(config).eval()
 

@@ -30,11 +30,18 @@ def aggregate_stats(site_stats: Sequence[Mapping[str, Stats]]) -> BlockStats:
 
 
 def prune_block_from_stats_(
-    model: nn.Module, block: int, stats: dict[str, Stats], pruner: Pruner, sparsity: float, pattern: Pattern
+    model: nn.Module,
+    block: int,
+    stats: dict[str, Stats],
+    pruner: Pruner,
+    sparsity: float,
+    pattern: Pattern,
+    ignore: Sequence[str] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Prune ``block`` of the global model with the centralized code; return (masks, new weights)."""
-    _, blocks = find_blocks(model)
-    results = prune_layers(blocks[block], stats, pruner, sparsity, pattern)
+    """Prune ``block`` of the global model with the centralized code (``ignore``: layers left dense);
+    return (masks, new weights)."""
+    blocks_name, blocks = find_blocks(model)
+    results = prune_layers(blocks[block], stats, pruner, sparsity, pattern, ignore, f"{blocks_name}.{block}")
     weights = {name: r.weight for name, r in results.items()}
     apply_weights_(blocks[block], weights)
     return {name: r.mask for name, r in results.items()}, weights
@@ -49,11 +56,12 @@ def vote_block_(
     group: str,
     scaling: bool,
     seed: int,
+    ignore: Sequence[str] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Aggregate the sites' masks of ``block`` by voting and apply it to the global dense weights."""
     counts = {name: vote_counts([m[name] for m in site_masks]) for name in site_masks[0]}
     return vote_block_from_counts_(
-        model, block, counts, len(site_masks), sparsity, pattern, group, scaling, seed
+        model, block, counts, len(site_masks), sparsity, pattern, group, scaling, seed, ignore
     )
 
 
@@ -67,11 +75,13 @@ def vote_block_from_counts_(
     group: str,
     scaling: bool,
     seed: int,
+    ignore: Sequence[str] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Vote ``block`` from per-weight keep counts of ``num_sites`` sites (e.g. a secure sum of votes)."""
-    _, blocks = find_blocks(model)
+    """Vote ``block`` from per-weight keep counts of ``num_sites`` sites (e.g. a secure sum of votes);
+    layers matched by ``ignore`` are left dense and need no counts."""
+    blocks_name, blocks = find_blocks(model)
     masks, weights = {}, {}
-    for name, layer in find_prunable_layers(blocks[block]).items():
+    for name, layer in find_prunable_layers(blocks[block], ignore, f"{blocks_name}.{block}").items():
         keep = select_by_votes(counts[name], sparsity, pattern, group, seed + block)
         masks[name] = keep
         weights[name] = apply_vote(get_weight(layer), keep, counts[name], num_sites, scaling)
@@ -88,6 +98,7 @@ def vote_model_from_counts_(
     group: str,
     scaling: bool,
     seed: int,
+    ignore: Sequence[str] = (),
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Vote every block from keep counts keyed ``"<block>.<layer>"`` (FedPrLLM one-shot); keep-masks by block.
 
@@ -100,6 +111,6 @@ def vote_model_from_counts_(
         prefix = f"{block}."
         block_counts = {k[len(prefix) :]: v for k, v in counts.items() if k.startswith(prefix)}
         masks[block], _ = vote_block_from_counts_(
-            model, block, block_counts, num_sites, sparsity, pattern, group, scaling, seed
+            model, block, block_counts, num_sites, sparsity, pattern, group, scaling, seed, ignore
         )
     return masks
