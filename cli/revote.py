@@ -51,7 +51,8 @@ def revote(run_dir: Path, out_dir: Path, group: str, scaling: bool) -> dict:
         parse_pattern(job.pattern),
         group,
         scaling,
-        int(cfg.seed),
+        job.seed,
+        job.ignore,
     )
     pruned = evaluate(job, model, data.eval_ids, f"re-voted ({group}, scaling {scaling})")
     blocks_name, _ = find_blocks(model)
@@ -61,7 +62,7 @@ def revote(run_dir: Path, out_dir: Path, group: str, scaling: bool) -> dict:
         "group": group,
         "scaling": scaling,
         "ppl_pruned": pruned.value,
-        "sparsity_actual": model_sparsity(model),
+        "sparsity_actual": model_sparsity(model, job.ignore),
         "revoted_from": str(run_dir),
         "revote_s": time.perf_counter() - start,
     }

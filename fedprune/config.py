@@ -187,12 +187,19 @@ class JobConfig:
     eval_batch_size: int = 4
     save_model: bool = True
     progress: bool = True
+    ignore: tuple[str, ...] = ()  # layer-name patterns left dense on purpose (fnmatch)
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> JobConfig:
         """Parse the whole config (a plain nested mapping); ConfigError names the first bad key."""
         protocol = dict(_section(m, "protocol"))
         check("name" in protocol, "protocol.name", "missing")
+        ignore = m.get("ignore") or ()
+        check(
+            not isinstance(ignore, str) and all(isinstance(p, str) and p for p in ignore),
+            "ignore",
+            f"must be a list of layer-name patterns, e.g. ['*.o_proj'], got {ignore!r}",
+        )
         return cls(
             model=ModelSpec.from_mapping(_section(m, "model")),
             data=DataSpec.from_mapping(_section(m, "data")),
@@ -209,6 +216,7 @@ class JobConfig:
             eval_batch_size=_get(m, "eval_batch_size", "", int, 4),
             save_model=_get(m, "save_model", "", bool, True),
             progress=_get(m, "progress", "", bool, True),
+            ignore=tuple(ignore),
         )
 
 

@@ -12,14 +12,21 @@ from pathlib import Path
 
 import torch
 
-from fedprune.config import JobConfig, build_pruner, target_sparsity
+from fedprune.config import ConfigError, JobConfig, build_pruner, target_sparsity
 from fedprune.data.assets import resolve_corpus_path, resolve_model_path
 from fedprune.data.corpus import load_works, split_works
 from fedprune.data.sites import pooled_windows
 from fedprune.data.windows import eval_windows, tokenize_works
 from fedprune.eval import Perplexity, perplexity
 from fedprune.masks import Pattern, parse_pattern
-from fedprune.models import load_causal_lm, load_tokenizer, model_sparsity
+from fedprune.models import (
+    IgnorePatternError,
+    UnprunableParameterError,
+    check_prunable,
+    load_causal_lm,
+    load_tokenizer,
+    sparsity_report,
+)
 from fedprune.outputs import peak_rss_mb, save_model_atomic, write_json_atomic
 from fedprune.pruners import Pruner
 
@@ -124,6 +131,10 @@ def prepare(job: JobConfig) -> Prepared:
     start = time.perf_counter()
     pruner = build_pruner(job.pruner)
     model, tokenizer, _ = load_model_and_tokenizer(job)
+    try:
+        check_prunable(model, job.ignore)
+    except (IgnorePatternError, UnprunableParameterError) as error:
+        raise ConfigError(f"config key 'ignore': {error}") from None
     data = load_run_data(job, tokenizer)
     dense = evaluate(job, model, data.eval_ids, "dense")
     return Prepared(pruner, parse_pattern(job.pattern), model, tokenizer, data, dense, start)
@@ -141,18 +152,27 @@ def privacy_metrics(privacy: str, plan) -> dict:
 
 
 def base_metrics(job: JobConfig, prep: Prepared, ppl_pruned: float, calib_tokens: int, **extra) -> dict:
-    """The metrics every protocol reports, then protocol-specific ``extra`` ones, then timing and memory."""
+    """The metrics every protocol reports, then protocol-specific ``extra`` ones, then timing and memory.
+
+    ``sparsity_actual`` is over the ``pruned_weights`` of the pruned layers; ``ignored_weights`` (and
+    ``ignored_layers``) were left dense on purpose; ``block_parameters_covered`` is the pruned share of
+    all decoder-block parameters (norms and biases are never pruned)."""
+    report = sparsity_report(prep.model, job.ignore)
     metrics = {
         "model": job.model.name,
         "protocol": job.protocol_name,
         "pruner": prep.pruner.name,
         "pattern": str(prep.pattern),
         "sparsity": target_sparsity(job),
-        "sparsity_actual": model_sparsity(prep.model),
+        "sparsity_actual": report.sparsity,
+        "pruned_weights": report.pruned_weights,
+        "ignored_weights": report.ignored_weights,
+        "block_parameters_covered": report.coverage,
         "ppl_dense": prep.dense.value,
         "ppl_pruned": ppl_pruned,
         "calib_tokens": calib_tokens,
         "eval_tokens": prep.dense.tokens,
+        **({"ignored_layers": sorted(report.ignored)} if report.ignored else {}),
         **extra,
     }
     metrics.update(wall_s=time.perf_counter() - prep.start, peak_rss_mb=peak_rss_mb(), seed=job.seed)

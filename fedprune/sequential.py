@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fedprune.allocation import Allocation, as_allocation, qualified
 from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import check_prunable, find_blocks, find_prunable_layers, get_weight, set_weight_
 from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
@@ -245,15 +246,18 @@ def prune_layers(
     block: nn.Module,
     stats: dict[str, Stats],
     pruner: Pruner,
-    sparsity: float,
+    sparsity: float | Allocation,
     pattern: Pattern,
     ignore: Sequence[str] = (),
     block_prefix: str = "",
 ) -> dict[str, PruneResult]:
-    """Pruned weights and masks of each prunable, not ignored layer of ``block`` (the block is not modified)."""
+    """Pruned weights and masks of each prunable, not ignored layer of ``block`` (the block is not
+    modified); ``sparsity``: one for all layers, or an :class:`Allocation` by qualified layer name."""
+    allocation = as_allocation(sparsity)
     results = {}
     for name, layer in find_prunable_layers(block, ignore, block_prefix).items():
-        results[name] = pruner.prune(get_weight(layer), stats.get(name), sparsity, pattern)
+        layer_sparsity = allocation.of(qualified(block_prefix, name))
+        results[name] = pruner.prune(get_weight(layer), stats.get(name), layer_sparsity, pattern)
     return results
 
 

@@ -22,7 +22,6 @@ from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners.base import Pruner
 from fedprune.sequential import (
     BlockInputs,
-    apply_weights_,
     capture_block_inputs,
     collect_block_stats,
     prune_layers,
@@ -88,23 +87,16 @@ def site_block_masks(
     return {name: r.mask for name, r in results.items()}
 
 
-def advance_site_(model: nn.Module, state: SiteState, block: int, weights: dict[str, torch.Tensor]) -> None:
-    """Move the site's inputs past the globally pruned ``block`` (applied to a copy; ``model`` unchanged)."""
+def advance_site_(model: nn.Module, state: SiteState, block: int, edit) -> None:
+    """Move the site's inputs past the globally pruned ``block``: ``edit`` (a block edit of
+    :mod:`fedprune.edits`) is applied to a copy of the dense block; ``model`` is unchanged."""
     _check_block(state, block)
     _, blocks = find_blocks(model)
     if block + 1 < len(blocks):
         pruned = copy.deepcopy(blocks[block])
-        apply_weights_(pruned, weights)
+        edit.apply_(pruned)
         state.inputs = run_block(pruned, state.inputs)
     state.block = block + 1
-
-
-def weights_from_masks(
-    model: nn.Module, block: int, masks: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Pruned weights of ``block``: the model's dense weights times the keep-masks."""
-    layers = find_prunable_layers(find_blocks(model)[1][block])
-    return {name: get_weight(layers[name]) * mask for name, mask in masks.items()}
 
 
 def local_masks(

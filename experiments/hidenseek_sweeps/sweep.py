@@ -10,7 +10,7 @@ import harness
 import torch
 from torch.nn import functional as F
 
-import clients.hidenseek_client as client
+import fedprune.hidenseek.site as client
 from fedprune.hidenseek import sign_supermask as sm
 from fedprune.hidenseek.aggregate import signs_of_scores
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedprune.aggregation.mask_vote import apply_vote, select_by_votes, vote_counts
+from fedprune.allocation import as_allocation, qualified
 from fedprune.masks import Pattern
 from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners.base import Pruner
@@ -81,8 +82,10 @@ def vote_block_from_counts_(
     layers matched by ``ignore`` are left dense and need no counts."""
     blocks_name, blocks = find_blocks(model)
     masks, weights = {}, {}
-    for name, layer in find_prunable_layers(blocks[block], ignore, f"{blocks_name}.{block}").items():
-        keep = select_by_votes(counts[name], sparsity, pattern, group, seed + block)
+    prefix, allocation = f"{blocks_name}.{block}", as_allocation(sparsity)
+    for name, layer in find_prunable_layers(blocks[block], ignore, prefix).items():
+        layer_sparsity = allocation.of(qualified(prefix, name))
+        keep = select_by_votes(counts[name], layer_sparsity, pattern, group, seed + block)
         masks[name] = keep
         weights[name] = apply_vote(get_weight(layer), keep, counts[name], num_sites, scaling)
     apply_weights_(blocks[block], weights)

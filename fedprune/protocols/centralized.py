@@ -36,7 +36,14 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
     calib_ids = calibration_windows(job, prep.data.calib_docs)
     prune_start = time.perf_counter()
     report = prune_model_(
-        prep.model, calib_ids, prep.pruner, target_sparsity(job), prep.pattern, job.batch_size, job.progress
+        prep.model,
+        calib_ids,
+        prep.pruner,
+        target_sparsity(job),
+        prep.pattern,
+        job.batch_size,
+        job.progress,
+        ignore=job.ignore,
     )
     prune_s = time.perf_counter() - prune_start
     pruned = evaluate(job, prep.model, prep.data.eval_ids, "pruned")

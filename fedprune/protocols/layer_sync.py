@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from fedprune.masks import Pattern, sparsity_of
+from fedprune.edits import BlockEdit, MaskEdit, WeightEdit
+from fedprune.masks import Pattern
 from fedprune.models import find_blocks
-from fedprune.payload import encode_masks, encode_weights
 from fedprune.protocols.federation import Federation
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.sums import PRIVACY, Sums
@@ -46,6 +46,11 @@ class FederatedJob:
     def sparsity(self) -> float:
         return self.method.sparsity
 
+    @property
+    def ignore(self) -> tuple[str, ...]:
+        """Layer-name patterns left dense."""
+        return self.site_job.ignore
+
     def sums(self, fed: Federation) -> Sums:
         """This run's way of summing the sites' payloads."""
         return PRIVACY[self.privacy](fed, self.plan, self.pruner.stat_kind)
@@ -63,9 +68,10 @@ class FederatedOutcome:
     sites_per_sum: list[tuple[int, ...]] = field(default_factory=list)  # node ids, one entry per sum
     tokens: dict[int, int] = field(default_factory=dict)  # calibration tokens by node
 
-    def record(self, blocks_name: str, block: int, masks: dict[str, torch.Tensor]) -> None:
-        for name, mask in masks.items():
-            self.layer_sparsity[f"{blocks_name}.{block}.{name}"] = sparsity_of(mask)
+    def record(self, blocks_name: str, block: int, removed: dict[str, float]) -> None:
+        """Record what a block edit removed (``edit.report()``: fraction by layer)."""
+        for name, fraction in removed.items():
+            self.layer_sparsity[f"{blocks_name}.{block}.{name}"] = fraction
 
     @property
     def final_sites(self) -> tuple[int, ...]:
@@ -96,19 +102,19 @@ def finish_sites(fed: Federation, job: FederatedJob) -> None:
     fed.round("query.finish", job.site_job.to_record(), None, lambda node, reply: None)
 
 
-def update_arrays(masks: dict, weights: dict, send_weights: bool) -> tuple[dict, str]:
-    """What changed in a block, in the cheapest form: masks unless kept weights changed."""
-    return (encode_weights(weights), "weights") if send_weights else (encode_masks(masks), "masks")
+def block_edit(masks: dict, weights: dict, weights_changed: bool) -> BlockEdit:
+    """A block's edit in the cheapest form for the wire: masks unless kept weights changed."""
+    return WeightEdit(weights, masks) if weights_changed else MaskEdit(masks)
 
 
-BlockStep = Callable[[Sums, int, dict, dict | None, dict[int, int]], tuple[dict, dict, bool, tuple]]
+BlockStep = Callable[[Sums, int, dict, dict | None, dict[int, int]], tuple[BlockEdit, tuple]]
 
 
 def layer_sync(fed: Federation, job: FederatedJob, label: str, step: BlockStep) -> FederatedOutcome:
     """The per-block loop of the layer-synchronous protocols (one sum per block).
 
-    ``step(sums, block, config, update, tokens)`` returns the block's keep-masks, new weights, whether
-    the weights (not the masks) must travel, and the sites whose data entered its sum.
+    ``step(sums, block, config, update, tokens)`` returns the block's edit (applied to the global model;
+    it travels to the sites with the next task) and the sites whose data entered its sum.
     """
     outcome = FederatedOutcome()
     outcome.tokens = start_sites(fed, job)
@@ -119,9 +125,9 @@ def layer_sync(fed: Federation, job: FederatedJob, label: str, step: BlockStep) 
         config = task_config(job, BlockTask(block, update_kind))
         if block == 0:
             sums.prepare(config, len(blocks))
-        masks, weights, send_weights, sites = step(sums, block, config, update, outcome.tokens)
-        outcome.record(blocks_name, block, masks)
+        edit, sites = step(sums, block, config, update, outcome.tokens)
+        outcome.record(blocks_name, block, edit.report())
         outcome.sites_per_sum.append(sites)
-        update, update_kind = update_arrays(masks, weights, send_weights)
+        update, update_kind = edit.encode(), edit.kind
     finish_sites(fed, job)
     return outcome

@@ -29,8 +29,9 @@ import torch
 from fedprune.data.assets import resolve_corpus_path, resolve_model_path
 from fedprune.data.sites import site_window_count, site_windows
 from fedprune.data.windows import sample_windows
+from fedprune.edits import decode_edit
 from fedprune.masks import parse_pattern
-from fedprune.payload import decode_masks, decode_weights, encode_masks, encode_stats
+from fedprune.payload import encode_masks, encode_stats
 from fedprune.protocols.federation import Reply, Request
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.site_state import dense_model, drop_state, load_state, save_state, tokenized_works
@@ -44,7 +45,6 @@ from fedprune.site import (
     site_block_masks,
     site_block_stats,
     start_site,
-    weights_from_masks,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,17 +86,13 @@ def site_pruner(method: MethodSpec):
     return get_pruner(method.pruner, **method.pruner_params)
 
 
-def apply_update_(model, state: SiteState, task: BlockTask, update: dict | None) -> None:
+def apply_update_(model, state: SiteState, task: BlockTask, update: dict | None, ignore=()) -> None:
     """Move past block b-1 if the request carries its globally pruned version."""
     if not update:
         return
     block = task.block - 1
-    shapes = block_layer_shapes(model, block)
-    if task.update_kind == "masks":
-        weights = weights_from_masks(model, block, decode_masks(update, shapes))
-    else:
-        weights = decode_weights(update, shapes)
-    advance_site_(model, state, block, weights)
+    edit = decode_edit(task.update_kind, update, block_layer_shapes(model, block, ignore))
+    advance_site_(model, state, block, edit)
 
 
 @dataclass(frozen=True)
@@ -114,8 +110,8 @@ def block_payload(site: Site, request: Request, compute: Callable) -> tuple[obje
     task = BlockTask.from_record(request.config)
     model = site_model(job)
     state = load_state(job.run_key, site.key)
-    apply_update_(model, state, task, request.update)
-    result = compute(model, state, method, task)
+    apply_update_(model, state, task, request.update, job.ignore)
+    result = compute(model, state, job, method, task)
     save_state(job.run_key, site.key, state)
     return result, state.tokens
 
@@ -123,8 +119,9 @@ def block_payload(site: Site, request: Request, compute: Callable) -> tuple[obje
 def stats_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
     """This site's statistics of the request's block (``token_bound``: DP clip of each token first)."""
 
-    def compute(model, state, method: MethodSpec, task: BlockTask) -> dict:
-        return encode_stats(site_block_stats(model, state, task.block, method.stat_kind, token_bound))
+    def compute(model, state, job: SiteJob, method: MethodSpec, task: BlockTask) -> dict:
+        stats = site_block_stats(model, state, task.block, method.stat_kind, token_bound, job.ignore)
+        return encode_stats(stats)
 
     arrays, tokens = block_payload(site, request, compute)
     return Payload("stats", arrays, tokens)
@@ -133,9 +130,10 @@ def stats_payload(site: Site, request: Request, token_bound: float | None = None
 def masks_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
     """This site's own keep-masks of the request's block."""
 
-    def compute(model, state, method: MethodSpec, task: BlockTask) -> dict:
+    def compute(model, state, job: SiteJob, method: MethodSpec, task: BlockTask) -> dict:
         pattern = parse_pattern(method.pattern)
-        return site_block_masks(model, state, task.block, site_pruner(method), method.sparsity, pattern)
+        pruner = site_pruner(method)
+        return site_block_masks(model, state, task.block, pruner, method.sparsity, pattern, job.ignore)
 
     masks, tokens = block_payload(site, request, compute)
     return Payload("masks", masks, tokens)
@@ -146,7 +144,8 @@ def local_prune_payload(site: Site, request: Request, token_bound: float | None 
     job, method = SiteJob.from_record(request.config), MethodSpec.from_record(request.config)
     ids = calibration_ids(job, site)
     pattern = parse_pattern(method.pattern)
-    masks = local_masks(site_model(job), ids, site_pruner(method), method.sparsity, pattern, job.batch_size)
+    pruner = site_pruner(method)
+    masks = local_masks(site_model(job), ids, pruner, method.sparsity, pattern, job.batch_size, job.ignore)
     return Payload("masks", masks, int(ids.numel()))
 
 

@@ -37,7 +37,14 @@ def run_local(job: JobConfig, out_dir: Path, launch=None) -> dict:
         )
         local = copy.deepcopy(prep.model)
         report = prune_model_(
-            local, ids, prep.pruner, target_sparsity(job), prep.pattern, job.batch_size, job.progress
+            local,
+            ids,
+            prep.pruner,
+            target_sparsity(job),
+            prep.pattern,
+            job.batch_size,
+            job.progress,
+            ignore=job.ignore,
         )
         calib_tokens += report.calib_tokens
         per_site.append(evaluate(job, local, prep.data.eval_ids, f"site {site} pruned").value)

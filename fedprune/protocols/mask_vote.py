@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedprune.aggregation.block import vote_model_from_counts_
 from fedprune.config import JobConfig, check
+from fedprune.edits import MaskEdit
 from fedprune.job import summary_table
 from fedprune.masks import GROUPS
 from fedprune.models import find_blocks
@@ -51,7 +52,7 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     shapes = {
         f"{b}.{name}": shape
         for b in range(len(blocks))
-        for name, shape in block_layer_shapes(job.model, b).items()
+        for name, shape in block_layer_shapes(job.model, b, job.ignore).items()
     }
     summed = job.sums(fed).votes("local_prune", task_config(job), None, shapes)
     masks = vote_model_from_counts_(
@@ -63,9 +64,10 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
         options.group,
         options.scaling,
         job.seed,
+        job.ignore,
     )
     for block, block_masks in masks.items():
-        outcome.record(blocks_name, block, block_masks)
+        outcome.record(blocks_name, block, MaskEdit(block_masks).report())
     outcome.votes, outcome.vote_sites = summed.counts, summed.num_sites
     outcome.sites_per_sum, outcome.tokens = [summed.sites], summed.tokens
     return outcome

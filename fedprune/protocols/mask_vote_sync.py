@@ -17,7 +17,7 @@ from fedprune.job import summary_table
 from fedprune.masks import GROUPS
 from fedprune.protocols import llm_site  # noqa: F401  (registers the site tasks)
 from fedprune.protocols.federation import Federation, Launcher
-from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, layer_sync
+from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, block_edit, layer_sync
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
 from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
 from fedprune.protocols.sums import Sums
@@ -46,7 +46,7 @@ def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     options: SyncVoteOptions = job.options
 
     def step(sums: Sums, block: int, config: dict, update: dict | None, tokens: dict[int, int]):
-        shapes = block_layer_shapes(job.model, block)
+        shapes = block_layer_shapes(job.model, block, job.ignore)
         summed = sums.votes("masks", config, update, shapes)
         masks, weights = vote_block_from_counts_(
             job.model,
@@ -58,8 +58,9 @@ def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
             options.group,
             options.scaling,
             job.seed,
+            job.ignore,
         )
-        return masks, weights, options.scaling, summed.sites
+        return block_edit(masks, weights, options.scaling), summed.sites
 
     return layer_sync(fed, job, "masks", step)
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from fedprune.config import JobConfig, target_sparsity
+from fedprune.edits import EDITS
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class SiteJob:
     num_sites: int
     seed: int
     batch_size: int
+    ignore: tuple[str, ...] = ()  # layer-name patterns left dense (sent only when not empty)
 
     def __post_init__(self) -> None:
         _require(bool(self.run_key), "run_key", "must not be empty")
@@ -85,18 +87,22 @@ class SiteJob:
             num_sites=job.federation.num_clients,
             seed=job.seed,
             batch_size=job.batch_size,
+            ignore=tuple(job.ignore),
         )
 
     def to_record(self) -> dict:
-        return {
-            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)
-        }
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record = {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}
+        if not self.ignore:
+            del record["ignore"]  # the default travels as nothing
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping) -> SiteJob:
         types = {"heldout": tuple, "seq_len": int, "total_windows": int, "num_sites": int, "seed": int}
-        types["batch_size"] = int
-        return cls(**{f.name: _read(record, f.name, types.get(f.name, str)) for f in fields(cls)})
+        types.update(batch_size=int, ignore=tuple)
+        names = [f.name for f in fields(cls) if f.name != "ignore" or "ignore" in record]
+        return cls(**{name: _read(record, name, types.get(name, str)) for name in names})
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,7 @@ class MethodSpec:
         )
 
 
-UPDATE_KINDS = ("masks", "weights")
+UPDATE_KINDS = tuple(EDITS)  # masks | weights | kept (fedprune.edits)
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,7 @@ class BlockTask:
     """Which block a per-block task is about, and how the previous block's edit travels."""
 
     block: int
-    update_kind: str = "masks"  # masks | weights
+    update_kind: str = "masks"  # the wire kind of the previous block's edit
 
     def __post_init__(self) -> None:
         _require(self.block >= 0, "block", f"must be >= 0, got {self.block}")

@@ -275,10 +275,10 @@ def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:
     privacy = job.privacy
     if privacy.name == "none":
         return None
-    from fedprune.models import find_blocks, find_prunable_layers
+    from fedprune.models import find_prunable_layers, named_blocks
     from fedprune.secure.plan import make_plan
 
-    blocks = find_blocks(model)[1]
+    blocks = named_blocks(model)
     sites = job.federation.num_clients
     dp = privacy.name == "secagg_dp"
     return make_plan(
@@ -292,7 +292,7 @@ def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:
         delta=privacy.delta if dp else None,
         seq_len=job.data.seq_len,
         releases=len(blocks),
-        slots=max(len(find_prunable_layers(block)) for block in blocks),
+        slots=max(len(find_prunable_layers(block, job.ignore, prefix)) for prefix, block in blocks),
     )
 
 

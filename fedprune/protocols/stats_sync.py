@@ -18,7 +18,7 @@ from fedprune.models import find_blocks, find_prunable_layers, layer_input_featu
 from fedprune.protocols import llm_site  # noqa: F401  (registers the site tasks)
 from fedprune.protocols.centralized import NoOptions
 from fedprune.protocols.federation import Federation, Launcher
-from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, layer_sync
+from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, block_edit, layer_sync
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
 from fedprune.protocols.registry import ProtocolUnit, register_protocol
 from fedprune.protocols.sums import Sums
@@ -30,16 +30,16 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     """Exact federated pruning: summed statistics, centralized pruning code, per block."""
     if job.pruner.stat_kind is None:
         raise ValueError(f"stats_sync needs a pruner with statistics; {job.pruner.name!r} is data-free")
-    blocks = find_blocks(job.model)[1]
+    blocks_name, blocks = find_blocks(job.model)
 
     def step(sums: Sums, block: int, config: dict, update: dict | None, tokens: dict[int, int]):
-        layers = find_prunable_layers(blocks[block])
+        layers = find_prunable_layers(blocks[block], job.ignore, f"{blocks_name}.{block}")
         widths = {name: layer_input_features(m) for name, m in layers.items()}
         summed = sums.stats(config, update, widths, tokens)
         masks, weights = prune_block_from_stats_(
-            job.model, block, summed.stats, job.pruner, job.sparsity, job.pattern
+            job.model, block, summed.stats, job.pruner, job.sparsity, job.pattern, job.ignore
         )
-        return masks, weights, job.pruner.updates_weights, summed.sites
+        return block_edit(masks, weights, job.pruner.updates_weights), summed.sites
 
     return layer_sync(fed, job, "stats", step)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedprune.protocols.federation import Reply, Request, Response
+from fedprune.protocols.federation import Federation, Launcher, Reply, Request, Response
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +83,15 @@ class InProcessTransport:
                 continue
             out.append(Response(node, answer, None, arrays_bytes(answer.arrays)))
         return out
+
+
+def in_process_launcher(num_sites: int, min_clients: int, tasks: Mapping[str, SiteTask] | None = None) -> Launcher:
+    """A launcher that runs ``server_main(federation)`` with ``num_sites`` simulated sites in this process
+    (site i holds partition i of ``num_sites``, as in a Flower simulation)."""
+
+    def launch(server_main) -> None:
+        sites = [Site(100 + i, {"partition-id": i, "num-partitions": num_sites}) for i in range(num_sites)]
+        transport = InProcessTransport(sites, tasks)
+        server_main(Federation(transport, transport.node_ids(), min_clients))
+
+    return launch

@@ -99,7 +99,7 @@ def _clipped_copy(x: np.ndarray | torch.Tensor, clip: float) -> np.ndarray:
         raise ValueError("cannot encode NaN or infinite values")
     num_clipped = int(np.count_nonzero(np.abs(values) > clip))
     if num_clipped:
-        logger.debug("fixed-point encoding clipped %d of %d values to ±%g", num_clipped, values.size, clip)
+        logger.warning("fixed-point encoding clipped %d of %d values to ±%g", num_clipped, values.size, clip)
         np.clip(values, -clip, clip, out=values)
     return values
 

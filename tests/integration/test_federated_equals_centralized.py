@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedprune.aggregation.block import aggregate_stats, prune_block_from_stats_, vote_block_
+from fedprune.edits import WeightEdit
 from fedprune.masks import parse_pattern
 from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners import get_pruner
@@ -31,7 +32,7 @@ def _stats_sync(model, site_ids, pruner, sparsity, pattern):
         stats = aggregate_stats([site_block_stats(m, s, b, pruner.stat_kind) for m, s in sites])
         _, weights = prune_block_from_stats_(model, b, stats, pruner, sparsity, pattern)
         for m, s in sites:
-            advance_site_(m, s, b, weights)
+            advance_site_(m, s, b, WeightEdit(weights))
     return model
 
 
@@ -77,7 +78,7 @@ def test_mask_vote_sync_one_site_equals_local_pruning():
     for b in range(len(blocks)):
         masks = site_block_masks(site_model, state, b, pruner, 0.5, pattern)
         _, weights = vote_block_(model, b, [masks], 0.5, pattern, "row", scaling=False, seed=0)
-        advance_site_(site_model, state, b, weights)
+        advance_site_(site_model, state, b, WeightEdit(weights))
     expected, got = _weights(local), _weights(model)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key

@@ -174,8 +174,7 @@ def _shared_across_blocks(kwargs_per_block):
 
 
 def test_kwargs_tensors_stay_shared_across_blocks_and_through_site_state(tmp_path, monkeypatch):
-    from clients.site_cache import load_state, save_state
-
+    from fedprune.protocols.site_state import load_state, save_state
     from fedprune.site import SiteState
 
     model = tiny_model("llama")

@@ -27,9 +27,12 @@ def test_round_trip_of_representable_values_is_exact():
     assert np.array_equal(code.encode(t), y) and t.tolist() == x.tolist()
 
 
-def test_values_beyond_clip_are_clipped():
+def test_values_beyond_clip_are_clipped_and_logged_with_counts(caplog):
     code = FixedPoint(scale_bits=4, clip=2.0, max_clients=2)
-    assert code.decode_sum(code.encode(np.array([5.0, -7.0, 1.0])), 1).tolist() == [2.0, -2.0, 1.0]
+    with caplog.at_level("WARNING", logger="fedprune.secure.encoding"):
+        assert code.decode_sum(code.encode(np.array([5.0, -7.0, 1.0])), 1).tolist() == [2.0, -2.0, 1.0]
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "clipped 2 of 3 values" in caplog.records[0].getMessage()
 
 
 def test_worst_case_rounding_error_is_reached_and_not_exceeded():
