@@ -64,7 +64,7 @@ def run(
     n = sum(int(m.sum()) for m in job.masks.values())
     G = torch.full((n,), 0.1)
     mom = torch.zeros(n)
-    conf = {**job.site_config}
+    conf = job.task
     accs = [accuracy(model_from(job, G), job.x_test, job.y_test)]
     rng = torch.Generator().manual_seed(seed + 123)
     ts = sweep_lib.restricted_train_scores if restricted else train_scores

@@ -32,6 +32,7 @@ from fedprune.hidenseek.baseline_masks import magnitude_masks_at_init, random_ma
 from fedprune.hidenseek.data import load_digits_split
 from fedprune.hidenseek.models import INIT_SCHEMES, build_model, masks_density, prunable_weights
 from fedprune.hidenseek.server import HideNseekJob, run_hidenseek_rounds
+from fedprune.hidenseek.site import HideNseekTask
 from fedprune.hidenseek.synflow import synflow_masks
 from fedprune.outputs import peak_rss_mb, write_json_atomic
 from fedprune.protocols.federation import Launcher
@@ -132,30 +133,30 @@ def prune_at_init(model: torch.nn.Module, method: str, density: float, iteration
     return random_masks(model, density, seed)
 
 
-def site_config(p: HideNseekOptions, seed: int) -> dict:
-    """What every site needs, sent in each message (flat ConfigRecord values)."""
+def site_task_of(p: HideNseekOptions, seed: int) -> HideNseekTask:
+    """What every site needs, sent in each message (the round and kept count are set per round)."""
     fedavg = p.variant.startswith("fedavg")
-    return {
-        "variant": p.variant,
-        "aggregation": p.aggregation,
-        "arch": p.model,
-        "hidden": p.hidden,
-        "init": p.init,
-        "model_seed": seed,
-        "data_seed": seed,
-        "seed": seed,
-        "test_fraction": p.test_fraction,
-        "alpha": p.alpha,
-        "min_size": p.min_client_samples,
-        "epochs": p.local_epochs,
-        "lr": float(p.fedavg_lr if fedavg else p.lr),
-        "momentum": p.momentum,
-        "batch_size": p.batch_size,
-        "init_scale": p.init_scale,
-        "optimizer": p.optimizer,
-        "delta_clip_quantile": p.delta_clip_quantile,
-        "delta_topk": p.delta_topk,
-    }
+    return HideNseekTask(
+        variant=p.variant,
+        aggregation=p.aggregation,
+        arch=p.model,
+        hidden=p.hidden,
+        init=p.init,
+        model_seed=seed,
+        data_seed=seed,
+        seed=seed,
+        test_fraction=p.test_fraction,
+        alpha=p.alpha,
+        min_size=p.min_client_samples,
+        epochs=p.local_epochs,
+        lr=float(p.fedavg_lr if fedavg else p.lr),
+        momentum=p.momentum,
+        batch_size=p.batch_size,
+        init_scale=p.init_scale,
+        optimizer=p.optimizer,
+        delta_clip_quantile=p.delta_clip_quantile,
+        delta_topk=p.delta_topk,
+    )
 
 
 def build_job(job: JobConfig) -> HideNseekJob:
@@ -175,7 +176,7 @@ def build_job(job: JobConfig) -> HideNseekJob:
         rounds=p.rounds,
         init_scale=p.init_scale,
         server_lr=p.server_lr,
-        site_config=site_config(p, seed),
+        task=site_task_of(p, seed),
         x_test=split.x_test,
         y_test=split.y_test,
     )
@@ -235,10 +236,10 @@ def outcome_metrics(config: JobConfig, job: HideNseekJob, outcome, fed, wall_s: 
         "num_clients": config.federation.num_clients,
         "rounds": job.rounds,
         "local_epochs": p.local_epochs,
-        "lr": job.site_config["lr"],
+        "lr": job.task.lr,
         "server_lr": job.server_lr,
-        "delta_clip_quantile": job.site_config["delta_clip_quantile"],
-        "delta_topk": job.site_config["delta_topk"],
+        "delta_clip_quantile": job.task.delta_clip_quantile,
+        "delta_topk": job.task.delta_topk,
         "accuracy": [r.accuracy for r in outcome.records],
         "final_accuracy": outcome.records[-1].accuracy,
         "bytes_up_per_client_per_round": [

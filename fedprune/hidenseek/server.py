@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from fedprune.hidenseek.aggregate import (
 )
 from fedprune.hidenseek.models import prunable_weights
 from fedprune.hidenseek.rounds import codes_of_scores, global_model, initial_codes
-from fedprune.hidenseek.site import SUPERMASK_KINDS, encode_mask, update_crc, with_weights
+from fedprune.hidenseek.site import SUPERMASK_KINDS, HideNseekTask, encode_mask, update_crc, with_weights
 from fedprune.hidenseek.train import accuracy
 from fedprune.protocols.federation import Federation, Reply
 
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HideNseekJob:
-    """Everything the server needs for one run (``site_config``: flat ConfigRecord values for sites)."""
+    """Everything the server needs for one run (``task``: what sites are sent, round 0)."""
 
     variant: str
     aggregation: str
@@ -57,7 +57,7 @@ class HideNseekJob:
     masks: dict[str, torch.Tensor]
     rounds: int
     init_scale: float
-    site_config: dict
+    task: HideNseekTask
     x_test: torch.Tensor  # (test, 64)
     y_test: torch.Tensor  # (test,)
     server_lr: float = 1.0  # score_delta: step on the mean of the sites' decoded score changes
@@ -157,7 +157,7 @@ def validate_reply(job: HideNseekJob, num_kept: int, crc: int, reply: Reply) -> 
     if int(metrics["crc"]) != crc:
         raise ValueError("the site did not start from this round's global state (CRC mismatch)")
     if holds_scores(job):
-        count = top_count(num_kept, float(job.site_config.get("delta_topk", 0.0)))
+        count = top_count(num_kept, job.task.delta_topk)
         signs, scale, top = unpack_delta_upload(_payload_array(reply, "delta"), num_kept, count)
         return SiteUpdate(partition_id, num_examples, signs, scale, top)
     if is_supermask(job.variant) and job.aggregation == "vote":
@@ -214,7 +214,7 @@ def run_hidenseek_rounds(
         arrays = round_arrays(job, state)
         crc = update_crc(arrays)
         before_up, before_down = dict(fed.bytes_up), dict(fed.bytes_down)
-        config = {**job.site_config, "round": round_index, "num_kept": num_kept}
+        config = replace(job.task, round=round_index, num_kept=num_kept).to_record()
         valid = fed.round("train.hidenseek", config, arrays, reply_validator(job, num_kept, crc))
         updates = [valid[node] for node in sorted(valid)]
         state = aggregate_fn(job, updates, state)

@@ -32,6 +32,7 @@ import copy
 import logging
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -57,6 +58,7 @@ from fedprune.hidenseek.sign_supermask import learned_codes, supermask_layers, t
 from fedprune.hidenseek.train import local_sgd
 from fedprune.masks import pack_bits, unpack_bits
 from fedprune.protocols.federation import Reply, Request
+from fedprune.protocols.messages import MessageError, from_typed_record, typed_record
 from fedprune.protocols.tasks import Site, reply, site_task
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,50 @@ FEDAVG_VARIANTS = ("fedavg_dense", "fedavg_pruned")
 VARIANTS = (*SUPERMASK_KINDS, *FEDAVG_VARIANTS)
 AGGREGATIONS = ("vote", "score_average", "score_delta")
 ROUND_SEED_STRIDE = 10_000  # site p in round r trains with seed + 10_000 * r + p
+
+
+@dataclass(frozen=True)
+class HideNseekTask:
+    """What a site is sent each round (the config record, typed; validated on both sides)."""
+
+    variant: str
+    aggregation: str
+    arch: str
+    hidden: int
+    init: str
+    model_seed: int
+    data_seed: int
+    seed: int
+    test_fraction: float
+    alpha: float
+    min_size: int
+    epochs: int
+    lr: float
+    momentum: float
+    batch_size: int
+    init_scale: float
+    optimizer: str
+    delta_clip_quantile: float
+    delta_topk: float
+    round: int = 0
+    num_kept: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise MessageError(f"task record: key 'variant': unknown {self.variant!r}; known: {VARIANTS}")
+        if self.aggregation not in AGGREGATIONS:
+            raise MessageError(f"task record: key 'aggregation': unknown {self.aggregation!r}")
+        if self.hidden < 1 or self.epochs < 1 or self.batch_size < 1 or self.round < 0 or self.num_kept < 0:
+            raise MessageError(
+                "task record: hidden, epochs and batch_size must be >= 1, round and num_kept >= 0"
+            )
+
+    def to_record(self) -> dict:
+        return typed_record(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> HideNseekTask:
+        return from_typed_record(cls, record)
 
 
 def encode_mask(masks: dict[str, torch.Tensor]) -> np.ndarray:
@@ -112,11 +158,9 @@ def with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
     return copied
 
 
-def frozen_model(config: Mapping) -> nn.Module:
+def frozen_model(config: HideNseekTask) -> nn.Module:
     """The seeded random network both ends rebuild (its weights never travel)."""
-    return build_model(
-        str(config["arch"]), int(config["model_seed"]), str(config["init"]), hidden=int(config["hidden"])
-    )
+    return build_model(config.arch, config.model_seed, config.init, hidden=config.hidden)
 
 
 @lru_cache(maxsize=2)
@@ -124,17 +168,19 @@ def _digits(test_fraction: float, seed: int) -> DigitsSplit:
     return load_digits_split(test_fraction, seed)
 
 
-def site_data(config: Mapping, partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+def site_data(
+    config: HideNseekTask, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The site's Dirichlet(alpha) share of the digits training split: ``x (n, 64)``, ``y (n,)``."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is not in [0, {num_partitions})")
-    split = _digits(float(config["test_fraction"]), int(config["data_seed"]))
+    split = _digits(config.test_fraction, config.data_seed)
     parts = dirichlet_label_partition(
         split.y_train,
         num_partitions,
-        float(config["alpha"]),
-        int(config["data_seed"]),
-        int(config["min_size"]),
+        config.alpha,
+        config.data_seed,
+        config.min_size,
     )
     index = parts[partition_id]
     return split.x_train[index], split.y_train[index]
@@ -168,10 +214,10 @@ def train_supermask(
     update: dict[str, np.ndarray],
     x: torch.Tensor,
     y: torch.Tensor,
-    config: Mapping,
+    config: HideNseekTask,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    """Train scores from the global state; the reply payload for ``config["aggregation"]``.
+    """Train scores from the global state; the reply payload for ``config.aggregation``.
 
     ``vote``: ``{"codes": packed signs}``; ``score_average``: ``{"scores": float32}``; ``score_delta``:
     ``{"delta": uint8}`` (:func:`pack_delta_upload`): the packed stochastic signs of the score change, their
@@ -179,34 +225,34 @@ def train_supermask(
     clip scale is the quantile of the other changes.
     """
     num_kept = num_kept_weights(masks)
-    kind = SUPERMASK_KINDS[str(config["variant"])]
+    kind = SUPERMASK_KINDS[config.variant]
     global_scores = start_scores(masks, update)
     if global_scores is None:
         codes = unpack_signs(torch.from_numpy(np.ascontiguousarray(update["codes"])), num_kept)  # (n_kept,)
-        start = global_model(model, masks, codes, kind, float(config["init_scale"]))
+        start = global_model(model, masks, codes, kind, config.init_scale)
     else:
-        start = global_model(model, masks, codes_of_scores(global_scores), kind, float(config["init_scale"]))
+        start = global_model(model, masks, codes_of_scores(global_scores), kind, config.init_scale)
         set_kept_scores_(start, global_scores, masks)
     trained = train_scores(
         start,
         x,
         y,
-        int(config["epochs"]),
-        float(config["lr"]),
-        int(config["batch_size"]),
+        config.epochs,
+        config.lr,
+        config.batch_size,
         seed,
-        str(config["optimizer"]),
-        float(config["momentum"]),
+        config.optimizer,
+        config.momentum,
     )
     scores = {key: layer.scores.detach() for key, layer in supermask_layers(trained).items()}
-    if str(config["aggregation"]) == "score_average":
+    if config.aggregation == "score_average":
         return {"scores": gather_kept(scores, masks).float().numpy()}
     if global_scores is not None:
         delta = gather_kept(scores, masks).float() - global_scores  # (n_kept,)
-        index, values = top_changes(delta, top_count(num_kept, float(config["delta_topk"])))
+        index, values = top_changes(delta, top_count(num_kept, config.delta_topk))
         rest = torch.ones(num_kept, dtype=torch.bool)
         rest[index] = False
-        scale = delta_scale(delta[rest], float(config["delta_clip_quantile"]))
+        scale = delta_scale(delta[rest], config.delta_clip_quantile)
         signs = stochastic_signs(delta, scale, torch.Generator().manual_seed(seed))
         return {"delta": pack_delta_upload(signs, scale, index, values)}
     return {"codes": pack_signs(gather_kept(learned_codes(trained), masks)).numpy()}
@@ -218,21 +264,21 @@ def train_weights(
     flat_weights: np.ndarray,
     x: torch.Tensor,
     y: torch.Tensor,
-    config: Mapping,
+    config: HideNseekTask,
     seed: int,
 ) -> dict[str, np.ndarray]:
     """Local SGD from the global kept weights (pruned ones stay 0); ``{"weights": float32 kept}``."""
     weights = scatter_kept(torch.from_numpy(np.ascontiguousarray(flat_weights)), masks, fill=0.0)
-    dense = str(config["variant"]) == "fedavg_dense"
+    dense = config.variant == "fedavg_dense"
     trained = local_sgd(
         with_weights(model, weights),
         x,
         y,
-        int(config["epochs"]),
-        float(config["lr"]),
-        int(config["batch_size"]),
+        config.epochs,
+        config.lr,
+        config.batch_size,
         seed,
-        float(config["momentum"]),
+        config.momentum,
         None if dense else masks,
     )
     kept = gather_kept({k: w.detach() for k, w in prunable_weights(trained).items()}, masks)  # (n_kept,)
@@ -240,15 +286,15 @@ def train_weights(
 
 
 def local_round(
-    config: Mapping, update: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, partition_id: int
+    config: HideNseekTask, update: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, partition_id: int
 ) -> dict[str, np.ndarray]:
     """One site's round for any variant: the reply payload."""
-    variant = str(config["variant"])
+    variant = config.variant
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
     model = frozen_model(config)
-    masks = _round_masks(model, update, int(config["num_kept"]))
-    seed = int(config["seed"]) + ROUND_SEED_STRIDE * int(config["round"]) + partition_id
+    masks = _round_masks(model, update, config.num_kept)
+    seed = config.seed + ROUND_SEED_STRIDE * config.round + partition_id
     if variant in SUPERMASK_KINDS:
         return train_supermask(model, masks, update, x, y, config, seed)
     weights = update["weights"]
@@ -262,7 +308,7 @@ def local_round(
 @site_task("train.hidenseek")
 def hidenseek_train(site: Site, request: Request) -> Reply:
     """``train.hidenseek``: one local round on the site's partition of digits."""
-    config, update = request.config, dict(request.update or {})
+    config, update = HideNseekTask.from_record(request.config), dict(request.update or {})
     partition_id = int(site.node_config["partition-id"])
     x, y = site_data(config, partition_id, int(site.node_config["num-partitions"]))
     payload = local_round(config, update, x, y, partition_id)

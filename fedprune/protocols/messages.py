@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import get_type_hints
 
 from fedprune.config import JobConfig, target_sparsity
 from fedprune.edits import EDITS
@@ -34,9 +35,24 @@ def _read(record: Mapping, key: str, kind: type):
             return tuple(str(v) for v in value)
         if kind in (int, float) and isinstance(value, bool):
             raise TypeError("expected a number")
+        if kind is bool and not isinstance(value, bool):
+            raise TypeError("expected true or false")
         return kind(value)
     except (TypeError, ValueError) as error:
         raise MessageError(f"task record: key {key!r} = {value!r}: {error}") from None
+
+
+def typed_record(obj) -> dict:
+    """A flat record of a dataclass of scalars and tuples (tuples as lists), in field order."""
+    return {f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v for f in fields(obj)}
+
+
+def from_typed_record(cls, record: Mapping):
+    """The dataclass ``cls`` from a record, each field read with its annotated type (int, float, str,
+    bool, tuple of str); :class:`MessageError` names a missing or malformed key."""
+    hints = get_type_hints(cls)
+    kinds = {name: tuple if str(hint).startswith("tuple") else hint for name, hint in hints.items()}
+    return cls(**{f.name: _read(record, f.name, kinds[f.name]) for f in fields(cls)})
 
 
 def _require(condition: bool, key: str, message: str) -> None:

@@ -85,7 +85,9 @@ class InProcessTransport:
         return out
 
 
-def in_process_launcher(num_sites: int, min_clients: int, tasks: Mapping[str, SiteTask] | None = None) -> Launcher:
+def in_process_launcher(
+    num_sites: int, min_clients: int, tasks: Mapping[str, SiteTask] | None = None
+) -> Launcher:
     """A launcher that runs ``server_main(federation)`` with ``num_sites`` simulated sites in this process
     (site i holds partition i of ``num_sites``, as in a Flower simulation)."""
 

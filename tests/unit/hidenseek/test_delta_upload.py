@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,9 @@ from fedprune.hidenseek.aggregate import (
     unpack_delta_upload,
 )
 from fedprune.hidenseek.server import HideNseekJob, validate_reply
+from fedprune.hidenseek.site import HideNseekTask
 from fedprune.protocols.federation import Reply
+from fedprune.protocols.messages import MessageError
 
 # 5 kept weights, 2 exact top changes: -2.0 at 1 and 0.5 at 3, clip scale 0.5
 SIGNS = torch.tensor([1, -1, 1, 1, -1], dtype=torch.int8)
@@ -128,7 +132,22 @@ def _job(delta_topk: float) -> HideNseekJob:
         masks={},
         rounds=1,
         init_scale=0.1,
-        site_config={"delta_topk": delta_topk},
+        task=HideNseekTask(
+            **{
+                "variant": "sign_supermask",
+                "aggregation": "score_delta",
+                "arch": "mlp",
+                "init": "kaiming_normal",
+            },
+            **dict.fromkeys(
+                ("hidden", "model_seed", "data_seed", "seed", "min_size", "epochs", "batch_size"), 1
+            ),
+            **dict.fromkeys(
+                ("test_fraction", "alpha", "lr", "momentum", "init_scale", "delta_clip_quantile"), 0.5
+            ),
+            optimizer="sgd",
+            delta_topk=delta_topk,
+        ),
         x_test=torch.zeros(1, 64),
         y_test=torch.zeros(1, dtype=torch.int64),
     )
@@ -155,3 +174,15 @@ def test_server_reads_one_delta_array_and_rejects_others():
     # with delta_topk = 0.2 the server expects one top change: the site's two are a wrong length
     with pytest.raises(ValueError, match="uint8 \\(9,\\)"):
         validate_reply(_job(0.2), 5, 7, _reply({"delta": _by_hand()}))
+
+
+def test_the_round_task_record_is_typed_and_validated():
+    task = replace(_job(0.025).task, round=3, num_kept=5)
+    record = task.to_record()
+    assert list(record)[-2:] == ["round", "num_kept"] and HideNseekTask.from_record(record) == task
+    with pytest.raises(MessageError, match="'lr'"):
+        HideNseekTask.from_record({**record, "lr": "fast"})
+    with pytest.raises(MessageError, match="'variant'"):
+        HideNseekTask.from_record({**record, "variant": "signs"})
+    with pytest.raises(MessageError, match="'epochs'"):
+        HideNseekTask.from_record({k: v for k, v in record.items() if k != "epochs"})

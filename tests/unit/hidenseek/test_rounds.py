@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -59,7 +61,7 @@ def test_in_process_votes_equal_a_hand_computed_majority():
     job, _, outcome = _in_process("vote", rounds=1)
     num_kept = sum(int(m.sum()) for m in job.masks.values())
     arrays = {"mask": encode_mask(job.masks), "codes": pack_signs(initial_codes(job.masks)).numpy()}
-    config = {**job.site_config, "round": 1, "num_kept": num_kept}
+    config = replace(job.task, round=1, num_kept=num_kept)
     votes = torch.zeros(num_kept, dtype=torch.int32)
     for p in range(3):
         x, y = site_data(config, p, 3)
