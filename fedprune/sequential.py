@@ -18,6 +18,7 @@ keyword arguments (references: blocks given the same mask or position embeddings
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -98,16 +99,36 @@ def micro_batches(input_ids: torch.Tensor, batch_size: int) -> Iterable[torch.Te
     return input_ids.split(batch_size, dim=0)
 
 
+def _positional_names(block: nn.Module) -> list[str]:
+    """Names of the block's ``forward`` parameters that can be given by position (after ``self``)."""
+    names = []
+    for parameter in inspect.signature(type(block).forward).parameters.values():
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(parameter.name)
+    return names[1:]
+
+
 def _recording_forward(
-    index: int, last: int, hidden: list[torch.Tensor], kwargs_list: list[dict], memo: dict
+    index: int, last: int, hidden: list[torch.Tensor], kwargs_list: list[dict], memo: dict, names: list[str]
 ) -> Callable:
-    """A stand-in ``forward`` for block ``index``: records its call and returns its input unchanged."""
+    """A stand-in ``forward`` for block ``index``: records its call and returns its input unchanged.
+
+    Arguments the model passes by position after the hidden states (GPT-2 passes its attention mask
+    that way) are recorded under their parameter ``names``, so re-running the block gets them too.
+    """
 
     def forward(*args: object, **kwargs: object) -> torch.Tensor:
         states = args[0] if args else kwargs.pop("hidden_states")  # (batch, tokens, hidden)
         if index == 0:
             hidden.append(states.detach())
-        kwargs_list.append(_detach_kwargs({k: v for k, v in kwargs.items() if k != "hidden_states"}, memo))
+        named = dict(zip(names[1:], args[1:], strict=False))  # names[0] is the hidden states
+        if len(args) > len(names):
+            raise RuntimeError(
+                f"decoder block {index} got {len(args)} positional arguments, cannot name them"
+            )
+        kwargs = {**named, **{k: v for k, v in kwargs.items() if k != "hidden_states"}}
+        kwargs_list.append(_detach_kwargs(kwargs, memo))
         if index == last:
             raise _StopForward
         return states
@@ -128,7 +149,10 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     memo: dict[int, tuple[object, object]] = {}
     saved = [vars(block).get("forward") for block in blocks]  # instance-level forwards (e.g. accelerate)
     for index, block in enumerate(blocks):
-        block.forward = _recording_forward(index, len(blocks) - 1, hidden, kwargs_per_block[index], memo)
+        names = _positional_names(block)
+        block.forward = _recording_forward(
+            index, len(blocks) - 1, hidden, kwargs_per_block[index], memo, names
+        )
     device = next(model.parameters()).device
     try:
         for count, batch in enumerate(micro_batches(input_ids, batch_size), start=1):

@@ -64,7 +64,7 @@ def test_layers_fed_the_same_tensor_share_one_stats_object():
     assert got["mlp.down_proj"] is not got["mlp.up_proj"]
 
 
-def _whole_model_reference(model, ids, kind):
+def _whole_model_reference(model, ids, kind, attention_mask=None):
     """Per ``(block, layer)``: float64 Σ x² or Σ xᵀx of the layer's input in ONE ordinary forward of ``ids``."""
     _, blocks = find_blocks(model)
     totals = {}
@@ -83,7 +83,7 @@ def _whole_model_reference(model, ids, kind):
         for name, layer in find_prunable_layers(block).items()
     ]
     with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids, use_cache=False, attention_mask=attention_mask)
     for handle in handles:
         handle.remove()
     return totals
@@ -128,6 +128,37 @@ def test_driver_stats_equal_whole_model_forward_with_mixed_attention_types(kind)
     )
     stale = _driver_stats(model, block0_only, kind)
     assert not all(_close(stale[key].total, ref) for key, ref in expected.items())
+
+
+@pytest.mark.parametrize("kind", ["sq_norm", "hessian"])
+def test_gpt2_mask_passed_by_position_reaches_every_block(kind):
+    """GPT-2 gives its blocks the attention mask by position; with eager attention it is a tensor that
+    must be recorded, or the re-run blocks would attend to padding (here: a padded window)."""
+    model = tiny_model("gpt2")
+    model.config._attn_implementation = "eager"
+    ids = random_windows(4, 10)
+    attention = torch.ones_like(ids)
+    attention[0, :3] = 0  # left padding in window 0
+    inputs = capture_block_inputs_with_mask(model, ids, attention)
+    assert all(isinstance(kw[0].get("attention_mask"), torch.Tensor) for kw in inputs.kwargs_per_block)
+    expected = _whole_model_reference(model, ids, kind, attention)
+    got = _driver_stats(model, inputs, kind)
+    for key, ref in expected.items():
+        assert _close(got[key].total, ref), key
+
+
+def capture_block_inputs_with_mask(model, ids, attention):
+    """capture_block_inputs, with an attention mask given to the model's forward."""
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        return original(*args, attention_mask=attention[: kwargs["input_ids"].shape[0]], **kwargs)
+
+    model.forward = forward
+    try:
+        return capture_block_inputs(model, ids, batch_size=4)
+    finally:
+        del model.forward
 
 
 def test_block_chain_reproduces_hidden_states_with_mixed_attention_types():
