@@ -48,7 +48,7 @@ JOBS: dict[str, list[str]] = {
     "mask_vote_wanda": ["protocol=mask_vote", "pruner=wanda", "protocol.group=row", "protocol.scaling=true"],
     "mask_vote_wanda_secagg": ["protocol=mask_vote", "pruner=wanda", "privacy=secagg"],
     "mask_vote_sync_sparsegpt": ["protocol=mask_vote_sync", "pruner=sparsegpt", "pattern=2:4"],
-    "mask_vote_sync_magnitude_secagg": ["protocol=mask_vote_sync", "pruner=magnitude", "privacy=secagg"],
+    "mask_vote_sync_wanda_secagg": ["protocol=mask_vote_sync", "pruner=wanda", "privacy=secagg", "protocol.scaling=true"],
     "hidenseek": ["protocol=hidenseek", "protocol.rounds=2", "protocol.local_epochs=1"],
 }
 

@@ -145,13 +145,16 @@ class MethodSpec:
         )
 
     def to_record(self) -> dict:
-        return {
+        record = {
             "pruner": self.pruner,
             "pruner_params": json.dumps(self.pruner_params),
             "sparsity": float(self.sparsity),
             "pattern": self.pattern,
             "stat_kind": self.stat_kind,
         }
+        if not self.stat_kind:  # a data-free pruner; Flower's records cannot hold an empty string
+            del record["stat_kind"]
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping) -> MethodSpec:
@@ -165,7 +168,7 @@ class MethodSpec:
             pruner_params=params,
             sparsity=_read(record, "sparsity", float),
             pattern=_read(record, "pattern", str),
-            stat_kind=_read(record, "stat_kind", str),
+            stat_kind=_read(record, "stat_kind", str) if "stat_kind" in record else "",
         )
 
 

@@ -78,3 +78,13 @@ def test_method_and_block_records():
         BlockTask.from_record({"block": 1, "update_kind": "deltas"})
     with pytest.raises(MessageError, match="'block'"):
         BlockTask.from_record({"update_kind": "masks"})
+
+
+def test_records_of_a_data_free_method_are_valid_flower_config_records():
+    """Flower cannot count (so cannot send) an empty string: a data-free pruner has no statistic."""
+    from flwr.app import ConfigRecord
+
+    method = MethodSpec("magnitude", {}, 0.5, "unstructured", "")
+    record = {**JOB.to_record(), **method.to_record(), **BlockTask(0).to_record()}
+    assert "stat_kind" not in record and ConfigRecord(record).count_bytes() > 0
+    assert MethodSpec.from_record(record) == method
