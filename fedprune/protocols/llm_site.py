@@ -6,16 +6,12 @@ bit-packed masks. Every request's config is a :class:`~fedprune.protocols.messag
 partition of the bundled corpus (``partition-id`` and ``num-partitions`` in its node config, as in
 simulation) or its own folder of ``<work>.txt`` files (``data-path``, as at a real site).
 
-Tasks
------
-``query.start``       sample the site's windows, embed them, keep block-0 inputs (sync protocols).
-``train.stats``       [apply block b-1] then statistics of block b (``stats_sync``).
-``train.masks``       [apply block b-1] then the site's own masks of block b (``mask_vote_sync``).
-``train.local_prune`` prune a private copy of the whole model, upload all masks (``mask_vote``).
-``query.finish``      delete the site's state of the run.
-
-The payload functions (:data:`PAYLOADS`) return the plain payload and the site's tokens; the plain task
-encodes it, and the secure task (``fedprune/protocols/secure_site.py``) wraps the same payload.
+Shared tasks: ``query.start`` (sample the site's windows, embed them, keep block-0 inputs) and
+``query.finish`` (delete the site's state of the run). Each protocol registers its own summed task with
+:func:`summed_task` (``train.stats`` in ``stats_sync.py``, ``train.masks`` in ``mask_vote_sync.py``,
+``train.local_prune`` in ``mask_vote.py``): a payload function returning the plain payload and the
+site's tokens; the plain task encodes it, and the secure task (``fedprune/protocols/secure_site.py``)
+wraps the same payload.
 """
 
 from __future__ import annotations
@@ -30,8 +26,7 @@ from fedprune.data.assets import resolve_corpus_path, resolve_model_path
 from fedprune.data.sites import site_window_count, site_windows
 from fedprune.data.windows import sample_windows
 from fedprune.edits import decode_edit
-from fedprune.masks import parse_pattern
-from fedprune.payload import encode_masks, encode_stats
+from fedprune.payload import encode_masks
 from fedprune.protocols.federation import Reply, Request
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.site_state import dense_model, drop_state, load_state, save_state, tokenized_works
@@ -41,9 +36,6 @@ from fedprune.site import (
     SiteState,
     advance_site_,
     block_layer_shapes,
-    local_masks,
-    site_block_masks,
-    site_block_stats,
     start_site,
 )
 
@@ -116,45 +108,20 @@ def block_payload(site: Site, request: Request, compute: Callable) -> tuple[obje
     return result, state.tokens
 
 
-def stats_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
-    """This site's statistics of the request's block (``token_bound``: DP clip of each token first)."""
-
-    def compute(model, state, job: SiteJob, method: MethodSpec, task: BlockTask) -> dict:
-        stats = site_block_stats(model, state, task.block, method.stat_kind, token_bound, job.ignore)
-        return encode_stats(stats)
-
-    arrays, tokens = block_payload(site, request, compute)
-    return Payload("stats", arrays, tokens)
+# payload name (the ``secagg.task`` of a secure sum) -> payload function (each protocol registers its own)
+PAYLOADS: dict[str, Callable[..., Payload]] = {}
 
 
-def masks_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
-    """This site's own keep-masks of the request's block."""
+def summed_task(name: str) -> Callable:
+    """Register a payload function ``(site, request, token_bound=None) -> Payload`` as the plain site
+    task ``train.<name>`` and as the payload the secure task wraps (``train.secagg``, ``secagg.task``)."""
 
-    def compute(model, state, job: SiteJob, method: MethodSpec, task: BlockTask) -> dict:
-        pattern = parse_pattern(method.pattern)
-        pruner = site_pruner(method)
-        return site_block_masks(model, state, task.block, pruner, method.sparsity, pattern, job.ignore)
+    def register(payload: Callable[..., Payload]) -> Callable[..., Payload]:
+        PAYLOADS[name] = payload
+        site_task(f"train.{name}")(lambda site, request: plain_reply(payload(site, request)))
+        return payload
 
-    masks, tokens = block_payload(site, request, compute)
-    return Payload("masks", masks, tokens)
-
-
-def local_prune_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
-    """This site's keep-masks of its privately pruned whole model."""
-    job, method = SiteJob.from_record(request.config), MethodSpec.from_record(request.config)
-    ids = calibration_ids(job, site)
-    pattern = parse_pattern(method.pattern)
-    pruner = site_pruner(method)
-    masks = local_masks(site_model(job), ids, pruner, method.sparsity, pattern, job.batch_size, job.ignore)
-    return Payload("masks", masks, int(ids.numel()))
-
-
-# payload name (the ``secagg.task`` of a secure sum) -> payload function
-PAYLOADS: dict[str, Callable[..., Payload]] = {
-    "stats": stats_payload,
-    "masks": masks_payload,
-    "local_prune": local_prune_payload,
-}
+    return register
 
 
 def plain_reply(payload: Payload) -> Reply:
@@ -169,21 +136,6 @@ def start(site: Site, request: Request) -> Reply:
     state = start_site(site_model(job), calibration_ids(job, site), job.batch_size)
     save_state(job.run_key, site.key, state)
     return reply(None, {"tokens": state.tokens})
-
-
-@site_task("train.stats")
-def stats(site: Site, request: Request) -> Reply:
-    return plain_reply(stats_payload(site, request))
-
-
-@site_task("train.masks")
-def masks(site: Site, request: Request) -> Reply:
-    return plain_reply(masks_payload(site, request))
-
-
-@site_task("train.local_prune")
-def local_prune(site: Site, request: Request) -> Reply:
-    return plain_reply(local_prune_payload(site, request))
 
 
 @site_task("query.finish")

@@ -16,14 +16,16 @@ from fedprune.aggregation.block import vote_model_from_counts_
 from fedprune.config import JobConfig, check
 from fedprune.edits import MaskEdit
 from fedprune.job import summary_table
-from fedprune.masks import GROUPS
+from fedprune.masks import GROUPS, parse_pattern
 from fedprune.models import find_blocks
-from fedprune.protocols import llm_site  # noqa: F401  (registers the site tasks)
-from fedprune.protocols.federation import Federation, Launcher
+from fedprune.protocols.federation import Federation, Launcher, Request
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, task_config
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
+from fedprune.protocols.llm_site import Payload, calibration_ids, site_model, site_pruner, summed_task
+from fedprune.protocols.messages import MethodSpec, SiteJob
 from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
-from fedprune.site import block_layer_shapes
+from fedprune.protocols.tasks import Site
+from fedprune.site import block_layer_shapes, local_masks
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,17 @@ class VoteOptions:
     @classmethod
     def from_options(cls, options) -> VoteOptions:
         return parse_options(cls, options)
+
+
+@summed_task("local_prune")
+def local_prune_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
+    """Site: the keep-masks of its privately pruned whole model."""
+    job, method = SiteJob.from_record(request.config), MethodSpec.from_record(request.config)
+    ids = calibration_ids(job, site)
+    pattern = parse_pattern(method.pattern)
+    pruner = site_pruner(method)
+    masks = local_masks(site_model(job), ids, pruner, method.sparsity, pattern, job.batch_size, job.ignore)
+    return Payload("masks", masks, int(ids.numel()))
 
 
 def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:

@@ -14,14 +14,16 @@ from pathlib import Path
 from fedprune.aggregation.block import vote_block_from_counts_
 from fedprune.config import JobConfig, check
 from fedprune.job import summary_table
-from fedprune.masks import GROUPS
-from fedprune.protocols import llm_site  # noqa: F401  (registers the site tasks)
-from fedprune.protocols.federation import Federation, Launcher
+from fedprune.masks import GROUPS, parse_pattern
+from fedprune.protocols.federation import Federation, Launcher, Request
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, block_edit, layer_sync
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
+from fedprune.protocols.llm_site import Payload, block_payload, site_pruner, summed_task
+from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
 from fedprune.protocols.sums import Sums
-from fedprune.site import block_layer_shapes
+from fedprune.protocols.tasks import Site
+from fedprune.site import block_layer_shapes, site_block_masks
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,19 @@ class SyncVoteOptions:
     @classmethod
     def from_options(cls, options) -> SyncVoteOptions:
         return parse_options(cls, options)
+
+
+@summed_task("masks")
+def masks_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
+    """Site: [apply block b-1], then this site's own keep-masks of block b."""
+
+    def compute(model, state, job: SiteJob, method: MethodSpec, task: BlockTask) -> dict:
+        pattern = parse_pattern(method.pattern)
+        pruner = site_pruner(method)
+        return site_block_masks(model, state, task.block, pruner, method.sparsity, pattern, job.ignore)
+
+    masks, tokens = block_payload(site, request, compute)
+    return Payload("masks", masks, tokens)
 
 
 def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:

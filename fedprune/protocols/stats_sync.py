@@ -15,15 +15,32 @@ from fedprune.aggregation.block import prune_block_from_stats_
 from fedprune.config import JobConfig, build_pruner, check
 from fedprune.job import summary_table
 from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
-from fedprune.protocols import llm_site  # noqa: F401  (registers the site tasks)
+from fedprune.payload import encode_stats
 from fedprune.protocols.centralized import NoOptions
-from fedprune.protocols.federation import Federation, Launcher
+from fedprune.protocols.federation import Federation, Launcher, Request
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, block_edit, layer_sync
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
+from fedprune.protocols.llm_site import Payload, block_payload, summed_task
+from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.registry import ProtocolUnit, register_protocol
 from fedprune.protocols.sums import Sums
+from fedprune.protocols.tasks import Site
+from fedprune.site import site_block_stats
 
 logger = logging.getLogger(__name__)
+
+
+@summed_task("stats")
+def stats_payload(site: Site, request: Request, token_bound: float | None = None) -> Payload:
+    """Site: [apply block b-1], then this site's statistics of block b (``token_bound``: DP clip of each
+    token first)."""
+
+    def compute(model, state, job: SiteJob, method: MethodSpec, task: BlockTask) -> dict:
+        stats = site_block_stats(model, state, task.block, method.stat_kind, token_bound, job.ignore)
+        return encode_stats(stats)
+
+    arrays, tokens = block_payload(site, request, compute)
+    return Payload("stats", arrays, tokens)
 
 
 def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:

@@ -11,6 +11,7 @@ import fedprune.protocols.llm_site as real
 from cli.main import run
 from cli.revote import revote
 from clients.client_app import build_app
+from fedprune.protocols.catalog import SITE_TASKS
 from fedprune.protocols.federation import FederationError
 
 pytestmark = pytest.mark.integration
@@ -75,7 +76,7 @@ def _poison(reply):
 
 
 def _bad_stats(site, request):
-    reply = real.stats(site, request)
+    reply = SITE_TASKS["train.stats"](site, request)
     return _poison(reply) if site.node_config["partition-id"] == 0 else reply
 
 

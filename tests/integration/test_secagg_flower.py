@@ -15,7 +15,7 @@ import fedprune.protocols.secure_site as real_secagg
 from cli.main import job_of
 from cli.simulation import simulation_launcher
 from clients.client_app import build_app
-from fedprune.protocols.catalog import validate
+from fedprune.protocols.catalog import SITE_TASKS, validate
 from fedprune.protocols.federation import FederationError
 from fedprune.protocols.secure_sums import SecureAggregationError, plan_from_job
 from fedprune.secure.codec import encode_stats_vector
@@ -155,14 +155,16 @@ def _faulty(site, request, wrong_length: bool = True):
 
 BASE = {"query.start": real.start, "query.finish": real.finish}
 faulty_app = build_app({**BASE, "train.secagg": _faulty})
-drop_app = build_app({**BASE, "train.secagg": lambda site, request: _faulty(site, request, wrong_length=False)})
+drop_app = build_app(
+    {**BASE, "train.secagg": lambda site, request: _faulty(site, request, wrong_length=False)}
+)
 
 
 # the plain reference: sites 0, 1 and 2 fail at block 0, so both blocks are pruned from sites 3 and 4
 def _plain_drop(site, request):
     if site.node_config["partition-id"] in (0, 1, 2):
         raise RuntimeError("site went away")
-    return real.stats(site, request)
+    return SITE_TASKS["train.stats"](site, request)
 
 
 plain_drop_app = build_app({**BASE, "train.stats": _plain_drop})
