@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedprune.aggregation.block import vote_model_from_counts_
-from fedprune.config import JobConfig, check
+from fedprune.config import JobConfig
 from fedprune.edits import MaskEdit
 from fedprune.job import summary_table
-from fedprune.masks import GROUPS, parse_pattern
+from fedprune.masks import parse_pattern
 from fedprune.models import find_blocks
 from fedprune.protocols.federation import Federation, Launcher, Request
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, task_config
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
 from fedprune.protocols.llm_site import Payload, calibration_ids, site_model, site_pruner, summed_task
+from fedprune.protocols.mask_vote_sync import SyncVoteOptions
 from fedprune.protocols.messages import MethodSpec, SiteJob
-from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
+from fedprune.protocols.registry import ProtocolUnit, register_protocol
 from fedprune.protocols.tasks import Site
 from fedprune.site import block_layer_shapes, local_masks
 
@@ -31,19 +32,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class VoteOptions:
-    """``protocol.group``, ``protocol.scaling``; ``protocol.save_votes`` keeps the counts (one-shot)."""
+class VoteOptions(SyncVoteOptions):
+    """The iterative vote's options, and ``protocol.save_votes``: keep the counts (``votes.safetensors``)."""
 
-    group: str = "layer"
-    scaling: bool = False
     save_votes: bool = False
-
-    def __post_init__(self) -> None:
-        check(self.group in GROUPS, "protocol.group", f"must be one of {GROUPS}, got {self.group}")
-
-    @classmethod
-    def from_options(cls, options) -> VoteOptions:
-        return parse_options(cls, options)
 
 
 @summed_task("local_prune")
