@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from fedprune.config import JobConfig, check, target_sparsity
+from fedprune.config import JobConfig, check
 from fedprune.job import base_metrics, evaluate, prepare, privacy_metrics, write_outputs
 from fedprune.outputs import save_tensors_atomic
 from fedprune.protocols.centralized import check_llm
@@ -102,6 +102,3 @@ def run_federated(
 def protocol_metrics(options: object) -> dict:
     """``group`` and ``scaling`` of the voting protocols (None for the others)."""
     return {"group": getattr(options, "group", None), "scaling": getattr(options, "scaling", None)}
-
-
-__all__ = ["check_federated_llm", "run_federated", "target_sparsity"]

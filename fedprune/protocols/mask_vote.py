@@ -78,16 +78,12 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     return outcome
 
 
-def check_mask_vote(job: JobConfig) -> None:
-    check_federated_llm(job)
-
-
 def run_job(job: JobConfig, out_dir: Path, launch: Launcher) -> dict:
     return run_federated(job, out_dir, launch, run_mask_vote, VoteOptions.from_options(job.protocol))
 
 
 UNIT = register_protocol(
     ProtocolUnit(
-        "mask_vote", VoteOptions, run_job, check_mask_vote, summary_table, federated=True, secure=True
+        "mask_vote", VoteOptions, run_job, check_federated_llm, summary_table, federated=True, secure=True
     )
 )

@@ -80,10 +80,6 @@ def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     return layer_sync(fed, job, "masks", step)
 
 
-def check_mask_vote_sync(job: JobConfig) -> None:
-    check_federated_llm(job)
-
-
 def run_job(job: JobConfig, out_dir: Path, launch: Launcher) -> dict:
     return run_federated(job, out_dir, launch, run_mask_vote_sync, SyncVoteOptions.from_options(job.protocol))
 
@@ -93,7 +89,7 @@ UNIT = register_protocol(
         "mask_vote_sync",
         SyncVoteOptions,
         run_job,
-        check_mask_vote_sync,
+        check_federated_llm,
         summary_table,
         federated=True,
         secure=True,
