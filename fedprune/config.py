@@ -60,9 +60,13 @@ def _section(mapping: Mapping, key: str) -> Mapping:
     return value
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """``model``: a bundled model name or an HF folder, and the dtype it is loaded in."""
+    """``model``: a bundled model name or an HF folder, and the dtype it is loaded in (block forwards run
+    in it; statistics are float64 sums of at-least-float32 products, SparseGPT sweeps in float32)."""
 
     name: str
     path: str
@@ -70,10 +74,12 @@ class ModelSpec:
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> ModelSpec:
+        dtype = _get(m, "dtype", "model", str, "float32")
+        check(dtype in MODEL_DTYPES, "model.dtype", f"must be one of {', '.join(MODEL_DTYPES)}; got {dtype!r}")
         return cls(
             name=_get(m, "name", "model", str, "model"),
             path=_get(m, "path", "model", str, ""),
-            dtype=_get(m, "dtype", "model", str, "float32"),
+            dtype=dtype,
         )
 
 

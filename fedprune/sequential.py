@@ -32,7 +32,7 @@ from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import check_prunable, find_blocks, find_prunable_layers, get_weight, set_weight_
 from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
 from fedprune.secure.dp import clip_tokens
-from fedprune.stat_kinds import StatKind
+from fedprune.stat_kinds import StatKind, at_least_float32
 from fedprune.stats import BlockStats, Stats, add_stats, batch_stats
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,8 @@ def collect_block_stats(
                 raise RuntimeError(f"layer {name!r} shares its input differently across micro-batches")
             if first == name:
                 seen[id(x)] = (x, name)
-                part = batch_stats(stat_kind, x if token_bound is None else clip_tokens(x, token_bound))
+                x32 = at_least_float32(x)  # clipped in float32: a bfloat16 rounding could exceed the bound
+                part = batch_stats(stat_kind, x32 if token_bound is None else clip_tokens(x32, token_bound))
                 collected[name] = add_stats(collected[name], part) if name in collected else part
             if last and name == last[0]:
                 raise _StopForward

@@ -15,11 +15,18 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
-GRAM_TILE = 256  # features per tile: only tiles on and above the diagonal are multiplied
+GRAM_TILE = 256  # rows per strip: only the strips' parts on and above the diagonal are multiplied
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if float32 or wider, else exactly upcast to float32 (bfloat16 and float16 inputs:
+    their products and sums are then as exact as a float32 model's)."""
+    return x if torch.finfo(x.dtype).bits >= 32 else x.float()
 
 
 def _as_windows(x: torch.Tensor) -> torch.Tensor:
-    """View layer inputs as ``(windows, tokens, in_features)``."""
+    """View layer inputs as ``(windows, tokens, in_features)``, at least float32."""
+    x = at_least_float32(x)
     if x.dim() == 2:
         return x.unsqueeze(0)
     return x.reshape(-1, x.shape[-2], x.shape[-1])
@@ -34,22 +41,21 @@ def sq_norm_sum(x: torch.Tensor) -> torch.Tensor:
 def gram_sum(x: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
     """Σ over tokens of x xᵀ. ``x``: ``(..., tokens, in)`` -> ``(in, in)`` float64.
 
-    The Gram matrix is symmetric, so it is computed tile by tile, upper tiles only (about half the
-    multiply-adds for wide inputs), each per window and summed over windows in float64.
+    Each window's product is a float32 (or the input's wider dtype) matrix product, summed over windows in
+    float64, so the result does not depend on how windows are grouped into batches or sites. The Gram
+    matrix is symmetric: it is computed in strips of ``tile`` rows from the diagonal to the right edge,
+    one batched product over the windows per strip (about half the multiply-adds of the full product,
+    in a few large GEMMs: small per-tile products scale badly with threads on a busy machine).
     """
     xw = _as_windows(x.detach())  # (windows, tokens, in)
     n = xw.shape[-1]
     out = torch.empty(n, n, dtype=torch.float64)
-    starts = range(0, n, tile)
-    for i in starts:
-        xi = xw[:, :, i : i + tile].transpose(1, 2)  # (windows, tile_i, tokens)
-        for j in starts:
-            if j < i:
-                continue
-            block = torch.bmm(xi, xw[:, :, j : j + tile]).double().sum(dim=0)  # (tile_i, tile_j)
-            out[i : i + tile, j : j + tile] = block
-            if j > i:
-                out[j : j + tile, i : i + tile] = block.t()
+    for i in range(0, n, tile):
+        rows = xw[:, :, i : i + tile].transpose(1, 2)  # (windows, strip, tokens)
+        strip = torch.bmm(rows, xw[:, :, i:]).double().sum(dim=0)  # (strip, in - i): columns i..n
+        width = rows.shape[1]
+        out[i : i + width, i:] = strip
+        out[i + width :, i : i + width] = strip[:, width:].t()
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from fedprune.config import JobConfig, check_llm_federation, check_llm_job, targ
 from fedprune.job import base_metrics, calibration_windows, evaluate, prepare, summary_table, write_outputs
 from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
 from fedprune.sequential import prune_model_
+from fedprune.timing import StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
     """Prune the model on the pooled calibration windows; evaluate dense and pruned; write outputs."""
     prep = prepare(job)
     calib_ids = calibration_windows(job, prep.data.calib_docs)
-    prune_start = time.perf_counter()
+    clock = StepClock()
     report = prune_model_(
         prep.model,
         calib_ids,
@@ -45,10 +45,10 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
         job.progress,
         ignore=job.ignore,
     )
-    prune_s = time.perf_counter() - prune_start
+    clock.stop()
     pruned = evaluate(job, prep.model, prep.data.eval_ids, "pruned")
     metrics = base_metrics(
-        job, prep, pruned.value, report.calib_tokens, calib_windows=int(calib_ids.shape[0]), prune_s=prune_s
+        job, prep, pruned.value, report.calib_tokens, calib_windows=int(calib_ids.shape[0]), **clock.metrics()
     )
     model = prep.model if job.save_model else None
     write_outputs(out_dir, metrics, report.layer_sparsity, model, prep.tokenizer)

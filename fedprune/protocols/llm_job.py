@@ -10,7 +10,6 @@ differ (a site that dropped out or whose reply was rejected).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from fedprune.protocols.federation import Federation, Launcher
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome
 from fedprune.protocols.messages import MethodSpec, SiteJob
 from fedprune.protocols.secure_sums import plan_from_job
+from fedprune.timing import StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,13 @@ def run_federated(
     def server_main(fed: Federation) -> None:
         result["outcome"] = routine(fed, fed_job)
         result["fed"] = fed
+        clock.stop_cpu()  # while the simulation's site processes are alive (their CPU time counts)
 
-    federated_start = time.perf_counter()
+    clock = StepClock()
     launch(server_main)
+    clock.stop()
     if "outcome" not in result:
         raise RuntimeError("the federated run ended without a result (see the log above)")
-    federated_s = time.perf_counter() - federated_start
     outcome: FederatedOutcome = result["outcome"]
     fed: Federation = result["fed"]
     pruned = evaluate(job, prep.model, prep.data.eval_ids, "pruned")
@@ -87,7 +88,7 @@ def run_federated(
         bytes_up_per_client=fed.mean_bytes(fed.bytes_up),
         bytes_down_per_client=fed.mean_bytes(fed.bytes_down),
         rejected=[{"round": r, "node": n, "reason": why} for r, n, why in fed.rejected],
-        prune_s=federated_s,
+        **clock.metrics(),
         **extra,
         **privacy_metrics(fed_job.privacy, fed_job.plan),
     )

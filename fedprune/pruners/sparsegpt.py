@@ -156,8 +156,9 @@ class SparseGPTPruner:
 
     def scores(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
         """OBS saliency w² / [H⁻¹]_jj² before any update (used for voting, not for the sweep)."""
-        d = torch.diagonal(self._factor(require_stats(self, stats))).to(weight.dtype)
-        return weight.pow(2) / d.pow(2).reshape(1, -1)
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # bfloat16 scores would tie often
+        d = torch.diagonal(self._factor(require_stats(self, stats))).to(dtype)
+        return weight.to(dtype).pow(2) / d.pow(2).reshape(1, -1)
 
     def prune(
         self, weight: torch.Tensor, stats: Stats | None, sparsity: float, pattern: Pattern

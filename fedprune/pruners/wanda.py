@@ -11,8 +11,10 @@ from fedprune.stats import Stats
 
 
 def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
-    """|W| · sqrt(Σx²) per input feature: ``(out, in)`` × ``(in,)`` -> ``(out, in)``."""
-    return weight.abs() * sq_norm.to(weight.dtype).sqrt().reshape(1, -1)
+    """|W| · sqrt(Σx²) per input feature: ``(out, in)`` × ``(in,)`` -> ``(out, in)``, in at least float32
+    (bfloat16 scores would tie far more often)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return weight.to(dtype).abs() * sq_norm.to(dtype).sqrt().reshape(1, -1)
 
 
 @register_pruner

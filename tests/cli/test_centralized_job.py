@@ -34,8 +34,11 @@ def test_run_writes_metrics_sparsity_and_loadable_model(make_cfg, tiny_assets, t
         "eval_tokens",
         "wall_s",
         "peak_rss_mb",
+        "prune_s",
+        "prune_cpu_s",
     ):
         assert key in saved
+    assert 0 < saved["prune_cpu_s"] and 0 < saved["prune_s"] < saved["wall_s"]
     assert saved["sparsity_actual"] == pytest.approx(0.5)
     assert saved["calib_tokens"] == 8 * 16 and saved["eval_tokens"] == 6 * 15
     layers = json.loads((tmp_path / "sparsity.json").read_text())

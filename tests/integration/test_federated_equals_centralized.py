@@ -51,6 +51,21 @@ def test_stats_sync_equals_centralized_on_pooled_data(arch, pruner_name, pattern
         assert torch.allclose(expected[key], got[key], atol=1e-5, rtol=1e-4), key
 
 
+@pytest.mark.parametrize("pruner_name", ["wanda", "sparsegpt"])
+def test_bfloat16_stats_sync_equals_centralized(pruner_name):
+    """The bfloat16 path (block forwards in bfloat16, statistics in float32/64) stays exact."""
+    pruner, pattern = get_pruner(pruner_name), parse_pattern("unstructured")
+    site_ids = [random_windows(3, 16, seed=s) for s in range(3)]
+    central = tiny_model("llama").to(torch.bfloat16)
+    prune_model_(central, torch.cat(site_ids), pruner, 0.5, pattern, 4, False)
+    federated = _stats_sync(tiny_model("llama").to(torch.bfloat16), site_ids, pruner, 0.5, pattern)
+    expected, got = _weights(central), _weights(federated)
+    for key in expected:
+        assert expected[key].dtype == torch.bfloat16
+        assert torch.equal(expected[key], got[key]), key
+        assert (expected[key] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), key
+
+
 def test_mask_vote_one_site_equals_local_pruning():
     pruner, pattern = get_pruner("wanda"), parse_pattern("unstructured")
     ids = random_windows(4, 16)

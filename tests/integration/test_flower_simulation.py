@@ -30,6 +30,7 @@ def test_stats_sync_sparsegpt_equals_centralized(make_cfg, tmp_path):
     assert federated["num_clients"] == 3 and federated["calib_tokens"] == central["calib_tokens"]
     assert federated["rounds"] == 1 + 2 + 1  # start, one per block, finish
     assert federated["bytes_up_per_client"] > 0 and federated["bytes_down_per_client"] > 0
+    assert 0 < federated["prune_cpu_s"] and 0 < federated["prune_s"] < federated["wall_s"]
     expected, got = _weights(tmp_path / "c" / "model"), _weights(tmp_path / "f" / "model")
     for name in expected:
         assert torch.equal(expected[name] == 0, got[name] == 0), name

@@ -20,6 +20,7 @@ from fedprune.protocols.catalog import validate
         (["protocol=mask_vote", "protocol.scaling=3"], "protocol.scaling"),
         (["ignore=o_proj"], "ignore"),
         (["protocol.name=gossip"], "protocol.name"),
+        (["model.dtype=int8"], "model.dtype"),
     ],
 )
 def test_bad_config_names_the_key(make_cfg, overrides, key):

@@ -51,3 +51,25 @@ def test_tiled_gram_equals_full_product():
     full = sum(w.t() @ w for w in x)
     for tile in (1, 4, 11, 64):
         assert torch.allclose(gram_sum(x, tile=tile), full, rtol=1e-12, atol=1e-12)
+
+
+def test_gram_is_the_per_window_float32_product_summed_in_float64():
+    """Bit for bit: each window's float32 product (one plain matmul), summed in float64 — whatever the
+    strip width, so batches and sites that group windows differently get the same sums."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 64, 300)  # (windows, tokens, in), float32
+    reference = torch.zeros(300, 300, dtype=torch.float64)
+    for window in x:
+        reference += (window.t() @ window).double()
+    for tile in (256, 128, 300, 512):
+        assert torch.equal(gram_sum(x, tile=tile), reference), tile
+    assert torch.equal(gram_sum(x[:1]) + gram_sum(x[1:]), reference)
+
+
+def test_bfloat16_inputs_are_summed_as_exactly_as_float32():
+    """bfloat16 activations: products and sums in float32/64, equal to those of the upcast input."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 32, 40).to(torch.bfloat16)
+    assert torch.equal(gram_sum(x), gram_sum(x.float()))
+    assert torch.equal(sq_norm_sum(x), sq_norm_sum(x.float()))
+    assert gram_sum(x).dtype == sq_norm_sum(x).dtype == torch.float64

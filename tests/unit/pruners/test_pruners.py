@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedprune.masks import Pattern, sparsity_of
+from fedprune.masks import Pattern, parse_pattern, sparsity_of
 from fedprune.pruners import PRUNERS, get_pruner
 from fedprune.pruners.sparsegpt import damped_hessian, inverse_hessian_factor, obs_prune
 from fedprune.stats import Stats, batch_stats
@@ -149,3 +149,17 @@ def test_sparsegpt_reuses_factor_only_for_equal_stats():
         shared.prune(weights[0], a, 0.5, UNSTRUCTURED).weight,
         shared.prune(weights[0], b, 0.5, UNSTRUCTURED).weight,
     )
+
+
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
+def test_bfloat16_weights_get_the_float32_weights_mask(name):
+    """bfloat16 weights are scored (and swept) in float32: the mask is the one of the same values in
+    float32 (bfloat16 scores would tie far more often), and the weights come back in bfloat16."""
+    torch.manual_seed(3)
+    weight = torch.randn(16, 32).to(torch.bfloat16)
+    stats = batch_stats(get_pruner(name).stat_kind, torch.randn(4, 64, 32))
+    low = get_pruner(name).prune(weight, stats, 0.5, parse_pattern("unstructured"))
+    high = get_pruner(name).prune(weight.float(), stats, 0.5, parse_pattern("unstructured"))
+    assert low.weight.dtype == torch.bfloat16
+    assert torch.equal(low.mask, high.mask)
+    assert torch.equal(low.weight, high.weight.to(torch.bfloat16))
