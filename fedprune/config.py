@@ -194,6 +194,7 @@ class JobConfig:
     save_model: bool = True
     progress: bool = True
     ignore: tuple[str, ...] = ()  # layer-name patterns left dense on purpose (fnmatch)
+    threads: int | None = None  # torch intra-op threads of this process (None: torch's default)
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> JobConfig:
@@ -223,7 +224,13 @@ class JobConfig:
             save_model=_get(m, "save_model", "", bool, True),
             progress=_get(m, "progress", "", bool, True),
             ignore=tuple(ignore),
+            threads=_positive_threads(_get(m, "threads", "", _optional(int), None)),
         )
+
+
+def _positive_threads(threads: int | None) -> int | None:
+    check(threads is None or threads >= 1, "threads", f"must be a positive number or null, got {threads}")
+    return threads
 
 
 def check_model_spec(spec: str, key: str = "model.path") -> None:

@@ -129,6 +129,8 @@ class Prepared:
 def prepare(job: JobConfig) -> Prepared:
     """Build the pruner, load model, tokenizer and data, and evaluate the dense model."""
     start = time.perf_counter()
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
     pruner = build_pruner(job.pruner)
     model, tokenizer, _ = load_model_and_tokenizer(job)
     try:
@@ -160,6 +162,8 @@ def base_metrics(job: JobConfig, prep: Prepared, ppl_pruned: float, calib_tokens
     report = sparsity_report(prep.model, job.ignore)
     metrics = {
         "model": job.model.name,
+        "dtype": job.model.dtype,
+        "threads": torch.get_num_threads(),
         "protocol": job.protocol_name,
         "pruner": prep.pruner.name,
         "pattern": str(prep.pattern),

@@ -21,6 +21,7 @@ from fedprune.protocols.catalog import validate
         (["ignore=o_proj"], "ignore"),
         (["protocol.name=gossip"], "protocol.name"),
         (["model.dtype=int8"], "model.dtype"),
+        (["threads=0"], "threads"),
     ],
 )
 def test_bad_config_names_the_key(make_cfg, overrides, key):
