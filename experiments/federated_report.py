@@ -80,9 +80,10 @@ def bench(rows: list[dict]) -> tuple[str, list[dict]]:
     """stats_sync vs centralized (time, perplexity) and mask_vote upload bits per prunable weight."""
     table = index(rows)
     lines = [
-        "| pattern | pruner | centralized prune s | stats_sync prune s | ratio (<= 1.5) "
+        "| pattern | pruner | centralized prune s | stats_sync prune s | ratio (<= 1.3) "
+        "| centralized prune CPU s | stats_sync prune CPU s | CPU ratio "
         "| ppl centralized | ppl stats_sync | rel. diff (<= 0.1%) |",
-        "|" + " --- |" * 8,
+        "|" + " --- |" * 11,
     ]
     found = []
     for (pattern, v, pruner), central in sorted(table.items()):
@@ -90,10 +91,16 @@ def bench(rows: list[dict]) -> tuple[str, list[dict]]:
         if v != "centralized" or sync is None:
             continue
         ratio = sync["prune_s"] / central["prune_s"]
+        cpu = (central.get("prune_cpu_s"), sync.get("prune_cpu_s"))  # absent in runs before prune_cpu_s
+        cpu_ratio = cpu[1] / cpu[0] if None not in cpu else None
         diff = abs(sync["ppl_pruned"] - central["ppl_pruned"]) / central["ppl_pruned"]
-        found.append({"pattern": pattern, "pruner": pruner, "time_ratio": ratio, "ppl_rel_diff": diff})
+        found.append(
+            {"pattern": pattern, "pruner": pruner, "time_ratio": ratio, "cpu_ratio": cpu_ratio, "ppl_rel_diff": diff}
+        )
+        cpu_cells = " | ".join("" if c is None else f"{c:.0f}" for c in cpu)
         lines.append(
             f"| {pattern} | {pruner} | {central['prune_s']:.0f} | {sync['prune_s']:.0f} | {ratio:.2f} "
+            f"| {cpu_cells} | {'' if cpu_ratio is None else f'{cpu_ratio:.2f}'} "
             f"| {central['ppl_pruned']:.3f} | {sync['ppl_pruned']:.3f} | {100 * diff:.4f}% |"
         )
     votes = [m for m in rows if m["protocol"] == "mask_vote"]
@@ -105,6 +112,13 @@ def bench(rows: list[dict]) -> tuple[str, list[dict]]:
                   f"prunable weights + {header:.0f} bytes of header ({8 * upload / weights:.4f} bits per weight)."]
         found.append({"mask_vote_bytes_up": upload, "prunable_weights": weights, "header_bytes": header})
     return "\n".join(lines), found
+
+
+def _commit() -> str:
+    import subprocess
+
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return result.stdout.strip() or "unknown"
 
 
 def main() -> None:
@@ -122,6 +136,8 @@ def main() -> None:
             "Made by (every row is one real `fedprune` run on the Flower Simulation Engine, 1 CPU per site):",
             "",
             f"```bash\n{args.command}\n```",
+            "",
+            f"Commit: {_commit()} (the commit that wrote this table).",
             "",
             pivot(rows),
             "## Benchmark: stats_sync (8 sites) vs centralized on the same pooled windows",
