@@ -427,16 +427,16 @@ def build_rows(args, data: dict, llmc_python: Path, work: Path) -> tuple[dict, l
                 llmc = run_child(
                     llmc_python, "llmc", {**spec, "state_out": str(state)}, work, f"{tag}.llmc", False
                 )
-                llmc.update(
-                    run_child(
-                        Path(sys.executable),
-                        "eval",
-                        {**spec, "state": str(state)},
-                        work,
-                        f"{tag}.llmc_eval",
-                        True,
-                    )
+                scored = run_child(
+                    Path(sys.executable),
+                    "eval",
+                    {**spec, "state": str(state)},
+                    work,
+                    f"{tag}.llmc_eval",
+                    True,
                 )
+                scored["eval_child_wall_s"] = scored.pop("child_wall_s")
+                llmc.update(scored)
                 state.unlink()
                 rows.append(
                     _row(pruner, pattern, n, args.seq_len, fed, llmc, time.perf_counter() - row_start)
@@ -503,8 +503,8 @@ def write_report(args, command: str, data: dict, dense: dict, rows: list[dict], 
         "",
         "| pruner | pattern | windows | fedprune CPU s | llmc CPU s | CPU fedprune / llmc | fedprune wall s | llmc wall s "
         "| prune / forward CPU fedprune | llmc | peak RSS MB fedprune | llmc | ppl fedprune | ppl llmc | ppl rel. diff "
-        "| sparsity fedprune | llmc | targets (CPU, ppl) |",
-        "|" + " --- |" * 18,
+        "| sparsity fedprune | llmc | targets (CPU, ppl) | row s (all its children) |",
+        "|" + " --- |" * 19,
     ]
     for r in rows:
         f, c = r["fedprune"], r["llmcompressor"]
@@ -514,7 +514,8 @@ def write_report(args, command: str, data: dict, dense: dict, rows: list[dict], 
             f"| {f['prune_over_forward_cpu']:.2f} | {c['prune_over_forward_cpu']:.2f} "
             f"| {f['peak_rss_prune_mb']:.0f} | {c['peak_rss_prune_mb']:.0f} | {f['ppl']:.3f} | {c['ppl']:.3f} "
             f"| {100 * r['ppl_rel_diff']:+.2f}% | {sp(f)} | {sp(c)} "
-            f"| {'met' if r['cpu_target_met'] else 'not met'}, {'met' if r['ppl_target_met'] else 'not met'} |"
+            f"| {'met' if r['cpu_target_met'] else 'not met'}, {'met' if r['ppl_target_met'] else 'not met'} "
+            f"| {r['row_wall_s']:.0f} |"
         )
     lines += [
         "",
