@@ -21,13 +21,16 @@ Checkpoint tensor names must be the model's own parameter names (as ``save_pretr
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -69,7 +72,7 @@ class TensorSource:
                 f"model.offload needs safetensors weights: no {SINGLE_FILE} or {INDEX_FILE} in {folder}"
             )
         with safe_open(folder / SINGLE_FILE, framework="pt") as handle:
-            return cls({name: folder / SINGLE_FILE for name in handle.keys()})  # noqa: SIM118
+            return cls({name: folder / SINGLE_FILE for name in handle.keys()})
 
     def read(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """A private copy of tensor ``name``, checked against ``like``'s shape, in its dtype if floating."""
@@ -127,11 +130,29 @@ def materialize_block_(model: nn.Module, source: TensorSource, index: int) -> nn
 
 
 def release_block_(model: nn.Module, index: int) -> None:
-    """Put the parameters of block ``index`` back on the ``meta`` device (shape and dtype kept)."""
+    """Put the parameters of block ``index`` back on the ``meta`` device (shape and dtype kept), and hand
+    freed heap memory back to the system (:func:`trim_heap`)."""
     _, block = _block(model, index)
     for _, owner, attr, tensor, is_param in _slots(block, ""):
         if is_param:
             _set_(owner, attr, torch.empty_like(tensor, device="meta"), tensor, True)
+    trim_heap()
+
+
+@lru_cache(maxsize=1)
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def trim_heap() -> None:
+    """``malloc_trim(0)`` where glibc provides it: the block-sized buffers freed between blocks otherwise
+    stay in the allocator's arenas, and resident memory creeps up block after block."""
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _outside_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor, bool]]:
@@ -233,6 +254,7 @@ class BlockSaver:
             "weight_map": dict(sorted(self.weight_map.items())),
         }
         (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        self.model.config.architectures = [type(self.model).__name__]  # as save_pretrained records it
         self.model.config.save_pretrained(self.tmp)
         if self.model.can_generate() and self.model.generation_config is not None:
             self.model.generation_config.save_pretrained(self.tmp)
@@ -276,8 +298,6 @@ class OffloadedBlocks:
 
     def copy(self, index: int) -> nn.Module:
         """Block ``index`` materialised into a copy of its meta module (the model is untouched)."""
-        import copy
-
         prefix, block = _block(self.model, index)
         return _fill_(copy.deepcopy(block), self.source, prefix)
 
