@@ -65,12 +65,14 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``model``: a bundled model name or an HF folder, and the dtype it is loaded in (block forwards run
-    in it; statistics are float64 sums of at-least-float32 products, SparseGPT sweeps in float32)."""
+    """``model``: a bundled model name or an HF folder, the dtype it is loaded in (block forwards run in
+    it; statistics are float64 sums of at-least-float32 products, SparseGPT sweeps in float32), and
+    ``offload``: keep the decoder blocks on disk and materialise one at a time (:mod:`fedprune.offload`)."""
 
     name: str
     path: str
     dtype: str = "float32"
+    offload: bool = False
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> ModelSpec:
@@ -80,6 +82,7 @@ class ModelSpec:
             name=_get(m, "name", "model", str, "model"),
             path=_get(m, "path", "model", str, ""),
             dtype=dtype,
+            offload=_get(m, "offload", "model", bool, False),
         )
 
 
@@ -358,6 +361,24 @@ def check_llm_federation(job: JobConfig) -> None:
         job.data.calib_windows >= fed.num_clients,
         "data.calib_windows",
         f"{job.data.calib_windows} windows cannot be split over {fed.num_clients} sites",
+    )
+
+
+def check_offload(job: JobConfig, supported: bool, protocols: tuple[str, ...]) -> None:
+    """``model.offload`` against a protocol (``supported``: it loads blocks one at a time) and the device;
+    an unsupported setting is an error, never a silent fallback to loading the whole model."""
+    if not job.model.offload:
+        return
+    check(
+        supported,
+        "model.offload",
+        f"block-by-block loading works with protocol {' or '.join(protocols)}, not {job.protocol_name!r} "
+        "(use model.offload=false)",
+    )
+    check(
+        job.device == "cpu",
+        "model.offload",
+        f"offloaded blocks are materialised on the CPU; got device={job.device!r}",
     )
 
 

@@ -27,8 +27,17 @@ from fedprune.models import (
     load_tokenizer,
     sparsity_report,
 )
+from fedprune.offload import (
+    BlockSaver,
+    OffloadedBlocks,
+    TensorSource,
+    load_offloaded,
+    offloaded_blocks,
+    offloaded_perplexity,
+)
 from fedprune.outputs import peak_rss_mb, save_model_atomic, write_json_atomic
 from fedprune.pruners import Pruner
+from fedprune.sequential import BlockAccess, PruneReport, ResidentBlocks, prune_model_
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +75,29 @@ def load_model_and_tokenizer(job: JobConfig) -> tuple[torch.nn.Module, object, P
     return model, load_tokenizer(path), path
 
 
-def evaluate(job: JobConfig, model: torch.nn.Module, eval_ids: torch.Tensor, label: str):
-    """Held-out perplexity, logged."""
-    result = perplexity(model, eval_ids, job.eval_batch_size, progress=job.progress)
+def load_model(job: JobConfig) -> tuple[torch.nn.Module, object, TensorSource | None]:
+    """The model, its tokenizer and, with ``model.offload``, where its decoder blocks are (then they are
+    on ``meta``)."""
+    if not job.model.offload:
+        model, tokenizer, _ = load_model_and_tokenizer(job)
+        return model, tokenizer, None
+    path = resolve_model_path(job.model.path)
+    model, source = load_offloaded(path, getattr(torch, job.model.dtype))
+    return model, load_tokenizer(path), source
+
+
+def evaluate(
+    job: JobConfig,
+    model: torch.nn.Module,
+    eval_ids: torch.Tensor,
+    label: str,
+    source: TensorSource | None = None,
+):
+    """Held-out perplexity, logged (``source``: the offloaded model's blocks, run one at a time)."""
+    if source is None:
+        result = perplexity(model, eval_ids, job.eval_batch_size, progress=job.progress)
+    else:
+        result = offloaded_perplexity(model, source, eval_ids, job.eval_batch_size, progress=job.progress)
     logger.info("%s perplexity %.3f over %d tokens", label, result.value, result.tokens)
     return result
 
@@ -79,9 +108,18 @@ def write_outputs(
     layer_sparsity: dict[str, float],
     model: torch.nn.Module | None,
     tokenizer: object | None,
+    blocks: BlockAccess | None = None,
 ) -> None:
-    """``model/`` first, then ``sparsity.json``, then ``metrics.json`` (its presence means complete)."""
-    if model is not None:
+    """``model/`` first, then ``sparsity.json``, then ``metrics.json`` (its presence means complete).
+
+    ``blocks``: the access the model was pruned through; an offloaded model's folder was written block by
+    block and is moved into place here (or deleted when ``model`` is None)."""
+    saver = blocks.saver if isinstance(blocks, OffloadedBlocks) else None
+    if saver is not None and model is not None:
+        saver.commit()
+    elif saver is not None:
+        saver.discard()
+    elif model is not None:
         save_model_atomic(model, tokenizer, out_dir / "model")
     write_json_atomic(out_dir / "sparsity.json", layer_sparsity)
     write_json_atomic(out_dir / "metrics.json", metrics)
@@ -124,6 +162,53 @@ class Prepared:
     data: RunData
     dense: Perplexity
     start: float = field(default_factory=time.perf_counter)
+    source: TensorSource | None = None  # model.offload: where the model's blocks are (dense, then pruned)
+
+    def evaluate(self, job: JobConfig, label: str) -> Perplexity:
+        """Held-out perplexity of the model as it is now."""
+        return evaluate(job, self.model, self.data.eval_ids, label, self.source)
+
+    def pruning_blocks(self, out_dir: Path) -> BlockAccess:
+        """The blocks a protocol prunes: the model's own, or (offload) materialised from ``source`` one at
+        a time and saved block by block into a temporary ``out_dir/model`` (see :func:`write_outputs`)."""
+        if self.source is None:
+            return ResidentBlocks(self.model)
+        return OffloadedBlocks(
+            self.model, self.source, BlockSaver(self.model, out_dir / "model", self.tokenizer)
+        )
+
+    def pruned_(self, blocks: BlockAccess) -> None:
+        """After pruning through ``blocks``: an offloaded model's blocks now come from the saved folder."""
+        if isinstance(blocks, OffloadedBlocks):
+            self.source = blocks.saver.finish()
+
+
+def prune_with_job_(
+    job: JobConfig,
+    prep: Prepared,
+    model: torch.nn.Module,
+    calib_ids: torch.Tensor,
+    blocks: BlockAccess | None = None,
+) -> PruneReport:
+    """Sequential pruning of ``model`` in place with the job's method (``blocks``: where its blocks live)."""
+    sparsity = target_sparsity(job)
+    return prune_model_(
+        model,
+        calib_ids,
+        prep.pruner,
+        sparsity,
+        prep.pattern,
+        job.batch_size,
+        job.progress,
+        ignore=job.ignore,
+        blocks=blocks,
+    )
+
+
+def discard_(blocks: BlockAccess) -> None:
+    """Delete an offloaded run's temporary model folder (nothing once committed or in memory)."""
+    if isinstance(blocks, OffloadedBlocks) and blocks.saver is not None:
+        blocks.saver.discard()
 
 
 def prepare(job: JobConfig) -> Prepared:
@@ -132,14 +217,14 @@ def prepare(job: JobConfig) -> Prepared:
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     pruner = build_pruner(job.pruner)
-    model, tokenizer, _ = load_model_and_tokenizer(job)
+    model, tokenizer, source = load_model(job)
     try:
         check_prunable(model, job.ignore)
     except (IgnorePatternError, UnprunableParameterError) as error:
         raise ConfigError(f"config key 'ignore': {error}") from None
     data = load_run_data(job, tokenizer)
-    dense = evaluate(job, model, data.eval_ids, "dense")
-    return Prepared(pruner, parse_pattern(job.pattern), model, tokenizer, data, dense, start)
+    dense = evaluate(job, model, data.eval_ids, "dense", source)
+    return Prepared(pruner, parse_pattern(job.pattern), model, tokenizer, data, dense, start, source)
 
 
 def privacy_metrics(privacy: str, plan) -> dict:
@@ -159,7 +244,8 @@ def base_metrics(job: JobConfig, prep: Prepared, ppl_pruned: float, calib_tokens
     ``sparsity_actual`` is over the ``pruned_weights`` of the pruned layers; ``ignored_weights`` (and
     ``ignored_layers``) were left dense on purpose; ``block_parameters_covered`` is the pruned share of
     all decoder-block parameters (norms and biases are never pruned)."""
-    report = sparsity_report(prep.model, job.ignore)
+    blocks = None if prep.source is None else offloaded_blocks(prep.model, prep.source)
+    report = sparsity_report(prep.model, job.ignore, blocks)
     metrics = {
         "model": job.model.name,
         "dtype": job.model.dtype,

@@ -16,7 +16,7 @@ a parameter's name and the names of the modules containing it, both relative to 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -42,6 +42,11 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device the model's input ids go to (its input embeddings'; decoder blocks may be on ``meta``)."""
+    return model.get_input_embeddings().weight.device
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -242,13 +247,18 @@ class SparsityReport:
     coverage: float
 
 
-def sparsity_report(model: nn.Module, ignore: Sequence[str] = ()) -> SparsityReport:
-    """Fraction of exactly-zero weights over the pruned layers, and what it covers and leaves out."""
+def sparsity_report(
+    model: nn.Module, ignore: Sequence[str] = (), blocks: Iterable[tuple[str, nn.Module]] | None = None
+) -> SparsityReport:
+    """Fraction of exactly-zero weights over the pruned layers, and what it covers and leaves out.
+
+    ``blocks``: ``(qualified name, block)`` pairs to count instead of the model's own (an offloaded
+    model's blocks, materialised one at a time)."""
     patterns = _check_patterns(ignore)
     zeros = total = block_parameters = 0
     ignored: dict[str, int] = {}
     unprunable: dict[str, int] = {}
-    for prefix, block in named_blocks(model):
+    for prefix, block in named_blocks(model) if blocks is None else blocks:
         layers = find_prunable_layers(block, patterns, prefix)
         for layer in layers.values():
             zeros += int((layer.weight == 0).sum())

@@ -14,14 +14,20 @@ patterns match; :func:`prune_model_` first runs :func:`fedprune.models.check_pru
 
 Memory: the model plus one block's inputs and outputs for the whole calibration set, and every block's
 keyword arguments (references: blocks given the same mask or position embeddings share one tensor).
+Where the blocks live is a :class:`BlockAccess`: in memory (:class:`ResidentBlocks`, the default) or on
+disk, materialised one at a time (:class:`fedprune.offload.OffloadedBlocks`, ``model.offload=true``);
+then the driver holds the weights outside the blocks plus one block.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,13 +35,62 @@ from tqdm.auto import tqdm
 
 from fedprune.allocation import Allocation, as_allocation, qualified
 from fedprune.masks import Pattern, sparsity_of
-from fedprune.models import check_prunable, find_blocks, find_prunable_layers, get_weight, set_weight_
+from fedprune.models import (
+    check_prunable,
+    find_blocks,
+    find_prunable_layers,
+    get_weight,
+    input_device,
+    set_weight_,
+)
 from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
 from fedprune.secure.dp import clip_tokens
 from fedprune.stat_kinds import StatKind, at_least_float32
 from fedprune.stats import BlockStats, Stats, add_stats, batch_stats
 
 logger = logging.getLogger(__name__)
+
+
+class BlockAccess(Protocol):
+    """Where the decoder blocks of ``model`` live: ``load(i)`` makes block i usable (in the model's own
+    block list) and returns it; ``unload(i, block, save)`` is called once its step is done (``save``:
+    the step succeeded, its weights are final); ``copy(i)`` is a private copy of block i."""
+
+    model: nn.Module
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def unload(self, index: int, block: nn.Module, save: bool) -> None: ...
+
+    def copy(self, index: int) -> nn.Module: ...
+
+
+@dataclass
+class ResidentBlocks:
+    """The blocks of a model held in memory: ``load`` gives the block itself, ``unload`` does nothing."""
+
+    model: nn.Module
+
+    def load(self, index: int) -> nn.Module:
+        return find_blocks(self.model)[1][index]
+
+    def unload(self, index: int, block: nn.Module, save: bool) -> None:
+        pass
+
+    def copy(self, index: int) -> nn.Module:
+        return copy.deepcopy(self.load(index))
+
+
+@contextmanager
+def held_block(blocks: BlockAccess, index: int) -> Iterator[nn.Module]:
+    """Block ``index`` loaded for the duration of the ``with`` body, then unloaded (saved on success)."""
+    block = blocks.load(index)
+    try:
+        yield block
+    except BaseException:
+        blocks.unload(index, block, save=False)
+        raise
+    blocks.unload(index, block, save=True)
 
 
 @dataclass
@@ -136,41 +191,53 @@ def _recording_forward(
     return forward
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Record the inputs of block 0 and every block's keyword arguments for ``input_ids`` ``(windows, tokens)``.
-
-    Meanwhile each block's ``forward`` only records its call and passes its input on (no block compute);
-    the model stops at the last block.
-    """
-    _, blocks = find_blocks(model)
-    hidden: list[torch.Tensor] = []
-    kwargs_per_block: list[list[dict]] = [[] for _ in blocks]
-    memo: dict[int, tuple[object, object]] = {}
-    saved = [vars(block).get("forward") for block in blocks]  # instance-level forwards (e.g. accelerate)
-    for index, block in enumerate(blocks):
-        names = _positional_names(block)
-        block.forward = _recording_forward(
-            index, len(blocks) - 1, hidden, kwargs_per_block[index], memo, names
-        )
-    device = next(model.parameters()).device
+@contextmanager
+def replaced_forwards(blocks: Sequence[nn.Module], forwards: Sequence[Callable]) -> Iterator[None]:
+    """Each block's ``forward`` replaced by a stand-in for the ``with`` body, then restored (instance-level
+    forwards, e.g. accelerate's hooks, included)."""
+    saved = [vars(block).get("forward") for block in blocks]
+    for block, forward in zip(blocks, forwards, strict=True):
+        block.forward = forward
     try:
-        for count, batch in enumerate(micro_batches(input_ids, batch_size), start=1):
-            memo.clear()
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
-            missed = [i for i, kw in enumerate(kwargs_per_block) if len(kw) != count]
-            if missed:
-                raise RuntimeError(f"decoder blocks {missed} were not called exactly once per forward")
+        yield
     finally:
-        memo.clear()
         for block, forward in zip(blocks, saved, strict=True):
             if forward is None:
                 del block.forward
             else:
                 block.forward = forward
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Record the inputs of block 0 and every block's keyword arguments for ``input_ids`` ``(windows, tokens)``.
+
+    Meanwhile each block's ``forward`` only records its call and passes its input on (no block compute,
+    so blocks may be on the ``meta`` device); the model stops at the last block.
+    """
+    _, blocks = find_blocks(model)
+    hidden: list[torch.Tensor] = []
+    kwargs_per_block: list[list[dict]] = [[] for _ in blocks]
+    memo: dict[int, tuple[object, object]] = {}
+    last = len(blocks) - 1
+    forwards = [
+        _recording_forward(index, last, hidden, kwargs_per_block[index], memo, _positional_names(block))
+        for index, block in enumerate(blocks)
+    ]
+    device = input_device(model)
+    try:
+        with replaced_forwards(blocks, forwards):
+            for count, batch in enumerate(micro_batches(input_ids, batch_size), start=1):
+                memo.clear()
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                missed = [i for i, kw in enumerate(kwargs_per_block) if len(kw) != count]
+                if missed:
+                    raise RuntimeError(f"decoder blocks {missed} were not called exactly once per forward")
+    finally:
+        memo.clear()
     return BlockInputs(hidden=hidden, kwargs_per_block=kwargs_per_block, block=0)
 
 
@@ -330,6 +397,7 @@ def prune_model_(
     progress: bool = True,
     keep_masks: bool = False,
     ignore: Sequence[str] = (),
+    blocks: BlockAccess | None = None,
 ) -> PruneReport:
     """Centralized sequential pruning of every decoder block of ``model`` in place.
 
@@ -338,23 +406,28 @@ def prune_model_(
     input_ids : ``(windows, tokens)`` calibration windows (ignored by data-free pruners).
     ignore : layer-name patterns left dense on purpose; checked first by
         :func:`fedprune.models.check_prunable`, which also refuses block weights nothing can prune.
+    blocks : where the blocks live (default: in memory). Each block is loaded for its step (statistics,
+        pruning, the next block's inputs) and unloaded after it (an offloaded block is saved, then released).
     """
     check_pruner_supports(pruner, pattern)
     check_prunable(model, ignore)
-    blocks_name, blocks = find_blocks(model)
+    access = blocks if blocks is not None else ResidentBlocks(model)
+    blocks_name, block_list = find_blocks(model)
     report = PruneReport()
     inputs = capture_block_inputs(model, input_ids, batch_size) if pruner.stat_kind else None
     report.calib_tokens = inputs.num_tokens if inputs else 0
-    for index, block in enumerate(tqdm(blocks, desc=f"pruning ({pruner.name})", disable=not progress)):
+    for index in tqdm(range(len(block_list)), desc=f"pruning ({pruner.name})", disable=not progress):
         prefix = f"{blocks_name}.{index}"
-        stats = collect_block_stats(block, inputs, pruner.stat_kind, None, ignore, prefix) if inputs else {}
-        masks = prune_block_(block, stats, pruner, sparsity, pattern, ignore, prefix)
-        report.ignored_layers += [f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks]
-        for name, mask in masks.items():
-            key = f"{prefix}.{name}"
-            report.layer_sparsity[key] = sparsity_of(mask)
-            if keep_masks:
-                report.masks[f"{index}.{name}"] = mask
-        if inputs is not None and index + 1 < len(blocks):
-            inputs = run_block(block, inputs)
+        with held_block(access, index) as block:
+            stats = (
+                collect_block_stats(block, inputs, pruner.stat_kind, None, ignore, prefix) if inputs else {}
+            )
+            masks = prune_block_(block, stats, pruner, sparsity, pattern, ignore, prefix)
+            report.ignored_layers += [f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks]
+            for name, mask in masks.items():
+                report.layer_sparsity[f"{prefix}.{name}"] = sparsity_of(mask)
+                if keep_masks:
+                    report.masks[f"{index}.{name}"] = mask
+            if inputs is not None and index + 1 < len(block_list):
+                inputs = run_block(block, inputs)
     return report

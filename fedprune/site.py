@@ -21,7 +21,9 @@ from fedprune.masks import Pattern
 from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners.base import Pruner
 from fedprune.sequential import (
+    BlockAccess,
     BlockInputs,
+    ResidentBlocks,
     capture_block_inputs,
     collect_block_stats,
     prune_layers,
@@ -87,13 +89,15 @@ def site_block_masks(
     return {name: r.mask for name, r in results.items()}
 
 
-def advance_site_(model: nn.Module, state: SiteState, block: int, edit) -> None:
+def advance_site_(
+    model: nn.Module, state: SiteState, block: int, edit, blocks: BlockAccess | None = None
+) -> None:
     """Move the site's inputs past the globally pruned ``block``: ``edit`` (a block edit of
-    :mod:`fedprune.edits`) is applied to a copy of the dense block; ``model`` is unchanged."""
+    :mod:`fedprune.edits`) is applied to a copy of the dense block (``blocks``: where the model's blocks
+    live, default in memory); ``model`` is unchanged."""
     _check_block(state, block)
-    _, blocks = find_blocks(model)
-    if block + 1 < len(blocks):
-        pruned = copy.deepcopy(blocks[block])
+    if block + 1 < len(find_blocks(model)[1]):
+        pruned = (blocks if blocks is not None else ResidentBlocks(model)).copy(block)
         edit.apply_(pruned)
         state.inputs = run_block(pruned, state.inputs)
     state.block = block + 1

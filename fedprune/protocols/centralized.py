@@ -6,10 +6,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedprune.config import JobConfig, check_llm_federation, check_llm_job, target_sparsity
-from fedprune.job import base_metrics, calibration_windows, evaluate, prepare, summary_table, write_outputs
+from fedprune.config import JobConfig, check_llm_federation, check_llm_job
+from fedprune.job import (
+    base_metrics,
+    calibration_windows,
+    discard_,
+    prepare,
+    prune_with_job_,
+    summary_table,
+    write_outputs,
+)
 from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
-from fedprune.sequential import prune_model_
 from fedprune.timing import StepClock
 
 logger = logging.getLogger(__name__)
@@ -34,25 +41,28 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
     """Prune the model on the pooled calibration windows; evaluate dense and pruned; write outputs."""
     prep = prepare(job)
     calib_ids = calibration_windows(job, prep.data.calib_docs)
-    clock = StepClock()
-    report = prune_model_(
-        prep.model,
-        calib_ids,
-        prep.pruner,
-        target_sparsity(job),
-        prep.pattern,
-        job.batch_size,
-        job.progress,
-        ignore=job.ignore,
-    )
-    clock.stop()
-    pruned = evaluate(job, prep.model, prep.data.eval_ids, "pruned")
-    metrics = base_metrics(
-        job, prep, pruned.value, report.calib_tokens, calib_windows=int(calib_ids.shape[0]), **clock.metrics()
-    )
-    model = prep.model if job.save_model else None
-    write_outputs(out_dir, metrics, report.layer_sparsity, model, prep.tokenizer)
+    blocks = prep.pruning_blocks(out_dir)
+    try:
+        clock = StepClock()
+        report = prune_with_job_(job, prep, prep.model, calib_ids, blocks)
+        clock.stop()
+        prep.pruned_(blocks)
+        pruned = prep.evaluate(job, "pruned")
+        metrics = base_metrics(
+            job,
+            prep,
+            pruned.value,
+            report.calib_tokens,
+            calib_windows=int(calib_ids.shape[0]),
+            **clock.metrics(),
+        )
+        model = prep.model if job.save_model else None
+        write_outputs(out_dir, metrics, report.layer_sparsity, model, prep.tokenizer, blocks)
+    finally:
+        discard_(blocks)
     return metrics
 
 
-UNIT = register_protocol(ProtocolUnit("centralized", NoOptions, run_centralized, check_llm, summary_table))
+UNIT = register_protocol(
+    ProtocolUnit("centralized", NoOptions, run_centralized, check_llm, summary_table, offload=True)
+)

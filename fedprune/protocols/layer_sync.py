@@ -23,6 +23,7 @@ from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.sums import PRIVACY, Sums
 from fedprune.pruners.base import Pruner
 from fedprune.secure.plan import SecurePlan
+from fedprune.sequential import BlockAccess, ResidentBlocks, held_block
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ class FederatedJob:
     progress: bool = True
     privacy: str = "none"  # none | secagg | secagg_dp
     plan: SecurePlan | None = None  # public secure-aggregation parameters (privacy != none)
+    blocks: BlockAccess | None = None  # where the model's blocks live (None: in memory)
+
+    @property
+    def block_access(self) -> BlockAccess:
+        """The blocks the server decides, each loaded for its step (offloaded: then saved and released)."""
+        return self.blocks if self.blocks is not None else ResidentBlocks(self.model)
 
     @property
     def sparsity(self) -> float:
@@ -114,7 +121,8 @@ def layer_sync(fed: Federation, job: FederatedJob, label: str, step: BlockStep) 
     """The per-block loop of the layer-synchronous protocols (one sum per block).
 
     ``step(sums, block, config, update, tokens)`` returns the block's edit (applied to the global model;
-    it travels to the sites with the next task) and the sites whose data entered its sum.
+    it travels to the sites with the next task) and the sites whose data entered its sum. The global block
+    is loaded for its step (:attr:`FederatedJob.block_access`).
     """
     outcome = FederatedOutcome()
     outcome.tokens = start_sites(fed, job)
@@ -125,7 +133,8 @@ def layer_sync(fed: Federation, job: FederatedJob, label: str, step: BlockStep) 
         config = task_config(job, BlockTask(block, update_kind))
         if block == 0:
             sums.prepare(config, len(blocks))
-        edit, sites = step(sums, block, config, update, outcome.tokens)
+        with held_block(job.block_access, block):
+            edit, sites = step(sums, block, config, update, outcome.tokens)
         outcome.record(blocks_name, block, edit.report())
         outcome.sites_per_sum.append(sites)
         update, update_kind = edit.encode(), edit.kind

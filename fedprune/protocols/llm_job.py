@@ -15,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedprune.config import JobConfig, check
-from fedprune.job import base_metrics, evaluate, prepare, privacy_metrics, write_outputs
+from fedprune.job import Prepared, base_metrics, discard_, prepare, privacy_metrics, write_outputs
 from fedprune.outputs import save_tensors_atomic
 from fedprune.protocols.centralized import check_llm
 from fedprune.protocols.federation import Federation, Launcher
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome
 from fedprune.protocols.messages import MethodSpec, SiteJob
 from fedprune.protocols.secure_sums import plan_from_job
+from fedprune.sequential import BlockAccess
 from fedprune.timing import StepClock
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,23 @@ def run_federated(
 ) -> dict:
     """Prune the model with ``routine`` over the federation that ``launch`` provides."""
     prep = prepare(job)
+    blocks = prep.pruning_blocks(out_dir)
+    try:
+        return _run_federated(job, out_dir, launch, routine, options, prep, blocks)
+    finally:
+        discard_(blocks)
+
+
+def _run_federated(
+    job: JobConfig,
+    out_dir: Path,
+    launch: Launcher,
+    routine: ServerRoutine,
+    options: object,
+    prep: Prepared,
+    blocks: BlockAccess,
+) -> dict:
+    """:func:`run_federated` once the job is prepared; the server decides the blocks through ``blocks``."""
     fed_job = FederatedJob(
         model=prep.model,
         pruner=prep.pruner,
@@ -56,6 +74,7 @@ def run_federated(
         progress=job.progress,
         privacy=job.privacy.name,
         plan=plan_from_job(job, prep.model),
+        blocks=blocks,
     )
     result: dict = {}
 
@@ -71,7 +90,8 @@ def run_federated(
         raise RuntimeError("the federated run ended without a result (see the log above)")
     outcome: FederatedOutcome = result["outcome"]
     fed: Federation = result["fed"]
-    pruned = evaluate(job, prep.model, prep.data.eval_ids, "pruned")
+    prep.pruned_(blocks)
+    pruned = prep.evaluate(job, "pruned")
     extra = {}
     if len(set(outcome.sites_per_sum)) > 1:
         extra["sites_per_sum"] = [list(sites) for sites in outcome.sites_per_sum]
@@ -96,7 +116,7 @@ def run_federated(
         metrics["vote_sites"] = outcome.vote_sites
         save_tensors_atomic(out_dir / "votes.safetensors", outcome.votes)
     model = prep.model if job.save_model else None
-    write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer)
+    write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer, blocks)
     return metrics
 
 

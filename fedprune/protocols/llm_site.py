@@ -29,9 +29,10 @@ from fedprune.edits import decode_edit
 from fedprune.payload import encode_masks
 from fedprune.protocols.federation import Reply, Request
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
-from fedprune.protocols.site_state import dense_model, drop_state, load_state, save_state, tokenized_works
+from fedprune.protocols.site_state import dense_blocks, drop_state, load_state, save_state, tokenized_works
 from fedprune.protocols.tasks import Site, reply, site_task
 from fedprune.pruners import get_pruner
+from fedprune.sequential import BlockAccess, held_block
 from fedprune.site import (
     SiteState,
     advance_site_,
@@ -69,22 +70,30 @@ def calibration_ids(job: SiteJob, site: Site) -> torch.Tensor:
     return site_windows(job.partitioner, docs, index, num_sites, job.total_windows, job.seq_len, job.seed)
 
 
+def site_blocks(job: SiteJob) -> BlockAccess:
+    """The dense model named in the job (a bundled name or a folder at this site), read-only, and where
+    its blocks are (``job.offload``: on disk, one materialised per task)."""
+    return dense_blocks(str(resolve_model_path(job.model)), job.dtype, job.offload)
+
+
 def site_model(job: SiteJob) -> torch.nn.Module:
-    """The dense model named in the job (a bundled name or a folder at this site), read-only."""
-    return dense_model(str(resolve_model_path(job.model)), job.dtype)
+    """The dense model named in the job, read-only (:func:`site_blocks`)."""
+    return site_blocks(job).model
 
 
 def site_pruner(method: MethodSpec):
     return get_pruner(method.pruner, **method.pruner_params)
 
 
-def apply_update_(model, state: SiteState, task: BlockTask, update: dict | None, ignore=()) -> None:
+def apply_update_(
+    blocks: BlockAccess, state: SiteState, task: BlockTask, update: dict | None, ignore=()
+) -> None:
     """Move past block b-1 if the request carries its globally pruned version."""
     if not update:
         return
     block = task.block - 1
-    edit = decode_edit(task.update_kind, update, block_layer_shapes(model, block, ignore))
-    advance_site_(model, state, block, edit)
+    edit = decode_edit(task.update_kind, update, block_layer_shapes(blocks.model, block, ignore))
+    advance_site_(blocks.model, state, block, edit, blocks)
 
 
 @dataclass(frozen=True)
@@ -100,10 +109,11 @@ def block_payload(site: Site, request: Request, compute: Callable) -> tuple[obje
     """[Apply block b-1], then ``compute(model, state, job, method, task)``; the result and the tokens."""
     job, method = SiteJob.from_record(request.config), MethodSpec.from_record(request.config)
     task = BlockTask.from_record(request.config)
-    model = site_model(job)
+    blocks = site_blocks(job)
     state = load_state(job.run_key, site.key)
-    apply_update_(model, state, task, request.update, job.ignore)
-    result = compute(model, state, job, method, task)
+    apply_update_(blocks, state, task, request.update, job.ignore)
+    with held_block(blocks, task.block):  # offloaded: the only block in memory
+        result = compute(blocks.model, state, job, method, task)
     save_state(job.run_key, site.key, state)
     return result, state.tokens
 

@@ -10,12 +10,11 @@ import copy
 import logging
 from pathlib import Path
 
-from fedprune.config import JobConfig, target_sparsity
+from fedprune.config import JobConfig
 from fedprune.data.sites import site_windows
-from fedprune.job import base_metrics, evaluate, prepare, summary_table, write_outputs
+from fedprune.job import base_metrics, evaluate, prepare, prune_with_job_, summary_table, write_outputs
 from fedprune.protocols.centralized import NoOptions, check_llm
 from fedprune.protocols.registry import ProtocolUnit, register_protocol
-from fedprune.sequential import prune_model_
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +35,7 @@ def run_local(job: JobConfig, out_dir: Path, launch=None) -> dict:
             job.seed,
         )
         local = copy.deepcopy(prep.model)
-        report = prune_model_(
-            local,
-            ids,
-            prep.pruner,
-            target_sparsity(job),
-            prep.pattern,
-            job.batch_size,
-            job.progress,
-            ignore=job.ignore,
-        )
+        report = prune_with_job_(job, prep, local, ids)
         calib_tokens += report.calib_tokens
         per_site.append(evaluate(job, local, prep.data.eval_ids, f"site {site} pruned").value)
         if first is None:

@@ -60,6 +60,9 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise MessageError(f"task record: key {key!r}: {message}")
 
 
+_SENT_WHEN_SET = ("ignore", "offload")  # SiteJob keys left out of a record at their default
+
+
 @dataclass(frozen=True)
 class SiteJob:
     """What every site needs for an LLM job: the model, its corpus and how its windows are drawn."""
@@ -76,6 +79,7 @@ class SiteJob:
     seed: int
     batch_size: int
     ignore: tuple[str, ...] = ()  # layer-name patterns left dense (sent only when not empty)
+    offload: bool = False  # decoder blocks loaded one at a time at the site (sent only when true)
 
     def __post_init__(self) -> None:
         _require(bool(self.run_key), "run_key", "must not be empty")
@@ -104,20 +108,22 @@ class SiteJob:
             seed=job.seed,
             batch_size=job.batch_size,
             ignore=tuple(job.ignore),
+            offload=job.model.offload,
         )
 
     def to_record(self) -> dict:
         record = {f.name: getattr(self, f.name) for f in fields(self)}
         record = {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}
-        if not self.ignore:
-            del record["ignore"]  # the default travels as nothing
+        for key in _SENT_WHEN_SET:
+            if not record[key]:
+                del record[key]  # the default travels as nothing
         return record
 
     @classmethod
     def from_record(cls, record: Mapping) -> SiteJob:
         types = {"heldout": tuple, "seq_len": int, "total_windows": int, "num_sites": int, "seed": int}
-        types.update(batch_size=int, ignore=tuple)
-        names = [f.name for f in fields(cls) if f.name != "ignore" or "ignore" in record]
+        types.update(batch_size=int, ignore=tuple, offload=bool)
+        names = [f.name for f in fields(cls) if f.name not in _SENT_WHEN_SET or f.name in record]
         return cls(**{name: _read(record, name, types.get(name, str)) for name in names})
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fedprune.config import ConfigError, JobConfig, check, check_privacy
+from fedprune.config import ConfigError, JobConfig, check, check_offload, check_privacy
 from fedprune.protocols.federation import Launcher
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class ProtocolUnit:
     federated: bool = False
     secure: bool = False  # the server sums site payloads: secure aggregation applies
     dp: bool = False  # the Gaussian mechanism on summed statistics applies
+    offload: bool = False  # works with model.offload=true (decoder blocks loaded one at a time)
 
 
 PROTOCOLS: dict[str, ProtocolUnit] = {}
@@ -75,5 +76,6 @@ def validate(job: JobConfig) -> ProtocolUnit:
     secure = tuple(name for name, u in PROTOCOLS.items() if u.secure)
     dp = tuple(name for name, u in PROTOCOLS.items() if u.dp)
     check_privacy(job, unit.secure, unit.dp, secure, dp)
+    check_offload(job, unit.offload, tuple(name for name, u in PROTOCOLS.items() if u.offload))
     unit.check(job)
     return unit

@@ -2,8 +2,9 @@
 
 flwr does not keep a ClientApp's process between messages (a fresh process per message under the
 Deployment Engine, any free actor in simulation), so block inputs (tens of MB) live in a per-run local
-folder and only small metadata travels in ``context.state``. Also a per-process cache of dense models:
-they are read-only here (pruned blocks are applied to copies), so sharing them is safe; and of tokenized
+folder and only small metadata travels in ``context.state``. Also a per-process cache of dense models
+(in memory, or offloaded: blocks materialised per task): they are read-only here (pruned blocks are
+applied to copies), so sharing them is safe; and of tokenized
 documents (a simulated process serves many sites of the same corpus: tokenize it once per process).
 """
 
@@ -22,19 +23,26 @@ from fedprune.data.assets import cache_root
 from fedprune.data.corpus import load_works, split_works
 from fedprune.data.windows import tokenize_works
 from fedprune.models import load_causal_lm, load_tokenizer
+from fedprune.offload import OffloadedBlocks, load_offloaded
+from fedprune.sequential import BlockAccess, ResidentBlocks
 from fedprune.site import SiteState
 
 logger = logging.getLogger(__name__)
 
-_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str, bool], BlockAccess] = {}
 
 
-def dense_model(path: str, dtype: str = "float32") -> torch.nn.Module:
-    """The dense model at ``path``, loaded once per process; callers must not modify it."""
-    key = (str(path), dtype)
+def dense_blocks(path: str, dtype: str = "float32", offload: bool = False) -> BlockAccess:
+    """The dense model at ``path`` and where its blocks are, loaded once per process; callers must not
+    modify it. With ``offload`` its blocks stay on disk: a task materialises the block it needs (and
+    releases it, so the shared model is back on ``meta`` after every task)."""
+    key = (str(path), dtype, offload)
     if key not in _MODELS:
         _MODELS.clear()  # one model per process at a time
-        _MODELS[key] = load_causal_lm(path, dtype=getattr(torch, dtype))
+        if offload:
+            _MODELS[key] = OffloadedBlocks(*load_offloaded(path, getattr(torch, dtype)))
+        else:
+            _MODELS[key] = ResidentBlocks(load_causal_lm(path, dtype=getattr(torch, dtype)))
     return _MODELS[key]
 
 

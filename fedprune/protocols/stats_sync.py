@@ -86,5 +86,6 @@ UNIT = register_protocol(
         federated=True,
         secure=True,
         dp=True,
+        offload=True,
     )
 )

@@ -8,11 +8,12 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 import fedprune.protocols.llm_site as real
-from cli.main import run
+from cli.main import job_of, run
 from cli.revote import revote
 from clients.client_app import build_app
-from fedprune.protocols.catalog import SITE_TASKS
+from fedprune.protocols.catalog import SITE_TASKS, validate
 from fedprune.protocols.federation import FederationError
+from fedprune.protocols.tasks import in_process_launcher
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +37,17 @@ def test_stats_sync_sparsegpt_equals_centralized(make_cfg, tmp_path):
         assert torch.equal(expected[name] == 0, got[name] == 0), name
         assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-4), name
     assert federated["ppl_pruned"] == pytest.approx(central["ppl_pruned"], rel=1e-4)
+
+
+def test_stats_sync_with_offloaded_blocks_equals_in_memory(make_cfg, tmp_path):
+    """model.offload=true in Flower: server and sites (Ray actors) load one block at a time."""
+    job = job_of(make_cfg("pruner=wanda", "protocol=stats_sync", *FED))
+    memory = validate(job).run(job, tmp_path / "m", in_process_launcher(3, 2))
+    offload = run(make_cfg("pruner=wanda", "protocol=stats_sync", "model.offload=true", *FED), tmp_path / "o")
+    assert offload["num_clients"] == 3 and offload["ppl_pruned"] == memory["ppl_pruned"]
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "model").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model").state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[name], want[name]) for name in want)
 
 
 def test_mask_vote_one_shot_uploads_one_bit_per_weight(make_cfg, tmp_path):
