@@ -39,3 +39,14 @@ def test_step_clock_keeps_its_first_reading():
     metrics = clock.metrics()
     assert metrics["prune_cpu_s"] == first  # read while the work ran, not again
     assert metrics["prune_s"] >= 0.35  # the wall clock was read only now
+
+
+def test_a_child_that_ends_during_the_step_never_makes_it_negative():
+    child = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.PIPE)
+    process = psutil.Process(child.pid)
+    deadline = time.monotonic() + 30
+    while sum(process.cpu_times()[:2]) < 0.6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    clock = StepClock()  # the busy child is counted at the start ...
+    child.communicate(b"")  # ... and gone at the end
+    assert 0 <= clock.stop().cpu_s < 0.5
