@@ -93,5 +93,6 @@ UNIT = register_protocol(
         summary_table,
         federated=True,
         secure=True,
+        offload=True,
     )
 )

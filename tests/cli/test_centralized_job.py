@@ -38,7 +38,8 @@ def test_run_writes_metrics_sparsity_and_loadable_model(make_cfg, tiny_assets, t
         "prune_cpu_s",
     ):
         assert key in saved
-    assert 0 < saved["prune_cpu_s"] and 0 < saved["prune_s"] < saved["wall_s"]
+    # CPU time ticks in 10 ms steps: a tiny model's pruning may read 0 (tests/unit/test_timing.py checks it)
+    assert saved["prune_cpu_s"] >= 0 and 0 < saved["prune_s"] < saved["wall_s"]
     assert saved["sparsity_actual"] == pytest.approx(0.5)
     assert saved["calib_tokens"] == 8 * 16 and saved["eval_tokens"] == 6 * 15
     layers = json.loads((tmp_path / "sparsity.json").read_text())

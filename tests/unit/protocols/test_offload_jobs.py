@@ -50,10 +50,12 @@ def test_centralized_offload_equals_in_memory(make_cfg, tmp_path, pruner):
     _assert_same_runs(tmp_path, memory, offload)
 
 
-@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
-def test_stats_sync_offload_equals_in_memory(make_cfg, tmp_path, pruner):
-    memory = _run(make_cfg, tmp_path / "m", "protocol=stats_sync", f"pruner={pruner}")
-    offload = _run(make_cfg, tmp_path / "o", "protocol=stats_sync", f"pruner={pruner}", "model.offload=true")
+@pytest.mark.parametrize(
+    "protocol,pruner", [("stats_sync", "wanda"), ("stats_sync", "sparsegpt"), ("mask_vote_sync", "wanda")]
+)
+def test_layer_sync_offload_equals_in_memory(make_cfg, tmp_path, protocol, pruner):
+    memory = _run(make_cfg, tmp_path / "m", f"protocol={protocol}", f"pruner={pruner}")
+    offload = _run(make_cfg, tmp_path / "o", f"protocol={protocol}", f"pruner={pruner}", "model.offload=true")
     _assert_same_runs(tmp_path, memory, offload)
     assert (
         offload["rounds"] == memory["rounds"]
@@ -72,9 +74,9 @@ def test_offload_without_saving_writes_no_model(make_cfg, tmp_path):
     assert (tmp_path / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize("protocol", ["local", "mask_vote", "mask_vote_sync"])
+@pytest.mark.parametrize("protocol", ["local", "mask_vote"])
 def test_protocols_without_offload_refuse_it_before_any_work(make_cfg, tmp_path, protocol):
-    with pytest.raises(ConfigError, match=r"'model.offload'.*centralized or stats_sync"):
+    with pytest.raises(ConfigError, match=r"'model.offload'.*centralized or mask_vote_sync or stats_sync"):
         _run(make_cfg, tmp_path, f"protocol={protocol}", "model.offload=true")
     assert not list(tmp_path.iterdir())
 
