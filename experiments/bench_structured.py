@@ -43,6 +43,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -126,6 +127,11 @@ def thread_env(threads: int) -> dict[str, str]:
     env.update(TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", FLWR_TELEMETRY_ENABLED="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     return env
+
+
+def code(text: str) -> str:
+    """``text`` as a Markdown code span, even when it holds backticks."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 def git_commit() -> str:
@@ -510,7 +516,7 @@ def speed_report(result: dict, command: str, commit: str) -> str:
     lines = [
         "# Structured pruning: CPU speed, memory and size, dense vs pruned",
         "",
-        f"Made by `{command}` at commit `{commit}` on {time.strftime('%Y-%m-%d')}: torch {result['torch']}, "
+        f"Made by {code(command)} at commit `{commit}` on {time.strftime('%Y-%m-%d')}: torch {result['torch']}, "
         f"transformers {result['transformers']}, fp32, {d['attn_implementation']} attention, "
         f"{result['threads']} torch thread(s) (and OMP/MKL), loader `{d['loader']}`. Each model in its own "
         f"child process ({result['rounds']} each, order {' '.join(result['order'])}), one warm-up, then "
@@ -685,7 +691,7 @@ def sweep_report(rows: list[dict], args: argparse.Namespace, command: str, commi
     lines = [
         "# Structured pruning sweep: perplexity vs CPU speed, SmolLM2-135M, centralized",
         "",
-        f"Made by `{command}` at commit `{commit}` on {time.strftime('%Y-%m-%d')}: each row one "
+        f"Made by {code(command)} at commit `{commit}` on {time.strftime('%Y-%m-%d')}: each row one "
         f"`fedprune protocol=centralized pattern=structured` run ({args.windows} × {args.seq_len} calibration "
         f"tokens, {args.eval_windows} held-out windows, threads={args.threads}), then the `speed` measurement "
         f"of its `model/` against the dense model ({args.threads} thread(s), {args.rounds} child process(es) "
@@ -898,7 +904,7 @@ def main(argv: list[str] | None = None) -> None:
     sl.add_argument("--out", type=Path, required=True)
 
     args = parser.parse_args(argv)
-    command = "python experiments/bench_structured.py " + " ".join(argv)
+    command = "python experiments/bench_structured.py " + shlex.join(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.command == "slice-ffn":
