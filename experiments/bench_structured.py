@@ -31,8 +31,8 @@ Usage:
       [--shapes ffn0.5,ffn0.5_h0.33,blocks4] [--windows 128] [--threads 1] [--repeats 5]
   python experiments/bench_structured.py sweep --quick    # 4 windows, 2 shapes, 2 methods, repeats 2
   python experiments/bench_structured.py slice-ffn --keep 0.5 --out /tmp/smollm2_half_ffn
-Models are loaded with ``fedprune.structured.load.load_pruned`` when it is importable (per-block widths
-may differ), else ``AutoModelForCausalLM.from_pretrained``. ``--worker`` is for the child processes.
+Models are loaded with ``fedprune.load_pruned`` (or ``fedprune.structured.load.load_pruned``) when this
+checkout has it (per-block widths may differ), else ``AutoModelForCausalLM.from_pretrained``. ``--worker`` is for the child processes.
 """
 
 from __future__ import annotations
@@ -187,22 +187,32 @@ def last_error_line(text: str, limit: int = 300) -> str:
 # ------------------------------------------------------------------------------- the speed worker
 
 
+def find_load_pruned():
+    """fedprune's loader of structurally pruned folders, wherever this checkout has it, or None:
+    ``fedprune.load_pruned`` (the public name), else ``fedprune.structured.load.load_pruned``."""
+    import fedprune
+
+    try:
+        function = fedprune.load_pruned
+        return function, "fedprune.load_pruned"
+    except (AttributeError, ImportError):
+        pass
+    try:
+        from fedprune.structured.load import load_pruned
+    except ImportError:
+        return None, None
+    return load_pruned, "fedprune.structured.load.load_pruned"
+
+
 def load_model(path: str, loader: str):
     """The model in eval mode, fp32, KV cache on; and the loader used."""
     import torch
 
-    use_fedprune = loader == "fedprune"
-    if loader == "auto":
-        try:
-            from fedprune.structured.load import load_pruned  # noqa: F401
-
-            use_fedprune = True
-        except ImportError:
-            use_fedprune = False
-    if use_fedprune:
-        from fedprune.structured.load import load_pruned
-
-        model, used = load_pruned(path, dtype=torch.float32), "fedprune.structured.load.load_pruned"
+    function, name = find_load_pruned() if loader in ("auto", "fedprune") else (None, None)
+    if loader == "fedprune" and function is None:
+        raise ImportError("--loader fedprune: this checkout has no fedprune.load_pruned")
+    if function is not None:
+        model, used = function(path, dtype=torch.float32), name
     else:
         from transformers import AutoModelForCausalLM
 
@@ -832,7 +842,7 @@ def add_speed_options(parser: argparse.ArgumentParser, quick_defaults: bool = Fa
         "--loader",
         choices=("auto", "fedprune", "hf"),
         default="auto",
-        help="auto: fedprune.structured.load.load_pruned when importable, else AutoModelForCausalLM",
+        help="auto: fedprune.load_pruned when this checkout has it, else AutoModelForCausalLM",
     )
     quick = "repeats 2, rounds 1"
     if quick_defaults:
