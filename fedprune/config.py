@@ -178,6 +178,37 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True)
+class StructuredSpec:
+    """``structured`` (with ``pattern=structured``): what is removed in whole units. ``ffn``: fraction of
+    FFN neurons removed in every block; ``heads``: fraction of query heads removed in every block, in whole
+    key/value groups; ``blocks``: number of decoder blocks removed; ``attention``: number of attention
+    sublayers removed."""
+
+    ffn: float = 0.0
+    heads: float = 0.0
+    blocks: int = 0
+    attention: int = 0
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> StructuredSpec:
+        spec = cls(
+            ffn=_get(m, "ffn", "structured", float, 0.0),
+            heads=_get(m, "heads", "structured", float, 0.0),
+            blocks=_get(m, "blocks", "structured", int, 0),
+            attention=_get(m, "attention", "structured", int, 0),
+        )
+        check(0.0 <= spec.ffn < 1.0, "structured.ffn", f"must be in [0, 1), got {spec.ffn}")
+        check(0.0 <= spec.heads < 1.0, "structured.heads", f"must be in [0, 1), got {spec.heads}")
+        check(spec.blocks >= 0, "structured.blocks", f"must be >= 0, got {spec.blocks}")
+        check(spec.attention >= 0, "structured.attention", f"must be >= 0, got {spec.attention}")
+        return spec
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.ffn or self.heads or self.blocks or self.attention)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One run, typed. ``protocol`` keeps the protocol group's raw options: the protocol parses them."""
 
@@ -198,6 +229,7 @@ class JobConfig:
     progress: bool = True
     ignore: tuple[str, ...] = ()  # layer-name patterns left dense on purpose (fnmatch)
     threads: int | None = None  # torch intra-op threads of this process (None: torch's default)
+    structured: StructuredSpec = field(default_factory=StructuredSpec)  # pattern=structured only
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> JobConfig:
@@ -228,6 +260,7 @@ class JobConfig:
             progress=_get(m, "progress", "", bool, True),
             ignore=tuple(ignore),
             threads=_positive_threads(_get(m, "threads", "", _optional(int), None)),
+            structured=StructuredSpec.from_mapping(_section(m, "structured")),
         )
 
 
@@ -282,8 +315,10 @@ def target_sparsity(job: JobConfig) -> float:
     """The sparsity to prune to: implied by an N:M pattern, else ``sparsity``."""
     from fedprune.masks import parse_pattern
 
-    implied = parse_pattern(job.pattern).sparsity
-    return implied if implied is not None else float(job.sparsity)
+    pattern = parse_pattern(job.pattern)
+    if pattern.kind == "structured":
+        return 0.0  # structured pruning removes whole units (``structured``), not single weights
+    return pattern.sparsity if pattern.sparsity is not None else float(job.sparsity)
 
 
 def check_llm_job(job: JobConfig) -> None:
@@ -296,7 +331,9 @@ def check_llm_job(job: JobConfig) -> None:
         pattern = parse_pattern(job.pattern)
     except ValueError as error:
         raise ConfigError(f"config key 'pattern': {error}") from None
-    if pattern.sparsity is None:
+    if pattern.kind == "structured":
+        check_structured_job(job)
+    elif pattern.sparsity is None:
         check(job.sparsity is not None, "sparsity", "missing: unstructured pruning needs a sparsity")
         try:
             check_sparsity(float(job.sparsity))
@@ -327,6 +364,34 @@ def check_llm_job(job: JobConfig) -> None:
     check(job.batch_size >= 1, "batch_size", f"must be >= 1, got {job.batch_size}")
     check(job.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {job.eval_batch_size}")
     check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")
+
+
+def check_structured_job(job: JobConfig) -> None:
+    """``pattern=structured``: something to remove, no ``ignore`` (every coupled layer is edited), and
+    fractions that fit the model (:func:`fedprune.structured.targets.check_structure`)."""
+    spec = job.structured
+    check(
+        not spec.is_empty,
+        "structured",
+        "pattern=structured removes nothing: set structured.ffn, structured.heads, structured.blocks or "
+        "structured.attention",
+    )
+    check(not job.ignore, "ignore", "is not supported with pattern=structured (coupled layers are edited together)")
+    check(not job.model.offload, "model.offload", "is not supported with pattern=structured yet")
+    for key, value in (("structured.blocks", spec.blocks), ("structured.attention", spec.attention)):
+        check(not value, key, "removing whole blocks or attention sublayers is not built yet")
+    if job.model.path:
+        from fedprune.data.assets import resolve_model_path
+        from fedprune.structured.families import UnsupportedFamilyError
+        from fedprune.structured.targets import StructureError, check_structure
+
+        check_model_spec(job.model.path)
+        try:
+            check_structure(str(resolve_model_path(job.model.path)), spec.ffn, spec.heads)
+        except UnsupportedFamilyError as error:
+            raise ConfigError(f"config key 'pattern': {error}") from None
+        except StructureError as error:
+            raise ConfigError(f"config key '{error.key}': {error}") from None
 
 
 def check_sites(fed: FederationSpec) -> None:

@@ -23,9 +23,15 @@ import torch
 from torch import nn
 
 from fedprune.masks import sparsity_of
-from fedprune.models import find_prunable_layers, get_weight, is_transposed
-from fedprune.payload import PayloadError, decode_masks, decode_weights, encode_masks, encode_weights
-from fedprune.sequential import apply_weights_
+from fedprune.models import apply_weights_, find_prunable_layers, get_weight, is_transposed, set_weight_
+from fedprune.payload import (
+    PayloadError,
+    checked_array,
+    decode_masks,
+    decode_weights,
+    encode_masks,
+    encode_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +197,114 @@ class KeptIndices:
         }
 
 
-EDITS: dict[str, type] = {cls.kind: cls for cls in (MaskEdit, WeightEdit, KeptIndices)}
-BlockEdit = MaskEdit | WeightEdit | KeptIndices
+def with_bias(module: nn.Module, bias: torch.Tensor) -> nn.Module:
+    """``module`` with its bias set to ``bias`` ``(out,)``: in place where it has one, else a new
+    ``nn.Linear`` with the same weight and this bias."""
+    if getattr(module, "bias", None) is not None:
+        with torch.no_grad():
+            module.bias.copy_(bias.to(module.bias.dtype))
+        return module
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"cannot add a bias to {type(module).__name__}")
+    layer = nn.Linear(module.in_features, module.out_features, bias=True)
+    layer = layer.to(dtype=module.weight.dtype, device=module.weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(module.weight)
+        layer.bias.copy_(bias.to(module.weight.dtype))
+    return layer
+
+
+# module attributes a structured edit may set (head counts and widths that follow the kept heads)
+STRUCTURE_ATTRIBUTES = ("num_heads", "split_size")
+
+
+@dataclass(frozen=True)
+class StructuredEdit:
+    """Structured pruning of one block: kept rows / columns by layer (:class:`KeptIndices`), plus new
+    weights of the smaller layers (an OBS update), new biases (mean compensation; a layer without one
+    gets one) and the attention modules' head attributes that follow the kept heads.
+
+    ``shapes``: the dense ``(out, in)`` of every layer in ``kept`` (what :meth:`report` measures against).
+    """
+
+    kept: dict[str, tuple[str, torch.Tensor]]
+    shapes: dict[str, tuple[int, int]]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (kept out, kept in)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (kept out,)
+    attributes: dict[str, int] = field(default_factory=dict)  # "<module>.<attribute>" -> value
+    kind: ClassVar[str] = "structured"
+
+    def kept_shape(self, name: str) -> tuple[int, int]:
+        """The ``(out, in)`` of layer ``name`` after the edit."""
+        out, inp = self.shapes[name]
+        if name in self.kept:
+            axis, index = self.kept[name]
+            return (index.numel(), inp) if axis == "rows" else (out, index.numel())
+        return out, inp
+
+    def apply_(self, block: nn.Module) -> None:
+        """Make ``block``'s layers smaller, then write the new weights, biases and attributes."""
+        KeptIndices(self.kept).apply_(block)
+        layers = find_prunable_layers(block)
+        for name, weight in self.weights.items():
+            set_weight_(layers[name], weight)
+        for name, bias in self.biases.items():
+            replace_module_(block, name, with_bias(layers[name], bias))
+        for key, value in self.attributes.items():
+            module, _, attribute = key.rpartition(".")
+            setattr(block.get_submodule(module), attribute, int(value))
+
+    def encode(self) -> dict[str, np.ndarray]:
+        arrays = KeptIndices(self.kept).encode()
+        arrays.update(encode_weights(self.weights))
+        arrays.update({f"bias.{n}": b.detach().to(torch.float32).numpy() for n, b in self.biases.items()})
+        arrays.update({f"attr.{k}": np.array(v, dtype=np.int64) for k, v in self.attributes.items()})
+        return arrays
+
+    @classmethod
+    def decode(cls, arrays: Mapping[str, np.ndarray], shapes: Shapes) -> StructuredEdit:
+        """Validated edit for a block of dense layer ``shapes``: indices in range, weights and biases of
+        the kept shapes and finite, attributes among :data:`STRUCTURE_ATTRIBUTES` and positive."""
+        parts: dict[str, dict[str, np.ndarray]] = {"kept": {}, "weight": {}, "bias": {}, "attr": {}}
+        for key, value in arrays.items():
+            prefix = key.partition(".")[0]
+            if prefix not in parts:
+                raise PayloadError(f"unexpected array {key!r} in a structured edit")
+            parts[prefix][key] = value
+        kept = KeptIndices.decode(parts["kept"], shapes).kept
+        edit = cls(kept, {name: tuple(shapes[name]) for name in kept})
+        weight_shapes = {k.partition(".")[2]: k for k in parts["weight"]}
+        bias_names = [k.partition(".")[2] for k in parts["bias"]]
+        unknown = [n for n in [*weight_shapes, *bias_names] if n not in kept]
+        if unknown:
+            raise PayloadError(f"structured edit: weights or biases of layers without kept indices: {unknown}")
+        weights = decode_weights(parts["weight"], {n: edit.kept_shape(n) for n in weight_shapes})
+        biases = {
+            n: torch.from_numpy(
+                checked_array(parts["bias"], f"bias.{n}", np.float32, (edit.kept_shape(n)[0],)).copy()
+            )
+            for n in bias_names
+        }
+        attributes = {}
+        for key in parts["attr"]:
+            name = key.partition(".")[2]
+            array = checked_array(parts["attr"], key, np.int64, ())
+            if name.rpartition(".")[2] not in STRUCTURE_ATTRIBUTES or int(array) < 1:
+                raise PayloadError(f"structured edit: attribute {name!r} = {int(array)} not allowed")
+            attributes[name] = int(array)
+        return cls(kept, edit.shapes, weights, biases, attributes)
+
+    def votes(self, shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
+        """One site's vote: per layer, 1 for each kept row / column."""
+        return KeptIndices(self.kept).votes(self.shapes)
+
+    def report(self) -> dict[str, float]:
+        """Fraction of the layer's weights removed, by layer."""
+        return KeptIndices(self.kept).report(self.shapes)
+
+
+EDITS: dict[str, type] = {cls.kind: cls for cls in (MaskEdit, WeightEdit, KeptIndices, StructuredEdit)}
+BlockEdit = MaskEdit | WeightEdit | KeptIndices | StructuredEdit
 
 
 def decode_edit(kind: str, arrays: Mapping[str, np.ndarray], shapes: Shapes) -> BlockEdit:

@@ -38,6 +38,8 @@ from fedprune.offload import (
 from fedprune.outputs import peak_rss_mb, save_model_atomic, write_json_atomic
 from fedprune.pruners import Pruner
 from fedprune.sequential import BlockAccess, PruneReport, ResidentBlocks, prune_model_
+from fedprune.structured.decide import Structure
+from fedprune.structured.saved import STRUCTURE_FILE, finalize_config_, realised_fractions, structure_record
 
 logger = logging.getLogger(__name__)
 
@@ -109,18 +111,20 @@ def write_outputs(
     model: torch.nn.Module | None,
     tokenizer: object | None,
     blocks: BlockAccess | None = None,
+    extra_json: dict[str, object] | None = None,
 ) -> None:
     """``model/`` first, then ``sparsity.json``, then ``metrics.json`` (its presence means complete).
 
     ``blocks``: the access the model was pruned through; an offloaded model's folder was written block by
-    block and is moved into place here (or deleted when ``model`` is None)."""
+    block and is moved into place here (or deleted when ``model`` is None). ``extra_json``: more files in
+    ``model/`` (a structurally pruned model's shapes)."""
     saver = blocks.saver if isinstance(blocks, OffloadedBlocks) else None
     if saver is not None and model is not None:
         saver.commit()
     elif saver is not None:
         saver.discard()
     elif model is not None:
-        save_model_atomic(model, tokenizer, out_dir / "model")
+        save_model_atomic(model, tokenizer, out_dir / "model", extra_json)
     write_json_atomic(out_dir / "sparsity.json", layer_sparsity)
     write_json_atomic(out_dir / "metrics.json", metrics)
 
@@ -163,6 +167,9 @@ class Prepared:
     dense: Perplexity
     start: float = field(default_factory=time.perf_counter)
     source: TensorSource | None = None  # model.offload: where the model's blocks are (dense, then pruned)
+    structure: Structure | None = None  # pattern=structured: the units removed from every block
+    params_dense: int = 0
+    loads_with_from_pretrained: bool = True  # after pruned_: the saved folder needs no fedprune.load_pruned
 
     def evaluate(self, job: JobConfig, label: str) -> Perplexity:
         """Held-out perplexity of the model as it is now."""
@@ -181,6 +188,15 @@ class Prepared:
         """After pruning through ``blocks``: an offloaded model's blocks now come from the saved folder."""
         if isinstance(blocks, OffloadedBlocks):
             self.source = blocks.saver.finish()
+        if self.structure is not None:
+            self.loads_with_from_pretrained = finalize_config_(self.model, self.structure.family, self.structure.shape)
+
+    @property
+    def model_files(self) -> dict[str, object]:
+        """Files saved beside the model's own: a structurally pruned model's layer shapes."""
+        if self.structure is None:
+            return {}
+        return {STRUCTURE_FILE: structure_record(self.model, self.loads_with_from_pretrained)}
 
 
 def prune_with_job_(
@@ -202,6 +218,7 @@ def prune_with_job_(
         job.progress,
         ignore=job.ignore,
         blocks=blocks,
+        structure=prep.structure,
     )
 
 
@@ -222,9 +239,32 @@ def prepare(job: JobConfig) -> Prepared:
         check_prunable(model, job.ignore)
     except (IgnorePatternError, UnprunableParameterError) as error:
         raise ConfigError(f"config key 'ignore': {error}") from None
+    pattern = parse_pattern(job.pattern)
+    structure = None
+    if pattern.kind == "structured":
+        structure = Structure.for_model(model, job.structured.ffn, job.structured.heads)
     data = load_run_data(job, tokenizer)
     dense = evaluate(job, model, data.eval_ids, "dense", source)
-    return Prepared(pruner, parse_pattern(job.pattern), model, tokenizer, data, dense, start, source)
+    return Prepared(
+        pruner, pattern, model, tokenizer, data, dense, start, source, structure, parameter_count(model)
+    )
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Number of parameters (a tied embedding counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def structured_metrics(prep: Prepared) -> dict:
+    """Parameters before and after, the fractions removed as realised in the model, the units asked for."""
+    structure = prep.structure
+    return {
+        "params_dense": prep.params_dense,
+        "params_pruned": parameter_count(prep.model),
+        **realised_fractions(prep.model, structure.family, structure.shape),
+        "structured_units_per_block": structure.counts(),
+        "loads_with_from_pretrained": prep.loads_with_from_pretrained,
+    }
 
 
 def privacy_metrics(privacy: str, plan) -> dict:
@@ -263,6 +303,7 @@ def base_metrics(job: JobConfig, prep: Prepared, ppl_pruned: float, calib_tokens
         "calib_tokens": calib_tokens,
         "eval_tokens": prep.dense.tokens,
         **({"ignored_layers": sorted(report.ignored)} if report.ignored else {}),
+        **(structured_metrics(prep) if prep.structure is not None else {}),
         **extra,
     }
     metrics.update(wall_s=time.perf_counter() - prep.start, peak_rss_mb=peak_rss_mb(), seed=job.seed)

@@ -26,7 +26,7 @@ class Pattern:
     m: int = 0
 
     def __str__(self) -> str:
-        return "unstructured" if self.kind == "unstructured" else f"{self.n}:{self.m}"
+        return self.kind if self.kind in ("unstructured", "structured") else f"{self.n}:{self.m}"
 
     @property
     def sparsity(self) -> float | None:
@@ -35,12 +35,13 @@ class Pattern:
 
 
 def parse_pattern(spec: str) -> Pattern:
-    """Parse ``"unstructured"`` or ``"N:M"`` (0 < N < M)."""
-    if spec == "unstructured":
-        return Pattern("unstructured")
+    """Parse ``"unstructured"``, ``"structured"`` (whole units: see ``fedprune.structured``) or ``"N:M"``
+    (0 < N < M)."""
+    if spec in ("unstructured", "structured"):
+        return Pattern(spec)
     match = re.fullmatch(r"(\d+):(\d+)", str(spec).strip())
     if not match:
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M', got {spec!r}")
+        raise ValueError(f"pattern must be 'unstructured', 'structured' or 'N:M', got {spec!r}")
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise ValueError(f"N:M pattern needs 0 < N < M, got {spec!r}")

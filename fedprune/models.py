@@ -213,6 +213,13 @@ def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
         target.copy_(value.to(target.dtype))
 
 
+def apply_weights_(block: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Write ``(out, in)`` weights into the named prunable layers of ``block``."""
+    layers = find_prunable_layers(block)
+    for name, weight in weights.items():
+        set_weight_(layers[name], weight)
+
+
 def layer_input_features(module: nn.Module) -> int:
     """Number of input features of a prunable layer."""
     return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]

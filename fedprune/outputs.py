@@ -31,8 +31,11 @@ def write_json_atomic(path: Path, data: object) -> None:
         raise
 
 
-def save_model_atomic(model: nn.Module, tokenizer: object | None, path: Path) -> None:
-    """Save an HF model (safetensors) and its tokenizer to ``path``, replacing it only when complete."""
+def save_model_atomic(
+    model: nn.Module, tokenizer: object | None, path: Path, extra_json: dict[str, object] | None = None
+) -> None:
+    """Save an HF model (safetensors) and its tokenizer to ``path``, replacing it only when complete;
+    ``extra_json``: more files (name -> JSON value) written into the same folder first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -40,6 +43,8 @@ def save_model_atomic(model: nn.Module, tokenizer: object | None, path: Path) ->
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, value in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -141,3 +141,6 @@ def _array(arrays: dict[str, np.ndarray], key: str, dtype: type, shape: tuple | 
     if value.dtype.kind == "f" and not np.isfinite(value).all():
         raise PayloadError(f"{key}: contains NaN or Inf")
     return value
+
+
+checked_array = _array  # public name: other modules validate their arrays the same way

@@ -36,17 +36,18 @@ from tqdm.auto import tqdm
 from fedprune.allocation import Allocation, as_allocation, qualified
 from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import (
+    apply_weights_,
     check_prunable,
     find_blocks,
     find_prunable_layers,
     get_weight,
     input_device,
-    set_weight_,
 )
 from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
 from fedprune.secure.dp import clip_tokens
 from fedprune.stat_kinds import StatKind, at_least_float32
 from fedprune.stats import BlockStats, Stats, add_stats, batch_stats
+from fedprune.structured.decide import Structure
 
 logger = logging.getLogger(__name__)
 
@@ -353,13 +354,6 @@ def prune_layers(
     return results
 
 
-def apply_weights_(block: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Write ``(out, in)`` weights into the named prunable layers of ``block``."""
-    layers = find_prunable_layers(block)
-    for name, weight in weights.items():
-        set_weight_(layers[name], weight)
-
-
 def prune_block_(
     block: nn.Module,
     stats: dict[str, Stats],
@@ -377,7 +371,7 @@ def prune_block_(
 
 @dataclass
 class PruneReport:
-    """Per-layer sparsity (``"<blocks>.<block>.<layer>"`` -> fraction pruned), calibration tokens, the
+    """Per-layer sparsity (``"<blocks>.<block>.<layer>"`` -> fraction of weights removed), calibration tokens, the
     keep-masks by ``"<block>.<layer>"`` when asked for, and the prunable layers left dense by ``ignore``
     (``"<blocks>.<block>.<layer>"``; overall sparsity and coverage: :func:`fedprune.models.sparsity_report`)."""
 
@@ -385,6 +379,7 @@ class PruneReport:
     calib_tokens: int = 0
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     ignored_layers: list[str] = field(default_factory=list)
+    edits: dict[int, object] = field(default_factory=dict)  # structured: each block's StructuredEdit
 
 
 def prune_model_(
@@ -398,6 +393,7 @@ def prune_model_(
     keep_masks: bool = False,
     ignore: Sequence[str] = (),
     blocks: BlockAccess | None = None,
+    structure: Structure | None = None,
 ) -> PruneReport:
     """Centralized sequential pruning of every decoder block of ``model`` in place.
 
@@ -408,8 +404,12 @@ def prune_model_(
         :func:`fedprune.models.check_prunable`, which also refuses block weights nothing can prune.
     blocks : where the blocks live (default: in memory). Each block is loaded for its step (statistics,
         pruning, the next block's inputs) and unloaded after it (an offloaded block is saved, then released).
+    structure : with ``pattern`` structured: the units removed from every block; each block becomes
+        physically smaller (its :class:`fedprune.edits.StructuredEdit`) before it computes the next inputs.
     """
     check_pruner_supports(pruner, pattern)
+    if (pattern.kind == "structured") != (structure is not None):
+        raise ValueError("pattern 'structured' goes with a structure, and only it")
     check_prunable(model, ignore)
     access = blocks if blocks is not None else ResidentBlocks(model)
     blocks_name, block_list = find_blocks(model)
@@ -422,8 +422,15 @@ def prune_model_(
             stats = (
                 collect_block_stats(block, inputs, pruner.stat_kind, None, ignore, prefix) if inputs else {}
             )
-            masks = prune_block_(block, stats, pruner, sparsity, pattern, ignore, prefix)
-            report.ignored_layers += [f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks]
+            if structure is not None:
+                edit = structure.edit(block, stats, pruner)
+                edit.apply_(block)
+                report.edits[index] = edit
+                report.layer_sparsity.update({f"{prefix}.{n}": f for n, f in edit.report().items()})
+                masks = {}
+            else:
+                masks = prune_block_(block, stats, pruner, sparsity, pattern, ignore, prefix)
+                report.ignored_layers += [f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks]
             for name, mask in masks.items():
                 report.layer_sparsity[f"{prefix}.{name}"] = sparsity_of(mask)
                 if keep_masks:

@@ -205,9 +205,55 @@ class HessianKind(StatKind):
         return psd_project(total)
 
 
+def moment_sums(x: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of x and of x², per input feature: ``(..., tokens, in)`` -> ``(2, in)`` float64."""
+    xw = _as_windows(x.detach())  # (windows, tokens, in)
+    return torch.stack([xw.sum(dim=1).double().sum(dim=0), xw.pow(2).sum(dim=1).double().sum(dim=0)])
+
+
+class MomentsKind(StatKind):
+    """Σ_t x_tj and Σ_t x_tj² per input feature (means and variances of activations: structured
+    ``variance`` pruning and its mean compensation); on the wire the two rows, ``(2 in,)``."""
+
+    name = "moments"
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return moment_sums(x)  # (2, in)
+
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        return (2, in_features)
+
+    def wire_length(self, in_features: int) -> int:
+        return 2 * in_features
+
+    def to_wire(self, total: torch.Tensor) -> torch.Tensor:
+        return total.reshape(-1)  # (2 in,): Σx then Σx²
+
+    def from_wire(self, values: torch.Tensor, in_features: int) -> torch.Tensor:
+        self._check_wire(values, in_features)
+        return values.reshape(2, in_features)
+
+    def invalid_reason(self, total: torch.Tensor) -> str | None:
+        if total.dim() != 2 or total.shape[0] != 2:
+            return f"shape {tuple(total.shape)} is not (2, in)"
+        if (reason := super().invalid_reason(total)) is not None:
+            return reason
+        return "negative sum of squares" if (total[1] < 0).any() else None
+
+    def window_sensitivity(self, seq_len: int, bound: float) -> float:
+        """Replacing one window moves Σx by at most ``2 · seq_len · bound`` (any signs) and Σx² by at
+        most ``√2 · seq_len · bound²`` (non-negative); the two parts add in quadrature."""
+        return math.hypot(2.0 * seq_len * bound, replace_one_sensitivity(seq_len, bound))
+
+    def project_noisy(self, total: torch.Tensor) -> torch.Tensor:
+        """Negative sums of squares -> 0."""
+        return torch.stack([total[0], torch.from_numpy(np.maximum(total[1].numpy(), 0.0))])
+
+
 SQ_NORM = SqNormKind()
 HESSIAN = HessianKind()
-STAT_KINDS: dict[str, StatKind] = {kind.name: kind for kind in (SQ_NORM, HESSIAN)}
+MOMENTS = MomentsKind()
+STAT_KINDS: dict[str, StatKind] = {kind.name: kind for kind in (SQ_NORM, HESSIAN, MOMENTS)}
 
 
 def get_stat_kind(kind: str | StatKind) -> StatKind:

@@ -57,12 +57,16 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
             **clock.metrics(),
         )
         model = prep.model if job.save_model else None
-        write_outputs(out_dir, metrics, report.layer_sparsity, model, prep.tokenizer, blocks)
+        write_outputs(
+            out_dir, metrics, report.layer_sparsity, model, prep.tokenizer, blocks, prep.model_files
+        )
     finally:
         discard_(blocks)
     return metrics
 
 
 UNIT = register_protocol(
-    ProtocolUnit("centralized", NoOptions, run_centralized, check_llm, summary_table, offload=True)
+    ProtocolUnit(
+        "centralized", NoOptions, run_centralized, check_llm, summary_table, offload=True, structured=True
+    )
 )

@@ -24,6 +24,7 @@ from fedprune.protocols.sums import PRIVACY, Sums
 from fedprune.pruners.base import Pruner
 from fedprune.secure.plan import SecurePlan
 from fedprune.sequential import BlockAccess, ResidentBlocks, held_block
+from fedprune.structured.decide import Structure
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class FederatedJob:
     privacy: str = "none"  # none | secagg | secagg_dp
     plan: SecurePlan | None = None  # public secure-aggregation parameters (privacy != none)
     blocks: BlockAccess | None = None  # where the model's blocks live (None: in memory)
+    structure: Structure | None = None  # pattern=structured: the units the server removes per block
 
     @property
     def block_access(self) -> BlockAccess:

@@ -75,6 +75,7 @@ def _run_federated(
         privacy=job.privacy.name,
         plan=plan_from_job(job, prep.model),
         blocks=blocks,
+        structure=prep.structure,
     )
     result: dict = {}
 
@@ -116,7 +117,7 @@ def _run_federated(
         metrics["vote_sites"] = outcome.vote_sites
         save_tensors_atomic(out_dir / "votes.safetensors", outcome.votes)
     model = prep.model if job.save_model else None
-    write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer, blocks)
+    write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer, blocks, prep.model_files)
     return metrics
 
 

@@ -32,6 +32,7 @@ class ProtocolUnit:
     secure: bool = False  # the server sums site payloads: secure aggregation applies
     dp: bool = False  # the Gaussian mechanism on summed statistics applies
     offload: bool = False  # works with model.offload=true (decoder blocks loaded one at a time)
+    structured: bool = False  # works with pattern=structured (whole units removed)
 
 
 PROTOCOLS: dict[str, ProtocolUnit] = {}
@@ -77,5 +78,11 @@ def validate(job: JobConfig) -> ProtocolUnit:
     dp = tuple(name for name, u in PROTOCOLS.items() if u.dp)
     check_privacy(job, unit.secure, unit.dp, secure, dp)
     check_offload(job, unit.offload, tuple(name for name, u in PROTOCOLS.items() if u.offload))
+    check(
+        job.pattern != "structured" or unit.structured,
+        "pattern",
+        f"structured pruning works with protocol {' or '.join(n for n, u in PROTOCOLS.items() if u.structured)}, "
+        f"not yet with {job.protocol_name!r}",
+    )
     unit.check(job)
     return unit

@@ -275,6 +275,7 @@ def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:
     privacy = job.privacy
     if privacy.name == "none":
         return None
+    from fedprune.config import build_pruner
     from fedprune.models import find_prunable_layers, named_blocks
     from fedprune.secure.plan import make_plan
 
@@ -293,6 +294,7 @@ def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:
         seq_len=job.data.seq_len,
         releases=len(blocks),
         slots=max(len(find_prunable_layers(block, job.ignore, prefix)) for prefix, block in blocks),
+        stat_kind=build_pruner(job.pruner).stat_kind if dp else None,
     )
 
 

@@ -53,6 +53,10 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
         layers = find_prunable_layers(blocks[block], job.ignore, f"{blocks_name}.{block}")
         widths = {name: layer_input_features(m) for name, m in layers.items()}
         summed = sums.stats(config, update, widths, tokens)
+        if job.structure is not None:  # the global block becomes physically smaller
+            edit = job.structure.edit(blocks[block], summed.stats, job.pruner)
+            edit.apply_(blocks[block])
+            return edit, summed.sites
         masks, weights = prune_block_from_stats_(
             job.model, block, summed.stats, job.pruner, job.sparsity, job.pattern, job.ignore
         )
@@ -87,5 +91,6 @@ UNIT = register_protocol(
         secure=True,
         dp=True,
         offload=True,
+        structured=True,
     )
 )

@@ -15,7 +15,7 @@ class MagnitudePruner:
 
     name = "magnitude"
     stat_kind = None
-    patterns = ("unstructured", "nm")
+    patterns = ("unstructured", "nm", "structured")
     updates_weights = False
     group = "layer"
 

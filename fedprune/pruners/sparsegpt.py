@@ -129,7 +129,7 @@ class SparseGPTPruner:
 
     name = "sparsegpt"
     stat_kind = HESSIAN.name
-    patterns = ("unstructured", "nm")
+    patterns = ("unstructured", "nm", "structured")
     updates_weights = True
 
     def __init__(self, percdamp: float = 0.01, blocksize: int = 128) -> None:

@@ -23,7 +23,7 @@ class WandaPruner:
 
     name = "wanda"
     stat_kind = SQ_NORM.name
-    patterns = ("unstructured", "nm")
+    patterns = ("unstructured", "nm", "structured")
     updates_weights = False
     group = "row"
 

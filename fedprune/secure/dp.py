@@ -43,7 +43,7 @@ def window_sensitivity(seq_len: int, bound: float, slots: int, kind: str | StatK
     """L2 sensitivity of one block's statistics to replacing one window: ``√2 · seq_len · bound² · √slots``.
 
     Per slot, the kind's ``window_sensitivity``; ``kind=None``: the largest over the registered kinds
-    (they are all ``√2 · seq_len · bound²``).
+    (``sq_norm``, ``hessian``: ``√2 · seq_len · bound²``; ``moments`` more, for its signed Σx).
     """
     if seq_len < 1 or slots < 1 or not bound > 0:
         raise ValueError("seq_len and slots must be >= 1 and bound > 0")

@@ -90,9 +90,11 @@ def make_plan(
     seq_len: int = 1,
     releases: int = 1,
     slots: int = 1,
+    stat_kind: str | None = None,
 ) -> SecurePlan:
     """A plan; with ``epsilon`` and ``delta``, ``dp_sigma`` is calibrated for ``releases`` block releases
-    of at most ``slots`` statistics each (sensitivity :func:`window_sensitivity`)."""
+    of at most ``slots`` statistics each of kind ``stat_kind`` (sensitivity :func:`window_sensitivity`; None:
+    the largest of the registered kinds)."""
     base = dict(
         threshold=threshold,
         modulus_bits=modulus_bits,
@@ -105,7 +107,7 @@ def make_plan(
         raise ValueError(f"value_words must be one of {VALUE_WORDS}, got {value_words!r}")
     if epsilon is None:
         return SecurePlan(**base)
-    sensitivity = window_sensitivity(seq_len, token_bound, slots)
+    sensitivity = window_sensitivity(seq_len, token_bound, slots, stat_kind)
     sigma = calibrate_sigma(epsilon, float(delta), sensitivity, releases)
     achieved = rho_to_epsilon(gaussian_rho(sensitivity, sigma, releases), float(delta))
     logger.info(

@@ -9,17 +9,17 @@ import torch
 from fedprune.payload import PayloadError, decode_stats, encode_stats
 from fedprune.secure.codec import slot_sizes
 from fedprune.secure.dp import psd_project, window_sensitivity
-from fedprune.stat_kinds import HESSIAN, SQ_NORM, STAT_KINDS, StatKind, get_stat_kind
+from fedprune.stat_kinds import HESSIAN, MOMENTS, SQ_NORM, STAT_KINDS, StatKind, get_stat_kind, moment_sums
 from fedprune.stats import batch_stats, empty_stats, gram_sum, sq_norm_sum
 
 KINDS = [SQ_NORM, HESSIAN]
 
 
 def test_registry_resolves_names_and_objects():
-    assert STAT_KINDS == {"sq_norm": SQ_NORM, "hessian": HESSIAN}
+    assert STAT_KINDS == {"sq_norm": SQ_NORM, "hessian": HESSIAN, "moments": MOMENTS}
     assert get_stat_kind("sq_norm") is SQ_NORM and get_stat_kind(HESSIAN) is HESSIAN
     assert all(isinstance(k, StatKind) for k in KINDS)
-    with pytest.raises(KeyError, match=r"unknown statistic 'nope'; known: \['hessian', 'sq_norm'\]"):
+    with pytest.raises(KeyError, match=r"unknown statistic 'nope'; known: \['hessian', 'moments', 'sq_norm'\]"):
         get_stat_kind("nope")
     assert batch_stats(HESSIAN, torch.ones(2, 3)).kind == "hessian"  # Stats.kind stays the name
     assert empty_stats(SQ_NORM, 5).total.shape == (5,)
@@ -121,7 +121,6 @@ def test_window_sensitivity_per_kind(kind):
         old = math.sqrt(2.0) * seq_len * bound**2 * math.sqrt(slots)  # the formula before kinds
         assert kind.window_sensitivity(seq_len, bound) * math.sqrt(slots) == old
         assert window_sensitivity(seq_len, bound, slots, kind) == old
-        assert window_sensitivity(seq_len, bound, slots) == old
     # attained: two one-token windows along orthogonal axes, as the kind sends them
     x, y = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
     moved = torch.linalg.norm(kind.to_wire(kind.compute(x)) - kind.to_wire(kind.compute(y)))
@@ -133,3 +132,19 @@ def test_slot_sizes_accept_names_and_objects():
     assert slot_sizes(SQ_NORM, [0, 1, 0], [4, 3, 4]) == [4, 3]
     with pytest.raises(KeyError, match="known"):
         slot_sizes("nope", [0], [4])
+
+
+def test_moments_sum_means_and_squares_and_round_trip_the_wire():
+    x = torch.tensor([[[1.0, -2.0], [3.0, 0.5]], [[-1.0, 2.0], [0.0, 1.0]]])  # (windows, tokens, in)
+    total = moment_sums(x)
+    assert total.dtype == torch.float64
+    assert total.tolist() == [[3.0, 1.5], [11.0, 9.25]]
+    wire = MOMENTS.to_wire(total)
+    assert wire.shape == (MOMENTS.wire_length(2),) and torch.equal(MOMENTS.from_wire(wire, 2), total)
+    assert MOMENTS.invalid_reason(torch.tensor([[1.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)) is not None
+    projected = MOMENTS.project_noisy(torch.tensor([[-5.0, 1.0], [-1.0, 2.0]], dtype=torch.float64))
+    assert projected.tolist() == [[-5.0, 1.0], [0.0, 2.0]]  # signed sums stay, squares clipped at 0
+
+
+def test_default_sensitivity_is_the_largest_kind():
+    assert window_sensitivity(8, 0.5, 2) == max(window_sensitivity(8, 0.5, 2, k) for k in STAT_KINDS)

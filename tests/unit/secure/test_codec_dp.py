@@ -38,6 +38,7 @@ from fedprune.secure.wire import (
     request_from_arrays,
     request_to_arrays,
 )
+from fedprune.stat_kinds import moment_sums
 from fedprune.stats import Stats, gram_sum, sq_norm_sum
 
 
@@ -88,22 +89,31 @@ def test_token_clipping_bounds_every_token_and_keeps_small_ones():
 def test_replacing_one_window_moves_a_statistic_by_at_most_the_sensitivity():
     # worst case, attained: one-token windows along orthogonal axes, each of norm A = 2
     x, y = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
-    bound = window_sensitivity(seq_len=1, bound=2.0, slots=1)  # √2 · 4
+    bound = window_sensitivity(seq_len=1, bound=2.0, slots=1, kind="hessian")  # √2 · 4
+    assert window_sensitivity(seq_len=1, bound=2.0, slots=1, kind="sq_norm") == pytest.approx(bound)
     assert torch.linalg.norm(gram_sum(x) - gram_sum(y)) == pytest.approx(bound)
     assert torch.linalg.norm(triu_of(gram_sum(x) - gram_sum(y))) == pytest.approx(bound)
     assert torch.linalg.norm(sq_norm_sum(x) - sq_norm_sum(y)) == pytest.approx(bound)
     # random clipped windows of 8 tokens never exceed it (both statistics)
     gen = torch.manual_seed(0)
-    limit = window_sensitivity(seq_len=8, bound=1.0, slots=1)
+    limit = window_sensitivity(seq_len=8, bound=1.0, slots=1, kind="hessian")
+    moments_limit = window_sensitivity(seq_len=8, bound=1.0, slots=1, kind="moments")
     for _ in range(200):
         a = clip_tokens(torch.randn(8, 5, generator=gen) * 3, 1.0)
         b = clip_tokens(torch.randn(8, 5, generator=gen).abs() * 3, 1.0)
         assert torch.linalg.norm(gram_sum(a) - gram_sum(b)) <= limit + 1e-9
         assert torch.linalg.norm(sq_norm_sum(a) - sq_norm_sum(b)) <= limit + 1e-9
+        assert torch.linalg.norm(moment_sums(a) - moment_sums(b)) <= moments_limit + 1e-9
+    # the signed sum Σx moves by 2 · seq_len · bound when a window flips sign: above the other kinds' bound
+    x = torch.full((8, 1), 1.0)
+    assert torch.linalg.norm(moment_sums(x) - moment_sums(-x)) == pytest.approx(16.0)
+    assert 16.0 <= moments_limit and 16.0 > limit
 
 
 def test_zcdp_accounting_by_hand():
-    assert window_sensitivity(seq_len=4, bound=0.5, slots=4) == pytest.approx(math.sqrt(2) * 4 * 0.25 * 2)
+    assert window_sensitivity(seq_len=4, bound=0.5, slots=4, kind="hessian") == pytest.approx(
+        math.sqrt(2) * 4 * 0.25 * 2
+    )
     assert gaussian_rho(sensitivity=2.0, sigma=4.0, releases=3) == pytest.approx(3 * 4 / 32)
     rho, delta = 0.5, 1e-5
     assert rho_to_epsilon(rho, delta) == pytest.approx(0.5 + 2 * math.sqrt(0.5 * math.log(1e5)))

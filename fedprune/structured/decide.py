@@ -1,0 +1,104 @@
+"""One block's structured edit from its statistics: per coupling (FFN neurons, key/value groups) the
+selector picks the kept units; the edit keeps their rows and columns and carries the consumer's update."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from fedprune.edits import StructuredEdit
+from fedprune.models import find_prunable_layers, get_weight
+from fedprune.stats import Stats
+from fedprune.structured.families import Coupling, Family, Geometry, block_layout, family_of, geometry
+from fedprune.structured.select import Coupled, UnitChoice, get_selector
+from fedprune.structured.targets import BlockTargets, block_targets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What structured pruning removes from every block of one model: its family, dense widths, counts."""
+
+    family: Family
+    shape: Geometry
+    targets: BlockTargets
+
+    @classmethod
+    def for_model(cls, model: nn.Module, ffn: float, heads: float) -> Structure:
+        family = family_of(model.config)
+        shape = geometry(model.config, family)
+        return cls(family, shape, block_targets(ffn, heads, shape))
+
+    @property
+    def layout(self) -> dict[str, Coupling]:
+        return block_layout(self.family, self.shape)
+
+    def counts(self) -> dict[str, int]:
+        """Units removed per block, by granularity."""
+        return {"ffn": self.targets.ffn, "heads": self.targets.kv_groups}
+
+    def edit(self, block: nn.Module, stats: Mapping[str, Stats], pruner: object) -> StructuredEdit:
+        """The structured edit of dense ``block`` (not modified) from its statistics."""
+        return structured_edit(block, stats, pruner, self)
+
+
+def _check_dense(layers: Mapping[str, nn.Module], coupling: Coupling) -> None:
+    """The block's coupled layers have the dense widths the layout expects."""
+    for axis, mapping in (("rows", coupling.rows), ("columns", coupling.columns)):
+        for name, index in mapping.items():
+            if name not in layers:
+                raise ValueError(f"the block has no prunable layer {name!r} ({coupling.granularity} units)")
+            out, inp = get_weight(layers[name]).shape
+            size = out if axis == "rows" else inp
+            if int(index.max()) >= size:
+                raise ValueError(
+                    f"{name} has {size} {axis}, fewer than its {coupling.units} dense "
+                    f"{coupling.granularity} units need (an already pruned block?)"
+                )
+
+
+def _head_attributes(structure: Structure, kept_groups: int) -> dict[str, int]:
+    """The attention module's attributes that follow ``kept_groups`` key/value groups."""
+    shape, family = structure.shape, structure.family
+    heads = kept_groups * shape.heads_per_group
+    values = {"num_heads": heads, "split_size": heads * shape.head_dim}
+    return {f"{family.attention}.{attr}": values[attr] for attr in family.attention_attrs}
+
+
+def structured_edit(
+    block: nn.Module, stats: Mapping[str, Stats], pruner: object, structure: Structure
+) -> StructuredEdit:
+    """Select the kept units of each coupling with ``pruner``'s selector; the block is not modified."""
+    selector = get_selector(pruner.name)
+    layers = find_prunable_layers(block)
+    kept, weights, biases, attributes = {}, {}, {}, {}
+    for granularity, count in structure.counts().items():
+        if not count:
+            continue
+        coupling = structure.layout[granularity]
+        _check_dense(layers, coupling)
+        consumer = layers[coupling.consumer]
+        bias = None if getattr(consumer, "bias", None) is None else consumer.bias.detach().clone()
+        names = [*coupling.rows, coupling.consumer]
+        coupled = Coupled(coupling, {name: get_weight(layers[name]) for name in names}, bias)
+        choice: UnitChoice = selector(pruner, coupled, stats, count)
+        if choice.kept.numel() != coupling.units - count:
+            raise RuntimeError(
+                f"{pruner.name} kept {choice.kept.numel()} of {coupling.units} units, not {coupling.units - count}"
+            )
+        for name, index in coupling.rows.items():
+            kept[name] = ("rows", index[choice.kept].reshape(-1).sort().values)
+        columns = coupling.columns[coupling.consumer][choice.kept].reshape(-1).sort().values
+        kept[coupling.consumer] = ("columns", columns)
+        if choice.consumer_weight is not None:
+            weights[coupling.consumer] = choice.consumer_weight[:, columns]
+        if choice.consumer_bias is not None:
+            biases[coupling.consumer] = choice.consumer_bias
+        if granularity == "heads":
+            attributes.update(_head_attributes(structure, int(choice.kept.numel())))
+    shapes = {name: tuple(get_weight(layers[name]).shape) for name in kept}
+    return StructuredEdit(kept, shapes, weights, biases, attributes)
