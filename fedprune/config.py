@@ -378,8 +378,19 @@ def check_structured_job(job: JobConfig) -> None:
     )
     check(not job.ignore, "ignore", "is not supported with pattern=structured (coupled layers are edited together)")
     check(not job.model.offload, "model.offload", "is not supported with pattern=structured yet")
-    for key, value in (("structured.blocks", spec.blocks), ("structured.attention", spec.attention)):
-        check(not value, key, "removing whole blocks or attention sublayers is not built yet")
+    influence = spec.blocks or (spec.attention and job.pruner.name != "gatenorm")
+    check(
+        not (influence and job.privacy.name == "secagg_dp"),
+        "privacy.name",
+        "secagg_dp has no noise calibrated for the influence sums that choose blocks / attention sublayers "
+        "(use privacy=secagg, or pruner=gatenorm for attention only)",
+    )
+    if job.pruner.name == "gatenorm":
+        check(
+            spec.attention > 0 and not spec.ffn and not spec.heads,
+            "structured",
+            "pruner=gatenorm removes attention sublayers only: set structured.attention and no ffn / heads",
+        )
     if job.model.path:
         from fedprune.data.assets import resolve_model_path
         from fedprune.structured.families import UnsupportedFamilyError
@@ -387,7 +398,8 @@ def check_structured_job(job: JobConfig) -> None:
 
         check_model_spec(job.model.path)
         try:
-            check_structure(str(resolve_model_path(job.model.path)), spec.ffn, spec.heads)
+            path = str(resolve_model_path(job.model.path))
+            check_structure(path, spec.ffn, spec.heads, spec.blocks, spec.attention)
         except UnsupportedFamilyError as error:
             raise ConfigError(f"config key 'pattern': {error}") from None
         except StructureError as error:

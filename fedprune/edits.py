@@ -255,7 +255,8 @@ class StructuredEdit:
             setattr(block.get_submodule(module), attribute, int(value))
 
     def encode(self) -> dict[str, np.ndarray]:
-        arrays = KeptIndices(self.kept).encode()
+        arrays = {"structured": np.array(1, dtype=np.int64)}  # never empty, even when nothing is kept out
+        arrays.update(KeptIndices(self.kept).encode())
         arrays.update(encode_weights(self.weights))
         arrays.update({f"bias.{n}": b.detach().to(torch.float32).numpy() for n, b in self.biases.items()})
         arrays.update({f"attr.{k}": np.array(v, dtype=np.int64) for k, v in self.attributes.items()})
@@ -266,7 +267,12 @@ class StructuredEdit:
         """Validated edit for a block of dense layer ``shapes``: indices in range, weights and biases of
         the kept shapes and finite, attributes among :data:`STRUCTURE_ATTRIBUTES` and positive."""
         parts: dict[str, dict[str, np.ndarray]] = {"kept": {}, "weight": {}, "bias": {}, "attr": {}}
+        if "structured" not in arrays:
+            raise PayloadError("a structured edit needs its 'structured' marker array")
+        checked_array(arrays, "structured", np.int64, ())
         for key, value in arrays.items():
+            if key == "structured":
+                continue
             prefix = key.partition(".")[0]
             if prefix not in parts:
                 raise PayloadError(f"unexpected array {key!r} in a structured edit")

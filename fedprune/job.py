@@ -23,6 +23,7 @@ from fedprune.models import (
     IgnorePatternError,
     UnprunableParameterError,
     check_prunable,
+    find_blocks,
     load_causal_lm,
     load_tokenizer,
     sparsity_report,
@@ -39,7 +40,13 @@ from fedprune.outputs import peak_rss_mb, save_model_atomic, write_json_atomic
 from fedprune.pruners import Pruner
 from fedprune.sequential import BlockAccess, PruneReport, ResidentBlocks, prune_model_
 from fedprune.structured.decide import Structure
-from fedprune.structured.saved import STRUCTURE_FILE, finalize_config_, realised_fractions, structure_record
+from fedprune.structured.saved import (
+    STRUCTURE_FILE,
+    config_updates,
+    finalize_config_,
+    realised_fractions,
+    structure_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,19 +119,20 @@ def write_outputs(
     tokenizer: object | None,
     blocks: BlockAccess | None = None,
     extra_json: dict[str, object] | None = None,
+    config_updates: dict[str, object] | None = None,
 ) -> None:
     """``model/`` first, then ``sparsity.json``, then ``metrics.json`` (its presence means complete).
 
     ``blocks``: the access the model was pruned through; an offloaded model's folder was written block by
     block and is moved into place here (or deleted when ``model`` is None). ``extra_json``: more files in
-    ``model/`` (a structurally pruned model's shapes)."""
+    ``model/`` (a structurally pruned model's shapes), ``config_updates``: keys changed in its config.json."""
     saver = blocks.saver if isinstance(blocks, OffloadedBlocks) else None
     if saver is not None and model is not None:
         saver.commit()
     elif saver is not None:
         saver.discard()
     elif model is not None:
-        save_model_atomic(model, tokenizer, out_dir / "model", extra_json)
+        save_model_atomic(model, tokenizer, out_dir / "model", extra_json, config_updates)
     write_json_atomic(out_dir / "sparsity.json", layer_sparsity)
     write_json_atomic(out_dir / "metrics.json", metrics)
 
@@ -198,6 +206,14 @@ class Prepared:
             return {}
         return {STRUCTURE_FILE: structure_record(self.model, self.loads_with_from_pretrained)}
 
+    @property
+    def config_updates(self) -> dict[str, object]:
+        """Keys changed in the saved config.json (a model type ``from_pretrained`` refuses, naming
+        ``fedprune.load_pruned``, where the config cannot state the pruned shapes)."""
+        if self.structure is None:
+            return {}
+        return config_updates(self.model, self.loads_with_from_pretrained)
+
 
 def prune_with_job_(
     job: JobConfig,
@@ -242,7 +258,8 @@ def prepare(job: JobConfig) -> Prepared:
     pattern = parse_pattern(job.pattern)
     structure = None
     if pattern.kind == "structured":
-        structure = Structure.for_model(model, job.structured.ffn, job.structured.heads)
+        spec = job.structured
+        structure = Structure.for_model(model, spec.ffn, spec.heads, spec.blocks, spec.attention)
     data = load_run_data(job, tokenizer)
     dense = evaluate(job, model, data.eval_ids, "dense", source)
     return Prepared(
@@ -262,6 +279,7 @@ def structured_metrics(prep: Prepared) -> dict:
         "params_dense": prep.params_dense,
         "params_pruned": parameter_count(prep.model),
         **realised_fractions(prep.model, structure.family, structure.shape),
+        "blocks_removed": structure.dense_blocks - len(find_blocks(prep.model)[1]),
         "structured_units_per_block": structure.counts(),
         "loads_with_from_pretrained": prep.loads_with_from_pretrained,
     }

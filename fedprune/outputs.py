@@ -32,10 +32,15 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 
 def save_model_atomic(
-    model: nn.Module, tokenizer: object | None, path: Path, extra_json: dict[str, object] | None = None
+    model: nn.Module,
+    tokenizer: object | None,
+    path: Path,
+    extra_json: dict[str, object] | None = None,
+    config_updates: dict[str, object] | None = None,
 ) -> None:
     """Save an HF model (safetensors) and its tokenizer to ``path``, replacing it only when complete;
-    ``extra_json``: more files (name -> JSON value) written into the same folder first."""
+    ``extra_json``: more files (name -> JSON value) written into the same folder first; ``config_updates``:
+    keys changed in the saved ``config.json``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -43,6 +48,10 @@ def save_model_atomic(
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if config_updates:
+            config = json.loads((tmp / "config.json").read_text())
+            config.update(config_updates)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, value in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
         if path.exists():

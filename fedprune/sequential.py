@@ -47,7 +47,14 @@ from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
 from fedprune.secure.dp import clip_tokens
 from fedprune.stat_kinds import StatKind, at_least_float32
 from fedprune.stats import BlockStats, Stats, add_stats, batch_stats
-from fedprune.structured.decide import Structure
+from fedprune.structured.decide import DepthPlan, Structure
+from fedprune.structured.depth import (
+    Influence,
+    block_influence,
+    influence_stats,
+    remove_attention_,
+    remove_blocks_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +387,7 @@ class PruneReport:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     ignored_layers: list[str] = field(default_factory=list)
     edits: dict[int, object] = field(default_factory=dict)  # structured: each block's StructuredEdit
+    depth: object = None  # structured: the DepthPlan (removed blocks and attention sublayers), if any
 
 
 def prune_model_(
@@ -414,16 +422,31 @@ def prune_model_(
     access = blocks if blocks is not None else ResidentBlocks(model)
     blocks_name, block_list = find_blocks(model)
     report = PruneReport()
-    inputs = capture_block_inputs(model, input_ids, batch_size) if pruner.stat_kind else None
+    influence_needed = structure is not None and structure.needs_influence(pruner)
+    needs_inputs = bool(pruner.stat_kind) or influence_needed
+    inputs = capture_block_inputs(model, input_ids, batch_size) if needs_inputs else None
     report.calib_tokens = inputs.num_tokens if inputs else 0
+    plan = DepthPlan()
+    if structure is not None and structure.removes_depth:
+        influence = collect_influence(access, inputs, structure.family) if influence_needed else None
+        plan = structure.depth_plan(influence, model, pruner)
+        report.depth = plan
     for index in tqdm(range(len(block_list)), desc=f"pruning ({pruner.name})", disable=not progress):
         prefix = f"{blocks_name}.{index}"
+        if index in plan.blocks:  # removed: the next block gets this block's inputs
+            if inputs is not None:
+                inputs = BlockInputs(inputs.hidden, inputs.kwargs_per_block, index + 1)
+            continue
         with held_block(access, index) as block:
+            if index in plan.attention:
+                remove_attention_(block, structure.family)
             stats = (
-                collect_block_stats(block, inputs, pruner.stat_kind, None, ignore, prefix) if inputs else {}
+                collect_block_stats(block, inputs, pruner.stat_kind, None, ignore, prefix)
+                if inputs is not None and pruner.stat_kind
+                else {}
             )
             if structure is not None:
-                edit = structure.edit(block, stats, pruner)
+                edit = structure.edit(block, stats, pruner, attention=index not in plan.attention)
                 edit.apply_(block)
                 report.edits[index] = edit
                 report.layer_sparsity.update({f"{prefix}.{n}": f for n, f in edit.report().items()})
@@ -437,4 +460,20 @@ def prune_model_(
                     report.masks[f"{index}.{name}"] = mask
             if inputs is not None and index + 1 < len(block_list):
                 inputs = run_block(block, inputs)
+    remove_blocks_(model, plan.blocks)
     return report
+
+
+@torch.no_grad()
+def collect_influence(access: BlockAccess, inputs: BlockInputs, family) -> Influence:
+    """One pass of the dense model from the block-0 ``inputs``: every block's and attention sublayer's
+    summed influence (:mod:`fedprune.structured.depth`)."""
+    block_sums, attention_sums = [], []
+    current = inputs
+    for index in range(len(current.kwargs_per_block)):
+        with held_block(access, index) as block:
+            b, a, hidden = block_influence(block, family, current.hidden, current.kwargs)
+        block_sums.append(b)
+        attention_sums.append(a)
+        current = BlockInputs(hidden, current.kwargs_per_block, index + 1)
+    return influence_stats(block_sums, attention_sums, inputs.num_tokens)

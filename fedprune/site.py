@@ -26,11 +26,14 @@ from fedprune.sequential import (
     ResidentBlocks,
     capture_block_inputs,
     collect_block_stats,
+    collect_influence,
     prune_layers,
     prune_model_,
     run_block,
 )
 from fedprune.stats import BlockStats
+from fedprune.structured.depth import INFLUENCE_ATTENTION, INFLUENCE_BLOCKS, remove_attention_
+from fedprune.structured.families import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +65,27 @@ def site_block_stats(
     stat_kind: str,
     token_bound: float | None = None,
     ignore: Sequence[str] = (),
+    without_attention: bool = False,
 ) -> BlockStats:
     """Summed statistics of every prunable, not ignored layer of dense ``block`` on the site's inputs
-    (``token_bound``: clip each token's layer input to this L2 norm first, for differential privacy)."""
+    (``token_bound``: clip each token's layer input to this L2 norm first, for differential privacy;
+    ``without_attention``: of a copy of the block whose attention sublayer is removed)."""
     _check_block(state, block)
     blocks_name, blocks = find_blocks(model)
     prefix = f"{blocks_name}.{block}"
-    return collect_block_stats(blocks[block], state.inputs, stat_kind, token_bound, ignore, prefix)
+    module = blocks[block]
+    if without_attention:
+        module = copy.deepcopy(module)
+        remove_attention_(module, family_of(model.config))
+    return collect_block_stats(module, state.inputs, stat_kind, token_bound, ignore, prefix)
+
+
+def site_influence(model: nn.Module, state: SiteState) -> BlockStats:
+    """The dense model's influence sums on the site's windows (state at block 0): per block and per
+    attention sublayer, Σ_t (1 − cos) (:mod:`fedprune.structured.depth`), as two ``sq_norm`` entries."""
+    _check_block(state, 0)
+    influence = collect_influence(ResidentBlocks(model), state.inputs, family_of(model.config))
+    return BlockStats({(INFLUENCE_BLOCKS,): influence.blocks, (INFLUENCE_ATTENTION,): influence.attention})
 
 
 def site_block_masks(
@@ -90,17 +107,32 @@ def site_block_masks(
 
 
 def advance_site_(
-    model: nn.Module, state: SiteState, block: int, edit, blocks: BlockAccess | None = None
+    model: nn.Module,
+    state: SiteState,
+    block: int,
+    edit,
+    blocks: BlockAccess | None = None,
+    without_attention: bool = False,
 ) -> None:
     """Move the site's inputs past the globally pruned ``block``: ``edit`` (a block edit of
     :mod:`fedprune.edits`) is applied to a copy of the dense block (``blocks``: where the model's blocks
-    live, default in memory); ``model`` is unchanged."""
+    live, default in memory; ``without_attention``: the block's attention sublayer removed first);
+    ``model`` is unchanged."""
     _check_block(state, block)
     if block + 1 < len(find_blocks(model)[1]):
         pruned = (blocks if blocks is not None else ResidentBlocks(model)).copy(block)
+        if without_attention:
+            remove_attention_(pruned, family_of(model.config))
         edit.apply_(pruned)
         state.inputs = run_block(pruned, state.inputs)
     state.block = block + 1
+
+
+def skip_removed_blocks_(state: SiteState, removed: Sequence[int]) -> None:
+    """Move the site's inputs past removed blocks (they pass their inputs on unchanged)."""
+    while state.block in set(removed):
+        state.inputs = BlockInputs(state.inputs.hidden, state.inputs.kwargs_per_block, state.block + 1)
+        state.block += 1
 
 
 def local_masks(

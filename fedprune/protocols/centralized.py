@@ -57,9 +57,8 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
             **clock.metrics(),
         )
         model = prep.model if job.save_model else None
-        write_outputs(
-            out_dir, metrics, report.layer_sparsity, model, prep.tokenizer, blocks, prep.model_files
-        )
+        files, config = prep.model_files, prep.config_updates
+        write_outputs(out_dir, metrics, report.layer_sparsity, model, prep.tokenizer, blocks, files, config)
     finally:
         discard_(blocks)
     return metrics

@@ -24,7 +24,7 @@ from fedprune.protocols.sums import PRIVACY, Sums
 from fedprune.pruners.base import Pruner
 from fedprune.secure.plan import SecurePlan
 from fedprune.sequential import BlockAccess, ResidentBlocks, held_block
-from fedprune.structured.decide import Structure
+from fedprune.structured.decide import DepthPlan, Structure
 
 logger = logging.getLogger(__name__)
 
@@ -117,24 +117,32 @@ def block_edit(masks: dict, weights: dict, weights_changed: bool) -> BlockEdit:
 
 
 BlockStep = Callable[[Sums, int, dict, dict | None, dict[int, int]], tuple[BlockEdit, tuple]]
+DepthStep = Callable[[Sums, dict[int, int]], DepthPlan]
 
 
-def layer_sync(fed: Federation, job: FederatedJob, label: str, step: BlockStep) -> FederatedOutcome:
+def layer_sync(
+    fed: Federation, job: FederatedJob, label: str, step: BlockStep, plan_depth: DepthStep | None = None
+) -> FederatedOutcome:
     """The per-block loop of the layer-synchronous protocols (one sum per block).
 
     ``step(sums, block, config, update, tokens)`` returns the block's edit (applied to the global model;
     it travels to the sites with the next task) and the sites whose data entered its sum. The global block
-    is loaded for its step (:attr:`FederatedJob.block_access`).
+    is loaded for its step (:attr:`FederatedJob.block_access`). ``plan_depth(sums, tokens)``, once the sites
+    have started: the blocks removed whole (no round; the sites pass their inputs on) and the attention
+    sublayers removed (structured depth pruning); every task tells the sites.
     """
     outcome = FederatedOutcome()
     outcome.tokens = start_sites(fed, job)
     blocks_name, blocks = find_blocks(job.model)
     sums = job.sums(fed)
+    plan = plan_depth(sums, outcome.tokens) if plan_depth is not None else DepthPlan()
     update, update_kind = None, "masks"
-    for block in tqdm(range(len(blocks)), desc=f"federated {label}", disable=not job.progress):
-        config = task_config(job, BlockTask(block, update_kind))
-        if block == 0:
-            sums.prepare(config, len(blocks))
+    decided = [b for b in range(len(blocks)) if b not in plan.blocks]
+    for block in tqdm(decided, desc=f"federated {label}", disable=not job.progress):
+        task = BlockTask(block, update_kind, removed_blocks=plan.blocks, removed_attention=plan.attention)
+        config = task_config(job, task)
+        if block == decided[0]:
+            sums.prepare(config, len(decided))
         with held_block(job.block_access, block):
             edit, sites = step(sums, block, config, update, outcome.tokens)
         outcome.record(blocks_name, block, edit.report())

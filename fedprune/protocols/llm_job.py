@@ -117,7 +117,8 @@ def _run_federated(
         metrics["vote_sites"] = outcome.vote_sites
         save_tensors_atomic(out_dir / "votes.safetensors", outcome.votes)
     model = prep.model if job.save_model else None
-    write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer, blocks, prep.model_files)
+    files, config = prep.model_files, prep.config_updates
+    write_outputs(out_dir, metrics, outcome.layer_sparsity, model, prep.tokenizer, blocks, files, config)
     return metrics
 
 

@@ -37,6 +37,7 @@ from fedprune.site import (
     SiteState,
     advance_site_,
     block_layer_shapes,
+    skip_removed_blocks_,
     start_site,
 )
 
@@ -88,12 +89,13 @@ def site_pruner(method: MethodSpec):
 def apply_update_(
     blocks: BlockAccess, state: SiteState, task: BlockTask, update: dict | None, ignore=()
 ) -> None:
-    """Move past block b-1 if the request carries its globally pruned version."""
-    if not update:
-        return
-    block = task.block - 1
-    edit = decode_edit(task.update_kind, update, block_layer_shapes(blocks.model, block, ignore))
-    advance_site_(blocks.model, state, block, edit, blocks)
+    """Move past the previous block if the request carries its globally pruned version, then past the
+    removed blocks before ``task.block`` (structured depth pruning)."""
+    if update:
+        block = task.previous
+        edit = decode_edit(task.update_kind, update, block_layer_shapes(blocks.model, block, ignore))
+        advance_site_(blocks.model, state, block, edit, blocks, block in task.removed_attention)
+    skip_removed_blocks_(state, task.removed_blocks)
 
 
 @dataclass(frozen=True)

@@ -181,20 +181,67 @@ class MethodSpec:
 UPDATE_KINDS = tuple(EDITS)  # masks | weights | kept (fedprune.edits)
 
 
+TASK_KINDS = ("stats", "influence")  # a block's statistics; the dense model's influence sums (depth)
+
+
 @dataclass(frozen=True)
 class BlockTask:
-    """Which block a per-block task is about, and how the previous block's edit travels."""
+    """Which block a per-block task is about, how the previous block's edit travels, and (structured
+    depth pruning, sent only when set) what the task computes and which blocks / attention sublayers
+    are removed, so that a site moves its inputs past removed blocks and computes statistics of a block
+    without its attention."""
 
     block: int
     update_kind: str = "masks"  # the wire kind of the previous block's edit
+    task: str = "stats"
+    removed_blocks: tuple[int, ...] = ()
+    removed_attention: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.block >= 0, "block", f"must be >= 0, got {self.block}")
         _require(self.update_kind in UPDATE_KINDS, "update_kind", f"must be one of {UPDATE_KINDS}")
+        _require(self.task in TASK_KINDS, "task", f"must be one of {TASK_KINDS}")
+        for key in ("removed_blocks", "removed_attention"):
+            values = getattr(self, key)
+            _require(all(v >= 0 for v in values) and len(set(values)) == len(values), key, f"got {values}")
+        _require(
+            not set(self.removed_blocks) & set(self.removed_attention),
+            "removed_attention",
+            "names a removed block",
+        )
+        _require(self.block not in self.removed_blocks, "block", f"block {self.block} is removed")
+
+    @property
+    def previous(self) -> int:
+        """The block whose edit this task carries: the last block before ``block`` that is not removed
+        (-1 if none)."""
+        return max((b for b in range(self.block) if b not in self.removed_blocks), default=-1)
 
     def to_record(self) -> dict:
-        return {"block": self.block, "update_kind": self.update_kind}
+        record = {"block": self.block, "update_kind": self.update_kind}
+        if self.task != "stats":
+            record["task"] = self.task
+        for key in ("removed_blocks", "removed_attention"):
+            if getattr(self, key):
+                record[key] = [int(v) for v in getattr(self, key)]
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping) -> BlockTask:
-        return cls(block=_read(record, "block", int), update_kind=_read(record, "update_kind", str))
+        def ints(key: str) -> tuple[int, ...]:
+            if key not in record:
+                return ()
+            values = record[key]
+            if isinstance(values, str | bytes) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in values
+            ):
+                raise MessageError(f"task record: key {key!r} = {values!r}: expected a list of integers")
+            return tuple(int(v) for v in values)
+
+        return cls(
+            block=_read(record, "block", int),
+            update_kind=_read(record, "update_kind", str),
+            task=_read(record, "task", str) if "task" in record else "stats",
+            removed_blocks=ints("removed_blocks"),
+            removed_attention=ints("removed_attention"),
+        )

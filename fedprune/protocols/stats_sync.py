@@ -18,14 +18,23 @@ from fedprune.models import find_blocks, find_prunable_layers, layer_input_featu
 from fedprune.payload import encode_stats
 from fedprune.protocols.centralized import NoOptions
 from fedprune.protocols.federation import Federation, Launcher, Request
-from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, block_edit, layer_sync
+from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, block_edit, layer_sync, task_config
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
 from fedprune.protocols.llm_site import Payload, block_payload, summed_task
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.registry import ProtocolUnit, register_protocol
 from fedprune.protocols.sums import Sums
 from fedprune.protocols.tasks import Site
-from fedprune.site import site_block_stats
+from fedprune.site import site_block_stats, site_influence
+from fedprune.structured.decide import DepthPlan
+from fedprune.structured.depth import (
+    INFLUENCE,
+    INFLUENCE_ATTENTION,
+    INFLUENCE_BLOCKS,
+    Influence,
+    remove_attention_,
+    remove_blocks_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +45,12 @@ def stats_payload(site: Site, request: Request, token_bound: float | None = None
     token first)."""
 
     def compute(model, state, job: SiteJob, method: MethodSpec, task: BlockTask) -> dict:
-        stats = site_block_stats(model, state, task.block, method.stat_kind, token_bound, job.ignore)
+        if task.task == "influence":  # structured depth pruning: the dense model's influence sums
+            return encode_stats(site_influence(model, state))
+        without_attention = task.block in task.removed_attention
+        stats = site_block_stats(
+            model, state, task.block, method.stat_kind, token_bound, job.ignore, without_attention
+        )
         return encode_stats(stats)
 
     arrays, tokens = block_payload(site, request, compute)
@@ -49,12 +63,31 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
         raise ValueError(f"stats_sync needs a pruner with statistics; {job.pruner.name!r} is data-free")
     blocks_name, blocks = find_blocks(job.model)
 
+    plan = DepthPlan()
+
+    def plan_depth(sums: Sums, tokens: dict[int, int]) -> DepthPlan:
+        """Structured depth pruning: one sum of the sites' influence sums first (if the choice needs data)."""
+        nonlocal plan
+        structure = job.structure
+        if structure is None or not structure.removes_depth:
+            return plan
+        influence = None
+        if structure.needs_influence(job.pruner):
+            config = task_config(job, BlockTask(0, task="influence"))
+            widths = {INFLUENCE_BLOCKS: len(blocks), INFLUENCE_ATTENTION: len(blocks)}
+            summed = sums.stats(config, None, widths, tokens, kind=INFLUENCE)
+            influence = Influence(summed.stats[INFLUENCE_BLOCKS], summed.stats[INFLUENCE_ATTENTION])
+        plan = structure.depth_plan(influence, job.model, job.pruner)
+        return plan
+
     def step(sums: Sums, block: int, config: dict, update: dict | None, tokens: dict[int, int]):
+        if block in plan.attention:
+            remove_attention_(blocks[block], job.structure.family)
         layers = find_prunable_layers(blocks[block], job.ignore, f"{blocks_name}.{block}")
         widths = {name: layer_input_features(m) for name, m in layers.items()}
         summed = sums.stats(config, update, widths, tokens)
         if job.structure is not None:  # the global block becomes physically smaller
-            edit = job.structure.edit(blocks[block], summed.stats, job.pruner)
+            edit = job.structure.edit(blocks[block], summed.stats, job.pruner, block not in plan.attention)
             edit.apply_(blocks[block])
             return edit, summed.sites
         masks, weights = prune_block_from_stats_(
@@ -62,7 +95,9 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
         )
         return block_edit(masks, weights, job.pruner.updates_weights), summed.sites
 
-    return layer_sync(fed, job, "stats", step)
+    outcome = layer_sync(fed, job, "stats", step, plan_depth)
+    remove_blocks_(job.model, plan.blocks)
+    return outcome
 
 
 def check_stats_sync(job: JobConfig) -> None:

@@ -56,9 +56,15 @@ class Sums:
         raise NotImplementedError
 
     def stats(
-        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+        self,
+        config: dict,
+        update: dict | None,
+        widths: dict[str, int],
+        tokens: dict[int, int],
+        kind: str | None = None,
     ) -> StatsSum:
-        """The summed statistics of one block (``widths``: input width per layer)."""
+        """The summed statistics of one block (``widths``: input width per layer; ``kind``: the statistic,
+        default the run's)."""
         raise NotImplementedError
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
@@ -73,10 +79,15 @@ class PlainSums(Sums):
         """Nothing to agree on before plain sums."""
 
     def stats(
-        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+        self,
+        config: dict,
+        update: dict | None,
+        widths: dict[str, int],
+        tokens: dict[int, int],
+        kind: str | None = None,
     ) -> StatsSum:
         def validate(node: int, reply: Reply) -> dict[str, Stats]:
-            return decode_stats(reply.arrays, self.stat_kind, widths, tokens[node])
+            return decode_stats(reply.arrays, kind or self.stat_kind, widths, tokens[node])
 
         got = self.fed.round("train.stats", config, update, validate)
         return StatsSum(aggregate_stats(list(got.values())), tuple(sorted(got)))
@@ -116,11 +127,16 @@ class SecureSums(Sums):
         return self._ready.pop(0)
 
     def stats(
-        self, config: dict, update: dict | None, widths: dict[str, int], tokens: dict[int, int]
+        self,
+        config: dict,
+        update: dict | None,
+        widths: dict[str, int],
+        tokens: dict[int, int],
+        kind: str | None = None,
     ) -> StatsSum:
         prepared = self._take(config)
         stats, sites = secure_stats(
-            self.fed, prepared, config, update, self.plan, self.stat_kind, widths, tokens
+            self.fed, prepared, config, update, self.plan, kind or self.stat_kind, widths, tokens
         )
         return StatsSum(stats, tuple(sorted(sites)))
 

@@ -10,28 +10,59 @@ from dataclasses import dataclass
 from torch import nn
 
 from fedprune.edits import StructuredEdit
-from fedprune.models import find_prunable_layers, get_weight
+from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.stats import Stats
+from fedprune.structured.depth import Influence, gatenorm_scores, lowest
 from fedprune.structured.families import Coupling, Family, Geometry, block_layout, family_of, geometry
 from fedprune.structured.select import Coupled, UnitChoice, get_selector
-from fedprune.structured.targets import BlockTargets, block_targets
+from fedprune.structured.targets import BlockTargets, block_targets, check_depth
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Structure:
-    """What structured pruning removes from every block of one model: its family, dense widths, counts."""
+    """What structured pruning removes from one model: its family and dense widths, the units removed
+    from every block, and how many whole blocks and attention sublayers go (:mod:`.depth`)."""
 
     family: Family
     shape: Geometry
     targets: BlockTargets
+    blocks: int = 0
+    attention: int = 0
+    dense_blocks: int = 0
 
     @classmethod
-    def for_model(cls, model: nn.Module, ffn: float, heads: float) -> Structure:
+    def for_model(
+        cls, model: nn.Module, ffn: float, heads: float, blocks: int = 0, attention: int = 0
+    ) -> Structure:
         family = family_of(model.config)
         shape = geometry(model.config, family)
-        return cls(family, shape, block_targets(ffn, heads, shape))
+        depth = len(find_blocks(model)[1])
+        check_depth(blocks, attention, depth)
+        return cls(family, shape, block_targets(ffn, heads, shape), blocks, attention, depth)
+
+    @property
+    def removes_depth(self) -> bool:
+        return bool(self.blocks or self.attention)
+
+    def needs_influence(self, pruner: object) -> bool:
+        """Whether choosing blocks / attention sublayers needs the dense pass's influence sums."""
+        return bool(self.blocks or (self.attention and pruner.name != "gatenorm"))
+
+    def depth_plan(self, influence: Influence | None, model: nn.Module, pruner: object) -> DepthPlan:
+        """The blocks and attention sublayers to remove: least influence (attention: least query-key
+        coupling with ``pruner=gatenorm``), attention only among the blocks that stay."""
+        blocks = lowest(influence.blocks.total, self.blocks) if self.blocks else []
+        attention: list[int] = []
+        if self.attention:
+            scores = (
+                gatenorm_scores(model, self.family, self.shape)
+                if pruner.name == "gatenorm"
+                else influence.attention.total
+            )
+            attention = lowest(scores, self.attention, exclude=blocks)
+        return DepthPlan(tuple(blocks), tuple(attention))
 
     @property
     def layout(self) -> dict[str, Coupling]:
@@ -41,9 +72,20 @@ class Structure:
         """Units removed per block, by granularity."""
         return {"ffn": self.targets.ffn, "heads": self.targets.kv_groups}
 
-    def edit(self, block: nn.Module, stats: Mapping[str, Stats], pruner: object) -> StructuredEdit:
-        """The structured edit of dense ``block`` (not modified) from its statistics."""
-        return structured_edit(block, stats, pruner, self)
+    def edit(
+        self, block: nn.Module, stats: Mapping[str, Stats], pruner: object, attention: bool = True
+    ) -> StructuredEdit:
+        """The structured edit of dense ``block`` (not modified) from its statistics (``attention``:
+        False once the block's attention sublayer is removed: then no heads to choose)."""
+        return structured_edit(block, stats, pruner, self, attention)
+
+
+@dataclass(frozen=True)
+class DepthPlan:
+    """Removed decoder blocks and removed attention sublayers (of blocks that stay), by block index."""
+
+    blocks: tuple[int, ...] = ()
+    attention: tuple[int, ...] = ()
 
 
 def _check_dense(layers: Mapping[str, nn.Module], coupling: Coupling) -> None:
@@ -70,15 +112,15 @@ def _head_attributes(structure: Structure, kept_groups: int) -> dict[str, int]:
 
 
 def structured_edit(
-    block: nn.Module, stats: Mapping[str, Stats], pruner: object, structure: Structure
+    block: nn.Module, stats: Mapping[str, Stats], pruner: object, structure: Structure, attention: bool = True
 ) -> StructuredEdit:
     """Select the kept units of each coupling with ``pruner``'s selector; the block is not modified."""
-    selector = get_selector(pruner.name)
     layers = find_prunable_layers(block)
     kept, weights, biases, attributes = {}, {}, {}, {}
     for granularity, count in structure.counts().items():
-        if not count:
+        if not count or (granularity == "heads" and not attention):
             continue
+        selector = get_selector(pruner.name)
         coupling = structure.layout[granularity]
         _check_dense(layers, coupling)
         consumer = layers[coupling.consumer]

@@ -18,22 +18,33 @@ from torch import nn
 
 from fedprune.edits import STRUCTURE_ATTRIBUTES, replace_module_, with_bias
 from fedprune.models import find_prunable_layers, get_weight, is_transposed, named_blocks
+from fedprune.structured.depth import ZeroAttention
 from fedprune.structured.families import Family, Geometry
 
 logger = logging.getLogger(__name__)
 
 STRUCTURE_FILE = "fedprune_structure.json"
+NOT_FROM_PRETRAINED = (
+    "(structurally pruned with widths its config cannot state: load with fedprune.load_pruned)"
+)
 BIAS_KEYS = {"mlp": "mlp_bias", "attention": "attention_bias"}  # Llama's config flags for added biases
 
 
+def attention_removed(block: nn.Module, family: Family) -> bool:
+    """True if the block's attention sublayer was removed (:class:`ZeroAttention`)."""
+    return isinstance(block.get_submodule(family.attention), ZeroAttention)
+
+
 def _widths(model: nn.Module, family: Family, shape: Geometry) -> tuple[list[int], list[int]]:
-    """Per block, the FFN width and the number of key/value groups (from the consumers' inputs)."""
+    """Per block, the FFN width and the number of key/value groups (from the consumers' inputs; blocks
+    without attention are left out of the groups)."""
     ffn, groups = [], []
     for _, block in named_blocks(model):
         layers = find_prunable_layers(block)
         ffn.append(int(get_weight(layers[family.ffn_consumer]).shape[1]))
-        width = int(get_weight(layers[family.attn_consumer]).shape[1])
-        groups.append(width // (shape.heads_per_group * shape.head_dim))
+        if not attention_removed(block, family):
+            width = int(get_weight(layers[family.attn_consumer]).shape[1])
+            groups.append(width // (shape.heads_per_group * shape.head_dim))
     return ffn, groups
 
 
@@ -42,7 +53,8 @@ def realised_fractions(model: nn.Module, family: Family, shape: Geometry) -> dic
     ffn, groups = _widths(model, family, shape)
     return {
         "ffn_removed": 1.0 - sum(ffn) / (shape.ffn * len(ffn)),
-        "heads_removed": 1.0 - sum(groups) / (shape.kv_groups * len(groups)),
+        "heads_removed": 1.0 - sum(groups) / (shape.kv_groups * len(groups)) if groups else 1.0,
+        "attention_removed": len(ffn) - len(groups),
     }
 
 
@@ -79,8 +91,6 @@ def finalize_config_(model: nn.Module, family: Family, shape: Geometry) -> bool:
     biases where a config flag (Llama's ``mlp_bias`` / ``attention_bias``) must then be set; True if
     ``from_pretrained`` builds exactly the model's tensor shapes from the updated config."""
     config = model.config
-    keys = [family.ffn_key, family.heads_key, family.kv_heads_key, "head_dim"]
-    original = {key: getattr(config, key) for key in keys if key and hasattr(config, key)}
     ffn, groups = _widths(model, family, shape)
     if len(set(ffn)) == 1 and ffn[0] != shape.ffn:
         setattr(config, family.ffn_key, ffn[0])
@@ -91,7 +101,10 @@ def finalize_config_(model: nn.Module, family: Family, shape: Geometry) -> bool:
         config.head_dim = shape.head_dim  # explicit: the default hidden // heads would change it
     ffn_layers = (*family.ffn_producers, family.ffn_consumer)
     attention_layers = (family.query, *family.keys_values, family.attn_consumer)
-    for part, names in (("mlp", ffn_layers), ("attention", attention_layers)):
+    parts = [("mlp", ffn_layers)]
+    if not any(attention_removed(block, family) for _, block in named_blocks(model)):
+        parts.append(("attention", attention_layers))
+    for part, names in parts:
         key = BIAS_KEYS[part]
         if (
             family.name == "llama"
@@ -112,19 +125,26 @@ def finalize_config_(model: nn.Module, family: Family, shape: Geometry) -> bool:
             len(differ),
             differ[:3],
         )
-        # the dense widths again: from_pretrained then fails on the shapes (it would silently drop an
-        # unexpected bias); load_pruned resizes every layer from the structure file
-        for key, value in original.items():
-            setattr(config, key, value)
-        config.fedprune_load = "fedprune.load_pruned"
     return loadable
+
+
+def config_updates(model: nn.Module, loadable: bool) -> dict[str, str]:
+    """Changes to the saved ``config.json``: where ``from_pretrained`` would build other shapes (and then
+    silently drop or randomly initialise tensors), a ``model_type`` it refuses, naming the loader;
+    :func:`load_pruned` restores the real one from the structure file."""
+    if loadable:
+        return {}
+    return {"model_type": f"{model.config.model_type} {NOT_FROM_PRETRAINED}"}
 
 
 def structure_record(model: nn.Module, loadable: bool) -> dict:
     """What :func:`load_pruned` needs: every block layer's ``[out, in, has bias]`` and the attention
     modules' head attributes, by qualified name."""
-    layers, attributes = {}, {}
+    layers, attributes, no_attention = {}, {}, []
     for prefix, block in named_blocks(model):
+        for name, module in block.named_modules():
+            if isinstance(module, ZeroAttention):
+                no_attention.append(f"{prefix}.{name}")
         for name, layer in find_prunable_layers(block).items():
             out, inp = get_weight(layer).shape
             layers[f"{prefix}.{name}"] = [int(out), int(inp), getattr(layer, "bias", None) is not None]
@@ -132,7 +152,14 @@ def structure_record(model: nn.Module, loadable: bool) -> dict:
             for attribute in STRUCTURE_ATTRIBUTES:
                 if isinstance(getattr(module, attribute, None), int) and name:
                     attributes[f"{prefix}.{name}.{attribute}"] = int(getattr(module, attribute))
-    return {"format": 1, "loads_with_from_pretrained": loadable, "layers": layers, "attributes": attributes}
+    return {
+        "format": 1,
+        "model_type": model.config.model_type,
+        "loads_with_from_pretrained": loadable,
+        "layers": layers,
+        "attributes": attributes,
+        "attention_removed": no_attention,
+    }
 
 
 def _resized(module: nn.Module, out: int, inp: int, bias: bool) -> nn.Module:
@@ -175,8 +202,14 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     record = json.loads(record_path.read_text())
     if record.get("format") != 1:
         raise ValueError(f"{record_path}: unknown format {record.get('format')!r}")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    values = json.loads((path / "config.json").read_text())
+    values["model_type"] = record["model_type"]
+    config = AutoConfig.for_model(**values)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in record.get("attention_removed", []):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, ZeroAttention(getattr(getattr(owner, child), "layer_idx", None)))
     for name, (out, inp, bias) in record["layers"].items():
         module = model.get_submodule(name)
         if (

@@ -50,10 +50,24 @@ def block_targets(ffn: float, heads: float, shape: Geometry) -> BlockTargets:
     return BlockTargets(ffn=neurons, kv_groups=groups)
 
 
-def check_structure(model_path: str, ffn: float, heads: float) -> None:
-    """The ``structured`` fractions against the model folder's config (no weights loaded);
+def check_structure(model_path: str, ffn: float, heads: float, blocks: int = 0, attention: int = 0) -> None:
+    """The ``structured`` counts against the model folder's config (no weights loaded);
     :class:`UnsupportedFamilyError` or :class:`StructureError` naming the key."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)
     block_targets(ffn, heads, geometry(config, family_of(config)))
+    check_depth(blocks, attention, int(getattr(config, "num_hidden_layers", None) or config.n_layer))
+
+
+def check_depth(blocks: int, attention: int, depth: int) -> None:
+    """At least one block stays; attention sublayers are removed only from blocks that stay."""
+    if not 0 <= blocks < depth:
+        raise StructureError(
+            "structured.blocks", f"must be in [0, {depth - 1}] for {depth} blocks, got {blocks}"
+        )
+    if not 0 <= attention <= depth - blocks:
+        raise StructureError(
+            "structured.attention",
+            f"must be in [0, {depth - blocks}] ({depth} blocks, {blocks} removed), got {attention}",
+        )

@@ -39,6 +39,25 @@ def test_stats_sync_sparsegpt_equals_centralized(make_cfg, tmp_path):
     assert federated["ppl_pruned"] == pytest.approx(central["ppl_pruned"], rel=1e-4)
 
 
+def test_structured_stats_sync_in_flower_equals_centralized(make_cfg, tmp_path):
+    """pattern=structured with a removed block, in a real Flower simulation: a physically smaller model,
+    the same tensors as centralized pruning on the pooled windows."""
+    from fedprune import load_pruned
+
+    shape = ["pattern=structured", "structured.ffn=0.5", "structured.heads=0.5", "structured.blocks=1"]
+    central = run(make_cfg("pruner=sparsegpt", "protocol=centralized", *shape, *FED), tmp_path / "c")
+    federated = run(make_cfg("pruner=sparsegpt", "protocol=stats_sync", *shape, *FED), tmp_path / "f")
+    assert federated["num_clients"] == 3 and federated["blocks_removed"] == 1
+    assert federated["rounds"] == 1 + 1 + 1 + 1  # start, influence, the one block left, finish
+    assert federated["params_pruned"] == central["params_pruned"] < central["params_dense"]
+    want = load_pruned(tmp_path / "c" / "model").state_dict()
+    got = load_pruned(tmp_path / "f" / "model").state_dict()
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert federated["ppl_pruned"] == pytest.approx(central["ppl_pruned"], rel=1e-4)
+
+
 def test_stats_sync_with_offloaded_blocks_equals_in_memory(make_cfg, tmp_path):
     """model.offload=true in Flower: server and sites (Ray actors) load one block at a time."""
     job = job_of(make_cfg("pruner=wanda", "protocol=stats_sync", *FED))

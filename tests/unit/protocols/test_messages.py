@@ -88,3 +88,23 @@ def test_records_of_a_data_free_method_are_valid_flower_config_records():
     record = {**JOB.to_record(), **method.to_record(), **BlockTask(0).to_record()}
     assert "stat_kind" not in record and ConfigRecord(record).count_bytes() > 0
     assert MethodSpec.from_record(record) == method
+
+
+def test_block_tasks_of_depth_pruning_round_trip_as_flower_records():
+    from flwr.app import ConfigRecord
+
+    task = BlockTask(3, "structured", removed_blocks=(1, 2), removed_attention=(0, 5))
+    record = task.to_record()
+    assert ConfigRecord(record).count_bytes() > 0 and BlockTask.from_record(record) == task
+    assert task.previous == 0 and BlockTask(4, removed_blocks=(3,)).previous == 2
+    assert BlockTask(2).to_record() == {"block": 2, "update_kind": "masks"}  # unstructured: unchanged
+    influence = BlockTask(0, task="influence")
+    assert BlockTask.from_record(influence.to_record()) == influence
+    for bad in (
+        {"block": 1, "update_kind": "masks", "task": "steal"},
+        {"block": 1, "update_kind": "masks", "removed_blocks": [1]},
+        {"block": 1, "update_kind": "masks", "removed_blocks": [0], "removed_attention": [0]},
+        {"block": 1, "update_kind": "masks", "removed_blocks": "0"},
+    ):
+        with pytest.raises(MessageError):
+            BlockTask.from_record(bad)

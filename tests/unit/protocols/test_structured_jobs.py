@@ -61,6 +61,32 @@ def test_stats_sync_equals_centralized(pruner, make_cfg, tmp_path):
     assert runs["secure"]["privacy"] == "secagg" and not runs["secure"]["rejected"]
 
 
+def test_depth_pruning_in_stats_sync_equals_centralized(make_cfg, tmp_path):
+    depth = ["pruner=wanda", "structured.heads=0", "structured.blocks=1", "structured.attention=1"]
+    runs = {
+        name: _run(make_cfg, tmp_path / name, *depth, *extra)
+        for name, extra in {
+            "centralized": ["protocol=centralized"],
+            "plain": ["protocol=stats_sync"],
+            "secure": [
+                "protocol=stats_sync",
+                "privacy=secagg",
+                "privacy.threshold=2",
+                "privacy.token_bound=100",
+            ],
+        }.items()
+    }
+    expected = _state(tmp_path / "centralized")
+    assert runs["centralized"]["blocks_removed"] == 1 and runs["centralized"]["attention_removed"] == 1
+    for name in ("plain", "secure"):
+        got = _state(tmp_path / name)
+        assert sorted(got) == sorted(expected), name
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=f"{name} {key}")
+        assert runs[name]["ppl_pruned"] == pytest.approx(runs["centralized"]["ppl_pruned"], rel=1e-3)
+        assert not runs[name]["rejected"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -68,7 +94,19 @@ def test_stats_sync_equals_centralized(pruner, make_cfg, tmp_path):
         (["structured.ffn=0", "structured.heads=0"], "structured"),
         (["structured.ffn=1.0"], "structured.ffn"),
         (["protocol=mask_vote"], "pattern"),
-        (["structured.blocks=1"], "structured.blocks"),
+        (["structured.blocks=2"], "structured.blocks"),  # the tiny model has 2 blocks: one must stay
+        (["structured.blocks=1", "structured.attention=2"], "structured.attention"),
+        (["pruner=gatenorm"], "structured"),  # gatenorm ranks attention sublayers only
+        (
+            [
+                "structured.blocks=1",
+                "protocol=stats_sync",
+                "privacy=secagg_dp",
+                "privacy.epsilon=8",
+                "privacy.delta=1e-5",
+            ],
+            "privacy.name",
+        ),
         (["ignore=[mlp.down_proj]"], "ignore"),
     ],
 )
