@@ -67,7 +67,7 @@ def test_stats_sync_equals_centralized(pruner, make_cfg, tmp_path):
         (["structured.heads=0.3"], "structured.heads"),  # 2 groups: 0 or 0.5
         (["structured.ffn=0", "structured.heads=0"], "structured"),
         (["structured.ffn=1.0"], "structured.ffn"),
-        (["protocol=mask_vote"], "pattern"),
+        (["protocol=hidenseek"], "pattern"),
         (["structured.blocks=1"], "structured.blocks"),
         (["ignore=[mlp.down_proj]"], "ignore"),
     ],
