@@ -6,7 +6,8 @@ all the server learns (also under secure aggregation). A run made with ``protoco
 those counts (``votes.safetensors``); this script applies ``vote_model_from_counts_`` (the code the run
 itself used) with other choices to the dense model and evaluates it: the same model a new run with those
 choices would give, without repeating the sites' local pruning. ``metrics.json`` keeps the source run's
-traffic and timing (the same uploads) and records ``revoted_from``.
+traffic and timing (the same uploads) and records ``revoted_from``. A ``pattern=structured`` run (votes per
+unit, no group or scaling to choose) is refused.
 
 Usage: python -m cli.revote RUN_DIR OUT_DIR --group row --scaling true
 """
@@ -36,6 +37,11 @@ def revote(run_dir: Path, out_dir: Path, group: str, scaling: bool) -> dict:
     source = json.loads((run_dir / "metrics.json").read_text())
     if source.get("protocol") != "mask_vote" or not (run_dir / "votes.safetensors").exists():
         raise SystemExit(f"{run_dir} is not a finished mask_vote run with protocol.save_votes=true")
+    if source.get("pattern") == "structured":
+        raise SystemExit(
+            f"{run_dir} is a pattern=structured run: its votes are per unit and protocol.group / "
+            "protocol.scaling do not apply to them, so there is nothing to re-vote"
+        )
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.protocol.group, cfg.protocol.scaling = group, scaling
     job = JobConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))

@@ -2,8 +2,8 @@
 
 The site keeps the inputs of the block it is about to be asked for, so that one round costs the same at
 block 30 as at block 0. Per round it either reports statistics of the dense block (``stats_sync``) or its
-own mask of the block (``mask_vote_sync``); then it applies the globally pruned block and runs it once to
-get the next block's inputs. Nothing here ever leaves the site except what the caller encodes. Layers
+own mask of the block (``mask_vote_sync``; with ``pattern=structured`` its vote on the block's units);
+then it applies the globally pruned block and runs it once to get the next block's inputs. Nothing here ever leaves the site except what the caller encodes. Layers
 matched by ``ignore`` patterns (:mod:`fedprune.models`) get no statistics and no mask.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedprune.masks import Pattern
+from fedprune.masks import Pattern, parse_pattern
 from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners.base import Pruner
 from fedprune.sequential import (
@@ -32,8 +32,10 @@ from fedprune.sequential import (
     run_block,
 )
 from fedprune.stats import BlockStats
+from fedprune.structured.decide import Structure
 from fedprune.structured.depth import INFLUENCE_ATTENTION, INFLUENCE_BLOCKS, remove_attention_
 from fedprune.structured.families import family_of
+from fedprune.structured.vote import unit_votes
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,19 @@ def site_block_masks(
     return {name: r.mask for name, r in results.items()}
 
 
+def site_block_unit_votes(
+    model: nn.Module, state: SiteState, block: int, pruner: Pruner, structure: Structure
+) -> dict[str, torch.Tensor]:
+    """The site's own vote on the units of ``block`` (``pattern=structured``): its structured edit from
+    its statistics (the model is not changed), as 0/1 per unit by granularity
+    (:func:`fedprune.structured.vote.unit_votes`)."""
+    _check_block(state, block)
+    blocks_name, blocks = find_blocks(model)
+    prefix = f"{blocks_name}.{block}"
+    stats = collect_block_stats(blocks[block], state.inputs, pruner.stat_kind, None, (), prefix)
+    return unit_votes(structure.edit(blocks[block], stats, pruner), structure)
+
+
 def advance_site_(
     model: nn.Module,
     state: SiteState,
@@ -158,6 +173,25 @@ def local_masks(
         ignore=ignore,
     )
     return report.masks
+
+
+def local_unit_votes(
+    model: nn.Module, calib_ids: torch.Tensor, pruner: Pruner, structure: Structure, batch_size: int
+) -> dict[int, dict[str, torch.Tensor]]:
+    """One-shot ``pattern=structured``: prune a private copy of the whole model sequentially with the
+    site's own structured edits; its unit votes by block, then granularity."""
+    local = copy.deepcopy(model)
+    report = prune_model_(
+        local,
+        calib_ids,
+        pruner,
+        0.0,
+        parse_pattern("structured"),
+        batch_size,
+        progress=False,
+        structure=structure,
+    )
+    return {block: unit_votes(edit, structure) for block, edit in sorted(report.edits.items())}
 
 
 def block_layer_shapes(

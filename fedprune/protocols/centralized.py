@@ -66,6 +66,13 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
 
 UNIT = register_protocol(
     ProtocolUnit(
-        "centralized", NoOptions, run_centralized, check_llm, summary_table, offload=True, structured=True
+        "centralized",
+        NoOptions,
+        run_centralized,
+        check_llm,
+        summary_table,
+        offload=True,
+        structured=True,
+        depth=True,
     )
 )

@@ -28,7 +28,7 @@ from fedprune.data.windows import sample_windows
 from fedprune.edits import decode_edit
 from fedprune.payload import encode_masks
 from fedprune.protocols.federation import Reply, Request
-from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
+from fedprune.protocols.messages import STRUCTURED, BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.site_state import dense_blocks, drop_state, load_state, save_state, tokenized_works
 from fedprune.protocols.tasks import Site, reply, site_task
 from fedprune.pruners import get_pruner
@@ -40,6 +40,7 @@ from fedprune.site import (
     skip_removed_blocks_,
     start_site,
 )
+from fedprune.structured.decide import Structure
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,14 @@ def site_pruner(method: MethodSpec):
     return get_pruner(method.pruner, **method.pruner_params)
 
 
+def site_structure(method: MethodSpec, model: torch.nn.Module) -> Structure | None:
+    """``pattern=structured``: the units this site removes from every block (the job's fractions on its
+    dense model); ``None`` for other patterns."""
+    if method.pattern != STRUCTURED:
+        return None
+    return Structure.for_model(model, method.structured_ffn, method.structured_heads)
+
+
 def apply_update_(
     blocks: BlockAccess, state: SiteState, task: BlockTask, update: dict | None, ignore=()
 ) -> None:
@@ -103,7 +112,7 @@ class Payload:
     """A site's plain payload for a summed task: statistics arrays or keep-masks, and its tokens."""
 
     kind: str  # "stats" | "masks"
-    values: dict  # encode_stats arrays, or {layer: bool mask}
+    values: dict  # encode_stats arrays, or {layer: bool mask} (structured: {granularity: (1, units) votes})
     tokens: int
 
 

@@ -1,7 +1,8 @@
 """``local`` (FedPrLLM baseline): each site prunes alone on its own windows; no communication.
 
 Reports every site's pruned perplexity on the held-out works and their mean (``ppl_pruned``). The saved
-model, if any, is site 0's.
+model, if any, is site 0's (with ``pattern=structured`` each site removes whole units on its own; the
+structured metrics and the saved model's shapes are site 0's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fedprune.data.sites import site_windows
 from fedprune.job import base_metrics, evaluate, prepare, prune_with_job_, summary_table, write_outputs
 from fedprune.protocols.centralized import NoOptions, check_llm
 from fedprune.protocols.registry import ProtocolUnit, register_protocol
+from fedprune.sequential import ResidentBlocks
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def run_local(job: JobConfig, out_dir: Path, launch=None) -> dict:
             first = (local, report)
     local, report = first
     prep.model = local  # the reported sparsity and saved model are site 0's
+    prep.pruned_(ResidentBlocks(local))
     metrics = base_metrics(
         job,
         prep,
@@ -54,8 +57,11 @@ def run_local(job: JobConfig, out_dir: Path, launch=None) -> dict:
         bytes_up_per_client=0,
         bytes_down_per_client=0,
     )
-    write_outputs(out_dir, metrics, report.layer_sparsity, local if job.save_model else None, prep.tokenizer)
+    model = local if job.save_model else None
+    write_outputs(out_dir, metrics, report.layer_sparsity, model, prep.tokenizer, None, prep.model_files)
     return metrics
 
 
-UNIT = register_protocol(ProtocolUnit("local", NoOptions, run_local, check_llm, summary_table))
+UNIT = register_protocol(
+    ProtocolUnit("local", NoOptions, run_local, check_llm, summary_table, structured=True)
+)

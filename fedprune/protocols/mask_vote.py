@@ -3,6 +3,13 @@ bit-packed (one round); the server keeps the most-kept weights within each compa
 (``group``: layer, row or column; ``scaling``: kept weights times the fraction of sites that kept them).
 Secure aggregation applies (the server learns only the per-weight keep counts).
 
+With ``pattern=structured`` each site prunes its copy sequentially with its own structured edits and
+uploads, per block and coupling, 0/1 per unit kept; the server keeps the most-voted units of every block
+(ties: lower unit id) and makes the dense model smaller, kept weights dense
+(:mod:`fedprune.structured.vote`). ``protocol.group`` / ``protocol.scaling`` do not apply;
+``protocol.save_votes`` keeps the per-unit counts (``"<block>.ffn"``, ``"<block>.heads"``), which
+``cli.revote`` does not re-vote (it has no server choice to change).
+
 Site task: ``train.local_prune`` (or ``train.secagg`` with task ``local_prune``).
 """
 
@@ -21,12 +28,20 @@ from fedprune.models import find_blocks
 from fedprune.protocols.federation import Federation, Launcher, Request
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, task_config
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
-from fedprune.protocols.llm_site import Payload, calibration_ids, site_model, site_pruner, summed_task
-from fedprune.protocols.mask_vote_sync import SyncVoteOptions
+from fedprune.protocols.llm_site import (
+    Payload,
+    calibration_ids,
+    site_model,
+    site_pruner,
+    site_structure,
+    summed_task,
+)
+from fedprune.protocols.mask_vote_sync import SyncVoteOptions, check_structured_vote
 from fedprune.protocols.messages import MethodSpec, SiteJob
 from fedprune.protocols.registry import ProtocolUnit, register_protocol
 from fedprune.protocols.tasks import Site
-from fedprune.site import block_layer_shapes, local_masks
+from fedprune.site import block_layer_shapes, local_masks, local_unit_votes
+from fedprune.structured.vote import block_counts, vote_masks, vote_shapes, voted_edit
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +58,22 @@ def local_prune_payload(site: Site, request: Request, token_bound: float | None 
     """Site: the keep-masks of its privately pruned whole model."""
     job, method = SiteJob.from_record(request.config), MethodSpec.from_record(request.config)
     ids = calibration_ids(job, site)
+    pruner, model = site_pruner(method), site_model(job)
+    structure = site_structure(method, model)
+    if structure is not None:  # its unit votes of every block, "<block>.<granularity>" -> (1, units)
+        votes = local_unit_votes(model, ids, pruner, structure, job.batch_size)
+        masks = {k: v for b, block in votes.items() for k, v in vote_masks(block, f"{b}.").items()}
+        return Payload("masks", masks, int(ids.numel()))
     pattern = parse_pattern(method.pattern)
-    pruner = site_pruner(method)
-    masks = local_masks(site_model(job), ids, pruner, method.sparsity, pattern, job.batch_size, job.ignore)
+    masks = local_masks(model, ids, pruner, method.sparsity, pattern, job.batch_size, job.ignore)
     return Payload("masks", masks, int(ids.numel()))
 
 
 def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     """One upload of every site's masks of its privately pruned model; vote per layer."""
     options: VoteOptions = job.options
+    if job.structure is not None:
+        return run_structured_mask_vote(fed, job)
     outcome = FederatedOutcome()
     blocks_name, blocks = find_blocks(job.model)
     shapes = {
@@ -78,12 +100,42 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     return outcome
 
 
+def run_structured_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
+    """``pattern=structured``: one upload of every site's unit votes of all blocks; per block the
+    most-voted units kept, the dense model made smaller."""
+    outcome = FederatedOutcome()
+    blocks_name, blocks = find_blocks(job.model)
+    shapes = {k: v for b in range(len(blocks)) for k, v in vote_shapes(job.structure, f"{b}.").items()}
+    summed = job.sums(fed).votes("local_prune", task_config(job), None, shapes)
+    for index, block in enumerate(blocks):
+        edit = voted_edit(block, job.structure, block_counts(summed.counts, f"{index}."))
+        edit.apply_(block)
+        outcome.record(blocks_name, index, edit.report())
+    # the per-unit counts by "<block>.<granularity>" (votes.safetensors with protocol.save_votes)
+    outcome.votes = {k: v.reshape(-1) for k, v in summed.counts.items()}
+    outcome.vote_sites = summed.num_sites
+    outcome.sites_per_sum, outcome.tokens = [summed.sites], summed.tokens
+    return outcome
+
+
+def check_mask_vote(job: JobConfig) -> None:
+    check_federated_llm(job)
+    check_structured_vote(job, VoteOptions.from_options(job.protocol))
+
+
 def run_job(job: JobConfig, out_dir: Path, launch: Launcher) -> dict:
     return run_federated(job, out_dir, launch, run_mask_vote, VoteOptions.from_options(job.protocol))
 
 
 UNIT = register_protocol(
     ProtocolUnit(
-        "mask_vote", VoteOptions, run_job, check_federated_llm, summary_table, federated=True, secure=True
+        "mask_vote",
+        VoteOptions,
+        run_job,
+        check_mask_vote,
+        summary_table,
+        federated=True,
+        secure=True,
+        structured=True,
     )
 )

@@ -2,6 +2,12 @@
 server votes them into the global mask and broadcasts the voted block before the next, so every site
 computes the next block's inputs on the globally pruned model. Secure aggregation applies.
 
+With ``pattern=structured`` the sites vote on whole units: each site computes its own structured edit of
+the block and sends, per coupling (FFN neurons, key/value groups), 0/1 per unit kept; the server keeps
+the most-voted units (ties: lower unit id) and sends the physically smaller block
+(:mod:`fedprune.structured.vote`; kept weights stay dense: no OBS update, no bias compensation).
+``protocol.group`` and ``protocol.scaling`` do not apply then (:func:`check_structured_vote`).
+
 Site tasks: ``query.start``, ``train.masks`` (or ``train.secagg`` with task ``masks``), ``query.finish``.
 """
 
@@ -13,17 +19,20 @@ from pathlib import Path
 
 from fedprune.aggregation.block import vote_block_from_counts_
 from fedprune.config import JobConfig, check
+from fedprune.edits import BlockEdit
 from fedprune.job import summary_table
 from fedprune.masks import GROUPS, parse_pattern
+from fedprune.models import find_blocks
 from fedprune.protocols.federation import Federation, Launcher, Request
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, block_edit, layer_sync
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
-from fedprune.protocols.llm_site import Payload, block_payload, site_pruner, summed_task
+from fedprune.protocols.llm_site import Payload, block_payload, site_pruner, site_structure, summed_task
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.registry import ProtocolUnit, parse_options, register_protocol
 from fedprune.protocols.sums import Sums
 from fedprune.protocols.tasks import Site
-from fedprune.site import block_layer_shapes, site_block_masks
+from fedprune.site import block_layer_shapes, site_block_masks, site_block_unit_votes
+from fedprune.structured.vote import vote_masks, vote_shapes, voted_edit
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +57,11 @@ def masks_payload(site: Site, request: Request, token_bound: float | None = None
     """Site: [apply block b-1], then this site's own keep-masks of block b."""
 
     def compute(model, state, job: SiteJob, method: MethodSpec, task: BlockTask) -> dict:
-        pattern = parse_pattern(method.pattern)
         pruner = site_pruner(method)
+        structure = site_structure(method, model)
+        if structure is not None:  # its vote on the block's units, as (1, units) keep-masks
+            return vote_masks(site_block_unit_votes(model, state, task.block, pruner, structure))
+        pattern = parse_pattern(method.pattern)
         return site_block_masks(model, state, task.block, pruner, method.sparsity, pattern, job.ignore)
 
     masks, tokens = block_payload(site, request, compute)
@@ -61,6 +73,8 @@ def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     options: SyncVoteOptions = job.options
 
     def step(sums: Sums, block: int, config: dict, update: dict | None, tokens: dict[int, int]):
+        if job.structure is not None:
+            return structured_step(sums, job, block, config, update)
         shapes = block_layer_shapes(job.model, block, job.ignore)
         summed = sums.votes("masks", config, update, shapes)
         masks, weights = vote_block_from_counts_(
@@ -80,6 +94,42 @@ def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     return layer_sync(fed, job, "masks", step)
 
 
+def structured_step(
+    sums: Sums, job: FederatedJob, block: int, config: dict, update: dict | None
+) -> tuple[BlockEdit, tuple]:
+    """``pattern=structured``: the sites' unit votes of ``block`` summed; the most-voted units kept and
+    the global block made smaller (its edit travels with the next task)."""
+    summed = sums.votes("masks", config, update, vote_shapes(job.structure))
+    module = find_blocks(job.model)[1][block]
+    edit = voted_edit(module, job.structure, {g: c.reshape(-1) for g, c in summed.counts.items()})
+    edit.apply_(module)
+    return edit, summed.sites
+
+
+def check_structured_vote(job: JobConfig, options: SyncVoteOptions) -> None:
+    """``pattern=structured``: units are compared within each block's coupling (its FFN neurons, its
+    key/value groups) and keep their dense weights, so ``protocol.group`` and ``protocol.scaling`` must
+    stay at their defaults."""
+    if str(job.pattern) != "structured":
+        return
+    check(
+        options.group == "layer",
+        "protocol.group",
+        f"does not apply to pattern=structured (sites vote on whole units, compared within each block's "
+        f"FFN neurons and key/value groups); leave it at 'layer', got {options.group!r}",
+    )
+    check(
+        not options.scaling,
+        "protocol.scaling",
+        "does not apply to pattern=structured (the voted units keep their dense weights); leave it false",
+    )
+
+
+def check_mask_vote_sync(job: JobConfig) -> None:
+    check_federated_llm(job)
+    check_structured_vote(job, SyncVoteOptions.from_options(job.protocol))
+
+
 def run_job(job: JobConfig, out_dir: Path, launch: Launcher) -> dict:
     return run_federated(job, out_dir, launch, run_mask_vote_sync, SyncVoteOptions.from_options(job.protocol))
 
@@ -89,10 +139,11 @@ UNIT = register_protocol(
         "mask_vote_sync",
         SyncVoteOptions,
         run_job,
-        check_federated_llm,
+        check_mask_vote_sync,
         summary_table,
         federated=True,
         secure=True,
         offload=True,
+        structured=True,
     )
 )

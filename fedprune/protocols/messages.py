@@ -127,27 +127,45 @@ class SiteJob:
         return cls(**{name: _read(record, name, types.get(name, str)) for name in names})
 
 
+STRUCTURED = "structured"  # the pattern that removes whole units (``structured_*`` keys travel with it)
+_STRUCTURED_KEYS = ("structured_ffn", "structured_heads")  # MethodSpec keys sent only with that pattern
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """How a site prunes or what it measures: the pruner, its parameters, sparsity, pattern, statistic."""
+    """How a site prunes or what it measures: the pruner, its parameters, sparsity, pattern, statistic;
+    with ``pattern`` structured also the fractions of FFN neurons and query heads removed per block
+    (``structured.ffn``, ``structured.heads``; sent only then, so other records are unchanged)."""
 
     pruner: str
     pruner_params: dict
     sparsity: float
     pattern: str
     stat_kind: str  # "" for a data-free pruner
+    structured_ffn: float = 0.0  # pattern=structured only
+    structured_heads: float = 0.0  # pattern=structured only
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.sparsity < 1.0, "sparsity", f"must be in [0, 1), got {self.sparsity}")
+        for key in _STRUCTURED_KEYS:
+            value = getattr(self, key)
+            if self.pattern != STRUCTURED:
+                _require(
+                    value == 0.0, key, f"only with pattern {STRUCTURED!r}, got {value} with {self.pattern!r}"
+                )
+            _require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
 
     @classmethod
     def from_job(cls, job: JobConfig, pruner) -> MethodSpec:
+        structured = str(job.pattern) == STRUCTURED
         return cls(
             pruner=pruner.name,
             pruner_params=dict(job.pruner.params),
             sparsity=float(target_sparsity(job)),
             pattern=str(job.pattern),
             stat_kind=pruner.stat_kind or "",
+            structured_ffn=float(job.structured.ffn) if structured else 0.0,
+            structured_heads=float(job.structured.heads) if structured else 0.0,
         )
 
     def to_record(self) -> dict:
@@ -160,6 +178,8 @@ class MethodSpec:
         }
         if not self.stat_kind:  # a data-free pruner; Flower's records cannot hold an empty string
             del record["stat_kind"]
+        if self.pattern == STRUCTURED:
+            record.update({key: float(getattr(self, key)) for key in _STRUCTURED_KEYS})
         return record
 
     @classmethod
@@ -175,6 +195,11 @@ class MethodSpec:
             sparsity=_read(record, "sparsity", float),
             pattern=_read(record, "pattern", str),
             stat_kind=_read(record, "stat_kind", str) if "stat_kind" in record else "",
+            **{  # required with pattern structured (a missing key names itself)
+                key: _read(record, key, float)
+                for key in _STRUCTURED_KEYS
+                if key in record or record.get("pattern") == STRUCTURED
+            },
         )
 
 

@@ -33,6 +33,7 @@ class ProtocolUnit:
     dp: bool = False  # the Gaussian mechanism on summed statistics applies
     offload: bool = False  # works with model.offload=true (decoder blocks loaded one at a time)
     structured: bool = False  # works with pattern=structured (whole units removed)
+    depth: bool = False  # and with structured.blocks / structured.attention (whole blocks, sublayers)
 
 
 PROTOCOLS: dict[str, ProtocolUnit] = {}
@@ -84,5 +85,16 @@ def validate(job: JobConfig) -> ProtocolUnit:
         f"structured pruning works with protocol {' or '.join(n for n, u in PROTOCOLS.items() if u.structured)}, "
         f"not yet with {job.protocol_name!r}",
     )
+    if job.pattern == "structured" and not unit.depth:
+        for key, value in (
+            ("structured.blocks", job.structured.blocks),
+            ("structured.attention", job.structured.attention),
+        ):
+            check(
+                not value,
+                key,
+                f"removing whole blocks or attention sublayers works with protocol "
+                f"{' or '.join(n for n, u in PROTOCOLS.items() if u.depth)}, not {job.protocol_name!r}",
+            )
     unit.check(job)
     return unit

@@ -127,5 +127,6 @@ UNIT = register_protocol(
         dp=True,
         offload=True,
         structured=True,
+        depth=True,
     )
 )

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fedprune.edits import StructuredEdit
@@ -88,7 +89,7 @@ class DepthPlan:
     attention: tuple[int, ...] = ()
 
 
-def _check_dense(layers: Mapping[str, nn.Module], coupling: Coupling) -> None:
+def check_dense(layers: Mapping[str, nn.Module], coupling: Coupling) -> None:
     """The block's coupled layers have the dense widths the layout expects."""
     for axis, mapping in (("rows", coupling.rows), ("columns", coupling.columns)):
         for name, index in mapping.items():
@@ -103,12 +104,22 @@ def _check_dense(layers: Mapping[str, nn.Module], coupling: Coupling) -> None:
                 )
 
 
-def _head_attributes(structure: Structure, kept_groups: int) -> dict[str, int]:
+def head_attributes(structure: Structure, kept_groups: int) -> dict[str, int]:
     """The attention module's attributes that follow ``kept_groups`` key/value groups."""
     shape, family = structure.shape, structure.family
     heads = kept_groups * shape.heads_per_group
     values = {"num_heads": heads, "split_size": heads * shape.head_dim}
     return {f"{family.attention}.{attr}": values[attr] for attr in family.attention_attrs}
+
+
+def coupling_kept(coupling: Coupling, units: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
+    """The kept rows of every producer and the kept columns of the consumer when ``units`` (ids) stay."""
+    kept = {name: ("rows", index[units].reshape(-1).sort().values) for name, index in coupling.rows.items()}
+    kept[coupling.consumer] = (
+        "columns",
+        coupling.columns[coupling.consumer][units].reshape(-1).sort().values,
+    )
+    return kept
 
 
 def structured_edit(
@@ -122,7 +133,7 @@ def structured_edit(
             continue
         selector = get_selector(pruner.name)
         coupling = structure.layout[granularity]
-        _check_dense(layers, coupling)
+        check_dense(layers, coupling)
         consumer = layers[coupling.consumer]
         bias = None if getattr(consumer, "bias", None) is None else consumer.bias.detach().clone()
         names = [*coupling.rows, coupling.consumer]
@@ -132,15 +143,13 @@ def structured_edit(
             raise RuntimeError(
                 f"{pruner.name} kept {choice.kept.numel()} of {coupling.units} units, not {coupling.units - count}"
             )
-        for name, index in coupling.rows.items():
-            kept[name] = ("rows", index[choice.kept].reshape(-1).sort().values)
-        columns = coupling.columns[coupling.consumer][choice.kept].reshape(-1).sort().values
-        kept[coupling.consumer] = ("columns", columns)
+        kept.update(coupling_kept(coupling, choice.kept))
+        columns = kept[coupling.consumer][1]
         if choice.consumer_weight is not None:
             weights[coupling.consumer] = choice.consumer_weight[:, columns]
         if choice.consumer_bias is not None:
             biases[coupling.consumer] = choice.consumer_bias
         if granularity == "heads":
-            attributes.update(_head_attributes(structure, int(choice.kept.numel())))
+            attributes.update(head_attributes(structure, int(choice.kept.numel())))
     shapes = {name: tuple(get_weight(layers[name]).shape) for name in kept}
     return StructuredEdit(kept, shapes, weights, biases, attributes)

@@ -108,3 +108,25 @@ def test_block_tasks_of_depth_pruning_round_trip_as_flower_records():
     ):
         with pytest.raises(MessageError):
             BlockTask.from_record(bad)
+
+
+def test_structured_fractions_travel_only_with_pattern_structured(make_cfg):
+    from cli.main import job_of
+    from fedprune.config import build_pruner
+
+    plain = MethodSpec("wanda", {}, 0.5, "unstructured", "sq_norm")
+    assert list(plain.to_record()) == ["pruner", "pruner_params", "sparsity", "pattern", "stat_kind"]
+    job = job_of(make_cfg("pattern=structured", "structured.ffn=0.5", "pruner=wanda"))
+    method = MethodSpec.from_job(job, build_pruner(job.pruner))
+    assert (method.pattern, method.structured_ffn, method.structured_heads) == ("structured", 0.5, 0.0)
+    record = method.to_record()
+    assert record["structured_ffn"] == 0.5 and record["structured_heads"] == 0.0
+    assert MethodSpec.from_record(record) == method
+    with pytest.raises(MessageError, match="missing key 'structured_heads'"):
+        MethodSpec.from_record({k: v for k, v in record.items() if k != "structured_heads"})
+    for bad in (
+        {**plain.to_record(), "structured_ffn": 0.5},  # not with another pattern
+        {**record, "structured_ffn": 1.0},
+    ):
+        with pytest.raises(MessageError, match="'structured_ffn'"):
+            MethodSpec.from_record(bad)

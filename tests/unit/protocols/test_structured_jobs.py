@@ -93,7 +93,7 @@ def test_depth_pruning_in_stats_sync_equals_centralized(make_cfg, tmp_path):
         (["structured.heads=0.3"], "structured.heads"),  # 2 groups: 0 or 0.5
         (["structured.ffn=0", "structured.heads=0"], "structured"),
         (["structured.ffn=1.0"], "structured.ffn"),
-        (["protocol=mask_vote"], "pattern"),
+        (["protocol=hidenseek"], "pattern"),
         (["structured.blocks=2"], "structured.blocks"),  # the tiny model has 2 blocks: one must stay
         (["structured.blocks=1", "structured.attention=2"], "structured.attention"),
         (["pruner=gatenorm"], "structured"),  # gatenorm ranks attention sublayers only
@@ -118,3 +118,9 @@ def test_bad_structured_config_names_the_key(overrides, key, make_cfg):
 def test_head_error_names_the_valid_fractions(make_cfg):
     with pytest.raises(ConfigError, match=r"valid: 0, 0\.5 \(nearest: 0\.5\)"):
         validate(job_of(make_cfg(*STRUCTURE, "structured.heads=0.4")))
+
+
+@pytest.mark.parametrize("protocol", ["mask_vote", "mask_vote_sync", "local"])
+def test_depth_pruning_is_refused_where_sites_vote_or_prune_alone(protocol, make_cfg):
+    with pytest.raises(ConfigError, match="config key 'structured.blocks'"):
+        validate(job_of(make_cfg(*STRUCTURE, f"protocol={protocol}", "structured.blocks=1")))
