@@ -250,10 +250,36 @@ class MomentsKind(StatKind):
         return torch.stack([total[0], torch.from_numpy(np.maximum(total[1].numpy(), 0.0))])
 
 
+class AffineHessianKind(HessianKind):
+    """Σ_t [x_t; 1][x_t; 1]ᵀ: the Gram matrix of the inputs with a constant 1 appended, ``(in+1, in+1)``,
+    so it holds Σxxᵀ, Σx and the count (an affine least-squares fit: weights and a bias); on the wire its
+    upper triangle. Each token's augmented vector has squared norm at most ``bound² + 1``."""
+
+    name = "affine_hessian"
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        xw = _as_windows(x.detach())  # (windows, tokens, in)
+        return gram_sum(torch.cat([xw, xw.new_ones(*xw.shape[:-1], 1)], dim=-1))  # (in+1, in+1)
+
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        return (in_features + 1, in_features + 1)
+
+    def wire_length(self, in_features: int) -> int:
+        return (in_features + 1) * (in_features + 2) // 2
+
+    def from_wire(self, values: torch.Tensor, in_features: int) -> torch.Tensor:
+        self._check_wire(values, in_features)
+        return symmetric_from_triu(values, in_features + 1)
+
+    def window_sensitivity(self, seq_len: int, bound: float) -> float:
+        return math.sqrt(2.0) * seq_len * (bound**2 + 1.0)
+
+
 SQ_NORM = SqNormKind()
 HESSIAN = HessianKind()
 MOMENTS = MomentsKind()
-STAT_KINDS: dict[str, StatKind] = {kind.name: kind for kind in (SQ_NORM, HESSIAN, MOMENTS)}
+AFFINE_HESSIAN = AffineHessianKind()
+STAT_KINDS: dict[str, StatKind] = {kind.name: kind for kind in (SQ_NORM, HESSIAN, MOMENTS, AFFINE_HESSIAN)}
 
 
 def get_stat_kind(kind: str | StatKind) -> StatKind:

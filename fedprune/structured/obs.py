@@ -259,3 +259,15 @@ def remove_groups(
     return GroupRemoval(
         kept=torch.sort(gid).values, removed=removed_ids, weight=weight_out.to(weight.dtype), error=error
     )
+
+
+def refit_columns(
+    weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, percdamp: float = 0.01
+) -> torch.Tensor:
+    """The least-squares weight on the ``kept`` columns only, ``W Hd[:, K] Hd[K, K]⁻¹`` under the damped
+    Gram ``Hd`` (:func:`damped_gram`); the other columns exactly 0. ``(out, in)``, the input's dtype."""
+    hd = damped_gram(gram, percdamp)  # (in, in) float64
+    solved = torch.linalg.solve(hd[kept][:, kept], (weight.double() @ hd[:, kept]).T).T  # (out, kept)
+    out = torch.zeros(weight.shape, dtype=torch.float64)
+    out[:, kept] = solved
+    return out.to(weight.dtype)

@@ -10,6 +10,9 @@ the pruner's name (:data:`SELECTORS`), so ``pruner=<name> pattern=structured`` f
                block's expected output is unchanged.
 ``sparsegpt``  greedy structured OBS on the consumer from Σxxᵀ (:func:`fedprune.structured.obs.remove_groups`):
                units removed by least added output error, the remaining columns updated.
+``obs``        the same on the centred Gram matrix (from Σ[x;1][x;1]ᵀ), then the bias refitted: the best
+               affine reconstruction of the consumer's output from the kept units (variance's mean
+               compensation and SparseGPT's update at once).
 
 Every unit score is a sum of per-column terms, so all of them rank the same on pooled and on summed
 federated statistics (the statistics are sums).
@@ -25,7 +28,7 @@ import torch
 
 from fedprune.stats import Stats
 from fedprune.structured.families import Coupling
-from fedprune.structured.obs import remove_groups
+from fedprune.structured.obs import GroupRemoval, refit_columns, remove_groups
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +171,36 @@ def obs_units(pruner, coupled: Coupled, stats: Mapping[str, Stats], num_remove: 
         coupled.consumer_weight, sums.total, coupled.columns, num_remove, getattr(pruner, "percdamp", 0.01)
     )
     return UnitChoice(result.kept, consumer_weight=result.weight)
+
+
+def centred(gram1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From Σ[x;1][x;1]ᵀ ``(in+1, in+1)``: the centred sum Σ(x−μ)(x−μ)ᵀ ``(in, in)`` and the mean μ ``(in,)``."""
+    count, sums = gram1[-1, -1], gram1[:-1, -1]
+    mean = sums / count
+    return gram1[:-1, :-1] - torch.outer(sums, mean), mean
+
+
+@unit_selector("obs")
+def affine_obs_units(pruner, coupled: Coupled, stats: Mapping[str, Stats], num_remove: int) -> UnitChoice:
+    """Structured OBS on the centred Gram matrix; the bias absorbs the removed and changed columns' mean
+    contribution, ``b' = b + (W − W') μ``."""
+    sums = _consumer_stats(coupled, stats)
+    if sums.kind != "affine_hessian":
+        raise ValueError(f"structured obs needs 'affine_hessian' statistics, got {sums.kind!r}")
+    covariance, mean = centred(sums.total)
+    weight = coupled.consumer_weight
+    percdamp = getattr(pruner, "percdamp", 0.01)
+    if getattr(pruner, "select", "obs") == "variance":  # keep the units of most output variance, then refit
+        per_column = covariance.diagonal().clamp(min=0) * weight.double().pow(2).sum(dim=0)
+        kept = keep_highest(column_sums(per_column, coupled.columns), num_remove)
+        refit = refit_columns(weight, covariance, coupled.columns[kept].reshape(-1).sort().values, percdamp)
+        result = GroupRemoval(kept, torch.empty(0, dtype=torch.int64), refit, float("nan"))
+    else:
+        result = remove_groups(weight, covariance, coupled.columns, num_remove, percdamp)
+    base = (
+        torch.zeros(weight.shape[0], dtype=torch.float64)
+        if coupled.consumer_bias is None
+        else coupled.consumer_bias.double()
+    )
+    bias = base + (weight.double() - result.weight.double()) @ mean
+    return UnitChoice(result.kept, consumer_weight=result.weight, consumer_bias=bias.to(weight.dtype))

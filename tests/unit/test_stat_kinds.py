@@ -8,18 +8,35 @@ import torch
 
 from fedprune.payload import PayloadError, decode_stats, encode_stats
 from fedprune.secure.codec import slot_sizes
-from fedprune.secure.dp import psd_project, window_sensitivity
-from fedprune.stat_kinds import HESSIAN, MOMENTS, SQ_NORM, STAT_KINDS, StatKind, get_stat_kind, moment_sums
+from fedprune.secure.dp import clip_tokens, psd_project, window_sensitivity
+from fedprune.stat_kinds import (
+    AFFINE_HESSIAN,
+    HESSIAN,
+    MOMENTS,
+    SQ_NORM,
+    STAT_KINDS,
+    StatKind,
+    get_stat_kind,
+    moment_sums,
+)
 from fedprune.stats import batch_stats, empty_stats, gram_sum, sq_norm_sum
 
 KINDS = [SQ_NORM, HESSIAN]
 
 
 def test_registry_resolves_names_and_objects():
-    assert STAT_KINDS == {"sq_norm": SQ_NORM, "hessian": HESSIAN, "moments": MOMENTS}
+    assert STAT_KINDS == {
+        "sq_norm": SQ_NORM,
+        "hessian": HESSIAN,
+        "moments": MOMENTS,
+        "affine_hessian": AFFINE_HESSIAN,
+    }
     assert get_stat_kind("sq_norm") is SQ_NORM and get_stat_kind(HESSIAN) is HESSIAN
     assert all(isinstance(k, StatKind) for k in KINDS)
-    with pytest.raises(KeyError, match=r"unknown statistic 'nope'; known: \['hessian', 'moments', 'sq_norm'\]"):
+    with pytest.raises(
+        KeyError,
+        match=r"unknown statistic 'nope'; known: \['affine_hessian', 'hessian', 'moments', 'sq_norm'\]",
+    ):
         get_stat_kind("nope")
     assert batch_stats(HESSIAN, torch.ones(2, 3)).kind == "hessian"  # Stats.kind stays the name
     assert empty_stats(SQ_NORM, 5).total.shape == (5,)
@@ -148,3 +165,16 @@ def test_moments_sum_means_and_squares_and_round_trip_the_wire():
 
 def test_default_sensitivity_is_the_largest_kind():
     assert window_sensitivity(8, 0.5, 2) == max(window_sensitivity(8, 0.5, 2, k) for k in STAT_KINDS)
+
+
+def test_affine_hessian_sensitivity_bounds_replacing_one_window():
+    gen = torch.manual_seed(3)
+    limit = window_sensitivity(seq_len=8, bound=1.0, slots=1, kind="affine_hessian")
+    assert limit == pytest.approx(math.sqrt(2.0) * 8 * 2.0)
+    for _ in range(100):
+        a = clip_tokens(torch.randn(8, 4, generator=gen) * 3, 1.0)
+        b = clip_tokens(torch.randn(8, 4, generator=gen) * 3, 1.0)
+        moved = AFFINE_HESSIAN.to_wire(AFFINE_HESSIAN.compute(a)) - AFFINE_HESSIAN.to_wire(
+            AFFINE_HESSIAN.compute(b)
+        )
+        assert torch.linalg.norm(moved) <= limit + 1e-9

@@ -25,7 +25,7 @@ def _state(folder):
     return load_pruned(folder / "model").state_dict()
 
 
-@pytest.mark.parametrize("pruner", ["wanda", "variance", "sparsegpt"])
+@pytest.mark.parametrize("pruner", ["wanda", "variance", "sparsegpt", "obs"])
 def test_stats_sync_equals_centralized(pruner, make_cfg, tmp_path):
     runs = {
         name: _run(make_cfg, tmp_path / name, f"pruner={pruner}", *extra)

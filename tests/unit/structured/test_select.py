@@ -71,3 +71,52 @@ def test_ties_remove_the_lower_unit_first():
     down = torch.ones(2, 4)
     choice = get_selector("magnitude")(_Pruner("magnitude"), _coupled(down), {}, 2)
     assert choice.kept.tolist() == [2, 3]
+
+
+def _affine_stats(x):
+    """Σ[x;1][x;1]ᵀ of token inputs ``(tokens, in)`` as the consumer's statistics."""
+    from fedprune.stat_kinds import AFFINE_HESSIAN
+
+    return {"down": Stats("affine_hessian", AFFINE_HESSIAN.compute(x), x.shape[0])}
+
+
+def test_affine_hessian_holds_the_gram_the_sums_and_the_count():
+    from fedprune.stat_kinds import AFFINE_HESSIAN
+
+    x = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]])  # (windows, tokens, in)
+    total = AFFINE_HESSIAN.compute(x)
+    assert total.tolist() == [[10.0, -1.0, 4.0], [-1.0, 5.0, 1.0], [4.0, 1.0, 2.0]]
+    wire = AFFINE_HESSIAN.to_wire(total)
+    assert wire.shape == (AFFINE_HESSIAN.wire_length(2),) == (6,)
+    assert torch.equal(AFFINE_HESSIAN.from_wire(wire, 2), total)
+
+
+def test_obs_refits_weights_and_bias_by_affine_least_squares():
+    """With no damping the kept columns and the bias are the least-squares fit of the dense output with
+    an intercept (solved directly), whichever units are kept."""
+    torch.manual_seed(1)
+    x = torch.randn(400, 6).double() @ torch.randn(6, 6).double() + torch.tensor(
+        [1.0, -2.0, 0.5, 3.0, 0.0, 1.0]
+    )
+    down, bias = torch.randn(4, 6).double(), torch.randn(4).double()
+    target = x @ down.T + bias  # (tokens, out)
+    for select in ("obs", "variance"):
+        pruner = _Pruner("obs", percdamp=0.0, select=select)
+        choice = get_selector("obs")(pruner, _coupled(down, bias=bias), _affine_stats(x), 3)
+        kept = choice.kept
+        design = torch.cat([x[:, kept], torch.ones(400, 1, dtype=torch.float64)], dim=1)
+        solution = torch.linalg.lstsq(design, target).solution  # (kept + 1, out)
+        torch.testing.assert_close(choice.consumer_weight[:, kept], solution[:-1].T)
+        torch.testing.assert_close(choice.consumer_bias, solution[-1])
+        removed = [i for i in range(6) if i not in kept.tolist()]
+        assert (choice.consumer_weight[:, removed] == 0).all()
+
+
+def test_obs_variance_selection_keeps_the_units_of_most_output_variance():
+    torch.manual_seed(2)
+    x = torch.randn(300, 5).double() * torch.tensor([1.0, 0.1, 3.0, 0.5, 2.0])
+    down = torch.ones(2, 5).double()
+    choice = get_selector("obs")(
+        _Pruner("obs", percdamp=0.1, select="variance"), _coupled(down), _affine_stats(x), 2
+    )
+    assert choice.kept.tolist() == [0, 2, 4]

@@ -13,7 +13,7 @@ from fedprune.sequential import prune_model_
 from fedprune.structured.decide import Structure
 from tests.tiny_models import ARCHITECTURES, random_windows, tiny_model
 
-METHODS = ("magnitude", "wanda", "variance", "sparsegpt")
+METHODS = ("magnitude", "wanda", "variance", "sparsegpt", "obs")
 
 
 def _zeros_(block, edit):
