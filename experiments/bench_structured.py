@@ -27,7 +27,7 @@ the first fraction of every MLP's intermediate channels (rows of gate/up, column
 Usage:
   python experiments/bench_structured.py speed --dense smollm2-135m --pruned OUT/model [--threads 1]
       [--repeats 5] [--rounds 2] [--batches 1,4] [--out experiments/results/bench_structured_speed]
-  python experiments/bench_structured.py sweep [--methods magnitude,wanda,variance,sparsegpt]
+  python experiments/bench_structured.py sweep [--methods magnitude,wanda,variance,sparsegpt,obs]
       [--shapes ffn0.5,ffn0.5_h0.33,blocks4] [--windows 128] [--threads 1] [--repeats 5]
   python experiments/bench_structured.py sweep --quick    # 4 windows, 2 shapes, 2 methods, repeats 2
   python experiments/bench_structured.py slice-ffn --keep 0.5 --out /tmp/smollm2_half_ffn
@@ -88,19 +88,21 @@ class Shape:
 # Which methods remove whole blocks (the ``blocks*`` rows). None: every method of --methods (each one's own
 # block choice, if its scores decide it); set it to e.g. ("sparsegpt",) when the block choice does not
 # depend on the method. ``--block-methods`` overrides it.
-BLOCK_METHODS: tuple[str, ...] | None = None
+BLOCK_METHODS: tuple[str, ...] | None = ("obs",)  # blocks are chosen by influence, whatever the method
+TOP_METHODS = ("variance", "obs")  # the intermediate shapes: only the methods that compete for the best
 
 # The default sweep. Edit freely: a name is only a label (and part of the run folder's name).
 SHAPES: list[Shape] = [
     Shape("ffn0.2", ffn=0.2),
-    Shape("ffn0.35", ffn=0.35),
+    Shape("ffn0.35", ffn=0.35, methods=TOP_METHODS),
     Shape("ffn0.5", ffn=0.5),
     Shape("ffn0.2_h0.33", ffn=0.2, heads=0.33),
-    Shape("ffn0.35_h0.33", ffn=0.35, heads=0.33),
+    Shape("ffn0.35_h0.33", ffn=0.35, heads=0.33, methods=TOP_METHODS),
     Shape("ffn0.5_h0.33", ffn=0.5, heads=0.33),
     Shape("blocks2", blocks=2, methods=BLOCK_METHODS),
     Shape("blocks4", blocks=4, methods=BLOCK_METHODS),
     Shape("blocks6", blocks=6, methods=BLOCK_METHODS),
+    Shape("attn6", attention=6, methods=("gatenorm", "obs")),  # data-free coupling vs influence
 ]
 QUICK_SHAPES = ("ffn0.5", "ffn0.35_h0.33")
 QUICK_METHODS = "magnitude,wanda"
@@ -661,7 +663,16 @@ def sweep_row(method: str, shape: Shape, args: argparse.Namespace, dense: Path) 
     )
     if row["ppl_dense"] and row["ppl_pruned"]:
         row["ppl_ratio"] = row["ppl_pruned"] / row["ppl_dense"]
-    speed_path = run_dir / f"speed_t{args.threads}_r{args.repeats}x{args.rounds}.json"
+    if row["ppl_dense"] and row["ppl_pruned"] and metrics.get("params_dense"):
+        row["params_ratio"] = row["params_pruned"] / row["params_dense"]
+    if args.speed == "none":
+        return row
+    speed_name = f"speed_t{args.threads}_r{args.repeats}x{args.rounds}.json"
+    speed_path = run_dir / speed_name
+    same_shape = sorted(args.runs.resolve().glob(f"*_{shape.name}_w{args.windows}_s{args.seq_len}/{speed_name}"))
+    if args.speed == "shape" and not speed_path.exists() and same_shape:  # the shape decides the speed
+        speed_path.write_text(same_shape[0].read_text())
+        row["speed_from"] = same_shape[0].parent.name
     try:
         if speed_path.exists():
             speed = json.loads(speed_path.read_text())
@@ -889,12 +900,19 @@ def main(argv: list[str] | None = None) -> None:
     add_speed_options(speed)
 
     sw = sub.add_parser("sweep", help="fedprune runs per method x shape, then speed of each against dense")
-    sw.add_argument("--methods", default=None, help="pruners (default magnitude,wanda,variance,sparsegpt)")
+    sw.add_argument("--methods", default=None, help="pruners (default magnitude,wanda,variance,sparsegpt,obs)")
     sw.add_argument(
         "--shapes", default=None, help=f"names from the SHAPES table: {','.join(s.name for s in SHAPES)}"
     )
     sw.add_argument(
         "--block-methods", default=None, help="methods for the blocks* shapes (default: the table's)"
+    )
+    sw.add_argument(
+        "--speed",
+        choices=("all", "shape", "none"),
+        default="all",
+        help="measure speed for every run, once per shape (the other methods' rows reuse it: same widths, "
+        "at most some biases more), or not at all",
     )
     sw.add_argument("--windows", type=int, default=None, help="calibration windows (default 128; --quick 4)")
     sw.add_argument("--seq-len", type=int, default=512)
@@ -943,7 +961,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # sweep
-    args.methods = args.methods or (QUICK_METHODS if args.quick else "magnitude,wanda,variance,sparsegpt")
+    args.methods = args.methods or (QUICK_METHODS if args.quick else "magnitude,wanda,variance,sparsegpt,obs")
     args.windows = args.windows or (4 if args.quick else 128)
     args.eval_windows = args.eval_windows or (4 if args.quick else 16)
     suffix = "_quick" if args.quick else ""

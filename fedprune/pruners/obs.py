@@ -22,7 +22,7 @@ class ObsPruner:
     patterns = ("structured",)
     updates_weights = True
 
-    def __init__(self, percdamp: float = 0.01, select: str = "obs") -> None:
+    def __init__(self, percdamp: float = 0.03, select: str = "obs") -> None:
         if select not in ("obs", "variance"):
             raise ValueError(f"obs: select must be 'obs' or 'variance', got {select!r}")
         self.percdamp = float(percdamp)

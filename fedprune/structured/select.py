@@ -189,7 +189,7 @@ def affine_obs_units(pruner, coupled: Coupled, stats: Mapping[str, Stats], num_r
         raise ValueError(f"structured obs needs 'affine_hessian' statistics, got {sums.kind!r}")
     covariance, mean = centred(sums.total)
     weight = coupled.consumer_weight
-    percdamp = getattr(pruner, "percdamp", 0.01)
+    percdamp = getattr(pruner, "percdamp", 0.03)
     if getattr(pruner, "select", "obs") == "variance":  # keep the units of most output variance, then refit
         per_column = covariance.diagonal().clamp(min=0) * weight.double().pow(2).sum(dim=0)
         kept = keep_highest(column_sums(per_column, coupled.columns), num_remove)
