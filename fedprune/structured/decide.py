@@ -135,10 +135,12 @@ def structured_edit(
         coupling = structure.layout[granularity]
         check_dense(layers, coupling)
         consumer = layers[coupling.consumer]
-        bias = None if getattr(consumer, "bias", None) is None else consumer.bias.detach().clone()
+        # selection on the CPU whatever the model's device (the edit moves to the block when applied)
+        bias = None if getattr(consumer, "bias", None) is None else consumer.bias.detach().cpu().clone()
         names = [*coupling.rows, coupling.consumer]
-        coupled = Coupled(coupling, {name: get_weight(layers[name]) for name in names}, bias)
-        choice: UnitChoice = selector(pruner, coupled, stats, count)
+        coupled = Coupled(coupling, {name: get_weight(layers[name]).cpu() for name in names}, bias)
+        cpu_stats = {name: Stats(s.kind, s.total.cpu(), s.count) for name, s in stats.items()}
+        choice: UnitChoice = selector(pruner, coupled, cpu_stats, count)
         if choice.kept.numel() != coupling.units - count:
             raise RuntimeError(
                 f"{pruner.name} kept {choice.kept.numel()} of {coupling.units} units, not {coupling.units - count}"

@@ -66,7 +66,7 @@ def cosine_distance_sum(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Σ over tokens of 1 − cos(x_t, y_t), ``(..., tokens, hidden)`` -> float64 scalar (float32 products)."""
     x32, y32 = x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, y.shape[-1])
     cos = nn.functional.cosine_similarity(x32, y32, dim=-1, eps=1e-8)  # (tokens,)
-    return (1.0 - cos).double().sum()
+    return (1.0 - cos).double().sum().cpu()
 
 
 def influence_stats(

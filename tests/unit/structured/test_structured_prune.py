@@ -110,3 +110,25 @@ def test_pattern_and_structure_go_together():
             2,
             progress=False,
         )
+
+
+def test_mistral_is_a_llama_style_family():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=None,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    dense = copy.deepcopy(model)
+    ids = random_windows(4, 12)
+    structure = Structure.for_model(model, 0.5, 0.5)
+    assert structure.family.name == "llama"
+    report = prune_model_(model, ids, get_pruner("obs"), 0.0, parse_pattern("structured"), 2, progress=False,
+                          structure=structure)
+    _, blocks = find_blocks(dense)
+    for index, edit in report.edits.items():
+        _zeros_(blocks[index], edit)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
