@@ -39,6 +39,22 @@ class Pruner(Protocol):
         """Prune one layer without mutating ``weight``."""
 
 
+class StructuredOnly:
+    """Base of the pruners that remove whole units only (``pattern=structured``): their unit selection is
+    in :mod:`fedprune.structured.select`; scoring or pruning single weights is an error."""
+
+    name: str
+    patterns = ("structured",)
+
+    def scores(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        raise ValueError(f"pruner {self.name!r} removes whole units only: use pattern=structured")
+
+    def prune(
+        self, weight: torch.Tensor, stats: Stats | None, sparsity: float, pattern: Pattern
+    ) -> PruneResult:
+        raise ValueError(f"pruner {self.name!r} removes whole units only: use pattern=structured")
+
+
 PRUNERS: dict[str, type] = {}
 
 

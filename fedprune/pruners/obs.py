@@ -4,22 +4,17 @@ refitted (selection: :func:`fedprune.structured.select.affine_obs_units`)."""
 
 from __future__ import annotations
 
-import torch
-
-from fedprune.masks import Pattern
-from fedprune.pruners.base import PruneResult, register_pruner
+from fedprune.pruners.base import StructuredOnly, register_pruner
 from fedprune.stat_kinds import AFFINE_HESSIAN
-from fedprune.stats import Stats
 
 
 @register_pruner
-class ObsPruner:
+class ObsPruner(StructuredOnly):
     """Dampening ``percdamp`` of the mean diagonal of the centred Gram matrix; ``select``: the units kept
     by greedy OBS error (``obs``) or by output variance (``variance``), the weights and bias refitted."""
 
     name = "obs"
     stat_kind = AFFINE_HESSIAN.name
-    patterns = ("structured",)
     updates_weights = True
 
     def __init__(self, percdamp: float = 0.03, select: str = "obs") -> None:
@@ -27,11 +22,3 @@ class ObsPruner:
             raise ValueError(f"obs: select must be 'obs' or 'variance', got {select!r}")
         self.percdamp = float(percdamp)
         self.select = select
-
-    def scores(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
-        raise ValueError("pruner 'obs' removes whole units only: use pattern=structured")
-
-    def prune(
-        self, weight: torch.Tensor, stats: Stats | None, sparsity: float, pattern: Pattern
-    ) -> PruneResult:
-        raise ValueError("pruner 'obs' removes whole units only: use pattern=structured")

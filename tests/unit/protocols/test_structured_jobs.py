@@ -21,25 +21,25 @@ def _run(make_cfg, folder, *overrides):
     return validate(job).run(job, folder, in_process_launcher(3, 3))
 
 
+WAYS = {
+    "centralized": ["protocol=centralized"],
+    "plain": ["protocol=stats_sync"],
+    "secure": ["protocol=stats_sync", "privacy=secagg", "privacy.threshold=2", "privacy.token_bound=100"],
+}
+
+
+def _three_ways(make_cfg, folder, *overrides):
+    """The same job centralized, through stats_sync in the clear and under secure aggregation."""
+    return {name: _run(make_cfg, folder / name, *overrides, *extra) for name, extra in WAYS.items()}
+
+
 def _state(folder):
     return load_pruned(folder / "model").state_dict()
 
 
 @pytest.mark.parametrize("pruner", ["wanda", "variance", "sparsegpt", "obs"])
 def test_stats_sync_equals_centralized(pruner, make_cfg, tmp_path):
-    runs = {
-        name: _run(make_cfg, tmp_path / name, f"pruner={pruner}", *extra)
-        for name, extra in {
-            "centralized": ["protocol=centralized"],
-            "plain": ["protocol=stats_sync"],
-            "secure": [
-                "protocol=stats_sync",
-                "privacy=secagg",
-                "privacy.threshold=2",
-                "privacy.token_bound=100",
-            ],
-        }.items()
-    }
+    runs = _three_ways(make_cfg, tmp_path, f"pruner={pruner}")
     expected = _state(tmp_path / "centralized")
     for name in ("plain", "secure"):
         got = _state(tmp_path / name)
@@ -63,19 +63,7 @@ def test_stats_sync_equals_centralized(pruner, make_cfg, tmp_path):
 
 def test_depth_pruning_in_stats_sync_equals_centralized(make_cfg, tmp_path):
     depth = ["pruner=wanda", "structured.heads=0", "structured.blocks=1", "structured.attention=1"]
-    runs = {
-        name: _run(make_cfg, tmp_path / name, *depth, *extra)
-        for name, extra in {
-            "centralized": ["protocol=centralized"],
-            "plain": ["protocol=stats_sync"],
-            "secure": [
-                "protocol=stats_sync",
-                "privacy=secagg",
-                "privacy.threshold=2",
-                "privacy.token_bound=100",
-            ],
-        }.items()
-    }
+    runs = _three_ways(make_cfg, tmp_path, *depth)
     expected = _state(tmp_path / "centralized")
     assert runs["centralized"]["blocks_removed"] == 1 and runs["centralized"]["attention_removed"] == 1
     for name in ("plain", "secure"):
