@@ -143,7 +143,11 @@ def summary_table(metrics: dict) -> str:
         ("model", metrics["model"]),
         ("protocol", metrics.get("protocol", "centralized")),
         ("pruner / pattern", f"{metrics['pruner']} / {metrics['pattern']}"),
-        ("sparsity (actual)", f"{metrics['sparsity']:.3f} ({metrics['sparsity_actual']:.4f})"),
+        (
+            ("params dense / pruned", f"{metrics['params_dense'] / 1e6:.1f} M / {metrics['params_pruned'] / 1e6:.1f} M")
+            if "params_pruned" in metrics
+            else ("sparsity (actual)", f"{metrics['sparsity']:.3f} ({metrics['sparsity_actual']:.4f})")
+        ),
         ("perplexity dense", f"{metrics['ppl_dense']:.3f}"),
         ("perplexity pruned", f"{metrics['ppl_pruned']:.3f}"),
         ("tokens calib / eval", f"{metrics['calib_tokens']} / {metrics['eval_tokens']}"),
