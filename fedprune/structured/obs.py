@@ -58,7 +58,9 @@ def _block_scores(pblk: torch.Tensor, gblk: torch.Tensor) -> torch.Tensor:
     """tr((P_gg)⁻¹ G_gg) per group from ``(groups, s, s)`` blocks of P and WᵀW, ``(groups,)``."""
     if pblk.shape[-1] == 1:
         return gblk[:, 0, 0] / pblk[:, 0, 0]
-    return torch.linalg.solve(pblk, gblk).diagonal(dim1=-2, dim2=-1).sum(-1)
+    # one (s, s) solve per group: batched torch.linalg.solve fails on CPU with 2+ MKL threads (torch 2.13:
+    # "Intel oneMKL ERROR: Parameter 6 was incorrect on entry to DLASWP"); there are few groups
+    return torch.stack([torch.linalg.solve(p, g).diagonal().sum() for p, g in zip(pblk, gblk, strict=True)])
 
 
 def _blocks(

@@ -211,3 +211,18 @@ def test_removal_order_matches_brute_force_greedy(block_rank, n, size, num_remov
         removed += sorted(added, key=added.get)[: min(chunk, num_remove - len(removed))]
     res = remove_groups(w, gram, groups, num_remove, chunk=chunk)
     assert res.removed.tolist() == removed
+
+
+def test_large_groups_with_two_threads():
+    """Regression: batched torch.linalg.solve of (3, 192, 192) blocks fails on CPU with 2 threads (MKL
+    DLASWP error, torch 2.13); SmolLM2's key/value groups are that size."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(800, 576, dtype=torch.float64, generator=gen)
+        weight = torch.randn(64, 576, dtype=torch.float64, generator=gen)
+        result = remove_groups(weight, x.T @ x, torch.arange(576).reshape(3, 192), 1)
+    finally:
+        torch.set_num_threads(old)
+    assert result.kept.numel() == 2 and torch.isfinite(result.weight).all()
