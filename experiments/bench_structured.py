@@ -670,9 +670,11 @@ def sweep_row(method: str, shape: Shape, args: argparse.Namespace, dense: Path) 
     speed_name = f"speed_t{args.threads}_r{args.repeats}x{args.rounds}.json"
     speed_path = run_dir / speed_name
     same_shape = sorted(args.runs.resolve().glob(f"*_{shape.name}_w{args.windows}_s{args.seq_len}/{speed_name}"))
-    if args.speed == "shape" and not speed_path.exists() and same_shape:  # the shape decides the speed
+    if args.speed in ("shape", "cached") and not speed_path.exists() and same_shape:  # the shape decides it
         speed_path.write_text(same_shape[0].read_text())
         row["speed_from"] = same_shape[0].parent.name
+    if args.speed == "cached" and not speed_path.exists():
+        return row
     try:
         if speed_path.exists():
             speed = json.loads(speed_path.read_text())
@@ -909,10 +911,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     sw.add_argument(
         "--speed",
-        choices=("all", "shape", "none"),
+        choices=("all", "shape", "cached", "none"),
         default="all",
         help="measure speed for every run, once per shape (the other methods' rows reuse it: same widths, "
-        "at most some biases more), or not at all",
+        "at most some biases more), only report speeds measured before (cached), or not at all",
     )
     sw.add_argument("--windows", type=int, default=None, help="calibration windows (default 128; --quick 4)")
     sw.add_argument("--seq-len", type=int, default=512)
