@@ -188,20 +188,20 @@ def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:
 def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a model fedprune saved, whatever its per-block widths (eval mode; no hub access).
 
-    Without ``fedprune_structure.json`` this is ``AutoModelForCausalLM.from_pretrained``. With it, the
-    model is built from its config, every block layer is resized to its recorded shape (and bias), the
+    Without ``fedprune_structure.json``, or when it says the config states every shape, this is
+    ``AutoModelForCausalLM.from_pretrained``. Otherwise the model is built from its config, every block layer is resized to its recorded shape (and bias), the
     attention modules get their recorded head attributes, and the saved tensors are loaded strictly.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     record_path = path / STRUCTURE_FILE
-    if not record_path.is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        return model.eval()
-    record = json.loads(record_path.read_text())
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"format": 1}
     if record.get("format") != 1:
         raise ValueError(f"{record_path}: unknown format {record.get('format')!r}")
+    if record.get("loads_with_from_pretrained", True):  # its config states every shape: no second copy
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        return model.eval()
     values = json.loads((path / "config.json").read_text())
     values["model_type"] = record["model_type"]
     config = AutoConfig.for_model(**values)
