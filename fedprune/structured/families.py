@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,7 +50,8 @@ class Family:
     kv_heads_key: str  # "" when every head is its own group
     heads_in_config: bool
     attention_attrs: tuple[str, ...] = ()
-    mlp_bias_key: str = ""  # config key that gives every FFN layer a bias ("" = none exists)
+    # config flags that give every layer of a part ("mlp", "attention") a bias, where the model type has them
+    bias_keys: Mapping[str, str] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {
@@ -70,7 +71,7 @@ FAMILIES: dict[str, Family] = {
             heads_key="num_attention_heads",
             kv_heads_key="num_key_value_heads",
             heads_in_config=True,
-            mlp_bias_key="mlp_bias",
+            bias_keys={"mlp": "mlp_bias", "attention": "attention_bias"},  # Llama's (Qwen2, Mistral: none)
         ),
         Family(
             name="opt",

@@ -27,7 +27,6 @@ STRUCTURE_FILE = "fedprune_structure.json"
 NOT_FROM_PRETRAINED = (
     "(structurally pruned with widths its config cannot state: load with fedprune.load_pruned)"
 )
-BIAS_KEYS = {"mlp": "mlp_bias", "attention": "attention_bias"}  # Llama's config flags for added biases
 
 
 def attention_removed(block: nn.Module, family: Family) -> bool:
@@ -105,13 +104,8 @@ def finalize_config_(model: nn.Module, family: Family, shape: Geometry) -> bool:
     if not any(attention_removed(block, family) for _, block in named_blocks(model)):
         parts.append(("attention", attention_layers))
     for part, names in parts:
-        key = BIAS_KEYS[part]
-        if (
-            family.name == "llama"
-            and hasattr(config, key)
-            and not getattr(config, key)
-            and _has_bias(model, names)
-        ):
+        key = family.bias_keys.get(part, "")
+        if key and hasattr(config, key) and not getattr(config, key) and _has_bias(model, names):
             setattr(config, key, True)  # every layer of that part then has a bias
             _add_zero_biases_(model, names)
     actual = {name: tuple(t.shape) for name, t in model.state_dict().items()}
