@@ -77,7 +77,9 @@ class ModelSpec:
     @classmethod
     def from_mapping(cls, m: Mapping) -> ModelSpec:
         dtype = _get(m, "dtype", "model", str, "float32")
-        check(dtype in MODEL_DTYPES, "model.dtype", f"must be one of {', '.join(MODEL_DTYPES)}; got {dtype!r}")
+        check(
+            dtype in MODEL_DTYPES, "model.dtype", f"must be one of {', '.join(MODEL_DTYPES)}; got {dtype!r}"
+        )
         return cls(
             name=_get(m, "name", "model", str, "model"),
             path=_get(m, "path", "model", str, ""),
@@ -209,6 +211,40 @@ class StructuredSpec:
 
 
 @dataclass(frozen=True)
+class AllocationSpec:
+    """``allocation`` (how each layer's sparsity is decided: ``uniform`` or ``owl``) and ``owl``'s
+    parameters (``owl.m``: outlier threshold, times a block's mean score; ``owl.lambda``: spread)."""
+
+    name: str = "uniform"
+    m: float = 5.0
+    lam: float = 0.08
+
+    @classmethod
+    def from_mapping(cls, name: object, owl: Mapping) -> AllocationSpec:
+        from fedprune.allocation_rules import ALLOCATIONS
+
+        unknown = sorted(set(owl) - {"m", "lambda"})
+        check(not unknown, f"owl.{unknown[0] if unknown else ''}", "unknown key; known: m, lambda")
+        spec = cls(
+            name=_get({"allocation": name}, "allocation", "", str, "uniform"),
+            m=_get(owl, "m", "owl", float, 5.0),
+            lam=_get(owl, "lambda", "owl", float, 0.08),
+        )
+        check(spec.name in ALLOCATIONS, "allocation", f"unknown {spec.name!r}; known: {sorted(ALLOCATIONS)}")
+        check(spec.m > 0, "owl.m", f"must be > 0, got {spec.m}")
+        check(0 <= spec.lam < 0.5, "owl.lambda", f"must be in [0, 0.5), got {spec.lam}")
+        return spec
+
+    def rule(self):
+        """The allocation rule (:mod:`fedprune.allocation_rules`); None for ``uniform`` (every layer
+        gets ``sparsity``, nothing to compute)."""
+        from fedprune.allocation_rules import get_allocation_rule
+        from fedprune.owl import OwlSpec
+
+        return None if self.name == "uniform" else get_allocation_rule(self.name, OwlSpec(self.m, self.lam))
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One run, typed. ``protocol`` keeps the protocol group's raw options: the protocol parses them."""
 
@@ -230,6 +266,7 @@ class JobConfig:
     ignore: tuple[str, ...] = ()  # layer-name patterns left dense on purpose (fnmatch)
     threads: int | None = None  # torch intra-op threads of this process (None: torch's default)
     structured: StructuredSpec = field(default_factory=StructuredSpec)  # pattern=structured only
+    allocation: AllocationSpec = field(default_factory=AllocationSpec)
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> JobConfig:
@@ -261,6 +298,7 @@ class JobConfig:
             ignore=tuple(ignore),
             threads=_positive_threads(_get(m, "threads", "", _optional(int), None)),
             structured=StructuredSpec.from_mapping(_section(m, "structured")),
+            allocation=AllocationSpec.from_mapping(m.get("allocation"), _section(m, "owl")),
         )
 
 
@@ -364,6 +402,40 @@ def check_llm_job(job: JobConfig) -> None:
     check(job.batch_size >= 1, "batch_size", f"must be >= 1, got {job.batch_size}")
     check(job.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {job.eval_batch_size}")
     check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")
+    check_allocation(job, pruner, pattern)
+
+
+def check_allocation(job: JobConfig, pruner, pattern) -> None:
+    """A non-uniform allocation needs a data-driven pruner and unstructured pruning with one sparsity
+    (a per-block N:M makes no sense; structured pruning removes whole units)."""
+    name = job.allocation.name
+    if name == "uniform":
+        return
+    check(
+        pattern.kind == "unstructured",
+        "allocation",
+        f"{name!r} gives each block its own sparsity, which pattern {job.pattern!r} cannot express "
+        "(use pattern=unstructured or allocation=uniform)",
+    )
+    check(
+        pruner.stat_kind is not None,
+        "allocation",
+        f"{name!r} needs calibration statistics; pruner {pruner.name!r} is data-free",
+    )
+    check(
+        job.privacy.name != "secagg_dp",
+        "allocation",
+        f"{name!r} adds a sum of every dense block's statistics that the DP accounting does not count yet "
+        "(use privacy=secagg or none)",
+    )
+    check(not job.model.offload, "allocation", f"{name!r} does not work with model.offload=true yet")
+    from fedprune.owl import MAX_SPARSITY
+
+    check(
+        target_sparsity(job) <= MAX_SPARSITY,
+        "sparsity",
+        f"allocation {name!r} needs a sparsity <= {MAX_SPARSITY}, got {target_sparsity(job)}",
+    )
 
 
 def check_structured_job(job: JobConfig) -> None:
@@ -376,7 +448,11 @@ def check_structured_job(job: JobConfig) -> None:
         "pattern=structured removes nothing: set structured.ffn, structured.heads, structured.blocks or "
         "structured.attention",
     )
-    check(not job.ignore, "ignore", "is not supported with pattern=structured (coupled layers are edited together)")
+    check(
+        not job.ignore,
+        "ignore",
+        "is not supported with pattern=structured (coupled layers are edited together)",
+    )
     check(not job.model.offload, "model.offload", "is not supported with pattern=structured yet")
     influence = spec.blocks or (spec.attention and job.pruner.name != "gatenorm")
     check(

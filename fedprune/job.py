@@ -144,7 +144,10 @@ def summary_table(metrics: dict) -> str:
         ("protocol", metrics.get("protocol", "centralized")),
         ("pruner / pattern", f"{metrics['pruner']} / {metrics['pattern']}"),
         (
-            ("params dense / pruned", f"{metrics['params_dense'] / 1e6:.1f} M / {metrics['params_pruned'] / 1e6:.1f} M")
+            (
+                "params dense / pruned",
+                f"{metrics['params_dense'] / 1e6:.1f} M / {metrics['params_pruned'] / 1e6:.1f} M",
+            )
             if "params_pruned" in metrics
             else ("sparsity (actual)", f"{metrics['sparsity']:.3f} ({metrics['sparsity_actual']:.4f})")
         ),
@@ -201,7 +204,9 @@ class Prepared:
         if isinstance(blocks, OffloadedBlocks):
             self.source = blocks.saver.finish()
         if self.structure is not None:
-            self.loads_with_from_pretrained = finalize_config_(self.model, self.structure.family, self.structure.shape)
+            self.loads_with_from_pretrained = finalize_config_(
+                self.model, self.structure.family, self.structure.shape
+            )
 
     @property
     def model_files(self) -> dict[str, object]:
@@ -239,6 +244,7 @@ def prune_with_job_(
         ignore=job.ignore,
         blocks=blocks,
         structure=prep.structure,
+        allocation=job.allocation.rule(),
     )
 
 
@@ -269,6 +275,13 @@ def prepare(job: JobConfig) -> Prepared:
     return Prepared(
         pruner, pattern, model, tokenizer, data, dense, start, source, structure, parameter_count(model)
     )
+
+
+def allocation_metrics(result) -> dict:
+    """A non-uniform allocation's per-block sparsities and scores (an ``Allocated``; {} if None)."""
+    if result is None:
+        return {}
+    return {"block_sparsity": result.block_sparsity, "block_allocation_score": result.block_score}
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -316,6 +329,7 @@ def base_metrics(job: JobConfig, prep: Prepared, ppl_pruned: float, calib_tokens
         "pruner": prep.pruner.name,
         "pattern": str(prep.pattern),
         "sparsity": target_sparsity(job),
+        "allocation": job.allocation.name,
         "sparsity_actual": report.sparsity,
         "pruned_weights": report.pruned_weights,
         "ignored_weights": report.ignored_weights,

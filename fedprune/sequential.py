@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedprune.allocation import Allocation, as_allocation, qualified
+from fedprune.allocation_rules import Allocated, AllocationRule, allocated
 from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import (
     apply_weights_,
@@ -388,6 +389,7 @@ class PruneReport:
     ignored_layers: list[str] = field(default_factory=list)
     edits: dict[int, object] = field(default_factory=dict)  # structured: each block's StructuredEdit
     depth: object = None  # structured: the DepthPlan (removed blocks and attention sublayers), if any
+    allocation: Allocated | None = None  # a non-uniform allocation rule's result (OWL), if any
 
 
 def prune_model_(
@@ -402,6 +404,7 @@ def prune_model_(
     ignore: Sequence[str] = (),
     blocks: BlockAccess | None = None,
     structure: Structure | None = None,
+    allocation: AllocationRule | None = None,
 ) -> PruneReport:
     """Centralized sequential pruning of every decoder block of ``model`` in place.
 
@@ -414,6 +417,8 @@ def prune_model_(
         pruning, the next block's inputs) and unloaded after it (an offloaded block is saved, then released).
     structure : with ``pattern`` structured: the units removed from every block; each block becomes
         physically smaller (its :class:`fedprune.edits.StructuredEdit`) before it computes the next inputs.
+    allocation : a rule deciding each block's sparsity (default: ``sparsity`` everywhere); one that needs
+        statistics of the dense model gets them from one dense pass first (:func:`collect_dense_stats`).
     """
     check_pruner_supports(pruner, pattern)
     if (pattern.kind == "structured") != (structure is not None):
@@ -423,9 +428,14 @@ def prune_model_(
     blocks_name, block_list = find_blocks(model)
     report = PruneReport()
     influence_needed = structure is not None and structure.needs_influence(pruner)
-    needs_inputs = bool(pruner.stat_kind) or influence_needed
+    dense_kind = allocation.dense_stat_kind if allocation is not None else None
+    needs_inputs = bool(pruner.stat_kind) or influence_needed or dense_kind is not None
     inputs = capture_block_inputs(model, input_ids, batch_size) if needs_inputs else None
     report.calib_tokens = inputs.num_tokens if inputs else 0
+    if allocation is not None:
+        dense = collect_dense_stats(access, inputs, dense_kind, ignore, blocks_name) if dense_kind else None
+        report.allocation = allocate(allocation, access, dense, sparsity, ignore)
+        sparsity = report.allocation.allocation
     plan = DepthPlan()
     if structure is not None and structure.removes_depth:
         influence = collect_influence(access, inputs, structure.family) if influence_needed else None
@@ -453,7 +463,9 @@ def prune_model_(
                 masks = {}
             else:
                 masks = prune_block_(block, stats, pruner, sparsity, pattern, ignore, prefix)
-                report.ignored_layers += [f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks]
+                report.ignored_layers += [
+                    f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks
+                ]
             for name, mask in masks.items():
                 report.layer_sparsity[f"{prefix}.{name}"] = sparsity_of(mask)
                 if keep_masks:
@@ -462,6 +474,49 @@ def prune_model_(
                 inputs = run_block(block, inputs)
     remove_blocks_(model, plan.blocks)
     return report
+
+
+@torch.no_grad()
+def collect_dense_stats(
+    access: BlockAccess,
+    inputs: BlockInputs,
+    stat_kind: str,
+    ignore: Sequence[str] = (),
+    blocks_name: str = "",
+    token_bound: float | None = None,
+) -> list[BlockStats]:
+    """One pass of the dense model from the block-0 ``inputs``: every block's statistics (for an
+    allocation rule), by block."""
+    collected, current = [], inputs
+    count = len(inputs.kwargs_per_block)
+    for index in range(count):
+        with held_block(access, index) as block:
+            prefix = qualified(blocks_name, str(index))
+            collected.append(collect_block_stats(block, current, stat_kind, token_bound, ignore, prefix))
+            if index + 1 < count:
+                current = run_block(block, current)
+    return collected
+
+
+def allocate(
+    rule: AllocationRule,
+    access: BlockAccess,
+    dense: Sequence[BlockStats] | None,
+    sparsity: float,
+    ignore: Sequence[str] = (),
+) -> Allocated:
+    """The rule's allocation for the dense blocks of ``access`` (each loaded in turn for its score) with
+    their dense statistics ``dense`` (by block; None if the rule needs none)."""
+    blocks_name, block_list = find_blocks(access.model)
+    scores, layers = [], []
+    for index in range(len(block_list)):
+        prefix = f"{blocks_name}.{index}"
+        with held_block(access, index) as block:
+            weights = {n: get_weight(m) for n, m in find_prunable_layers(block, ignore, prefix).items()}
+            scores.append(rule.block_score(weights, dense[index] if dense is not None else {}))
+        layers.append((prefix, {name: w.numel() for name, w in weights.items()}))
+        del weights
+    return allocated(rule, sparsity, scores, layers)
 
 
 @torch.no_grad()

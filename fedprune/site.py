@@ -26,12 +26,13 @@ from fedprune.sequential import (
     ResidentBlocks,
     capture_block_inputs,
     collect_block_stats,
+    collect_dense_stats,
     collect_influence,
     prune_layers,
     prune_model_,
     run_block,
 )
-from fedprune.stats import BlockStats
+from fedprune.stats import BlockStats, model_stats
 from fedprune.structured.decide import Structure
 from fedprune.structured.depth import INFLUENCE_ATTENTION, INFLUENCE_BLOCKS, remove_attention_
 from fedprune.structured.families import family_of
@@ -88,6 +89,23 @@ def site_influence(model: nn.Module, state: SiteState) -> BlockStats:
     _check_block(state, 0)
     influence = collect_influence(ResidentBlocks(model), state.inputs, family_of(model.config))
     return BlockStats({(INFLUENCE_BLOCKS,): influence.blocks, (INFLUENCE_ATTENTION,): influence.attention})
+
+
+def site_dense_stats(
+    model: nn.Module,
+    state: SiteState,
+    stat_kind: str,
+    ignore: Sequence[str] = (),
+    token_bound: float | None = None,
+) -> BlockStats:
+    """Statistics of every prunable layer of every dense block on the site's windows (state at block 0),
+    by ``"<block>.<layer>"`` (for an allocation rule such as OWL; ``token_bound``: DP clip first)."""
+    _check_block(state, 0)
+    blocks_name = find_blocks(model)[0]
+    per_block = collect_dense_stats(
+        ResidentBlocks(model), state.inputs, stat_kind, ignore, blocks_name, token_bound
+    )
+    return model_stats(per_block)
 
 
 def site_block_masks(

@@ -74,9 +74,7 @@ def empty_stats(kind: str | StatKind, in_features: int) -> Stats:
 def add_stats(a: Stats, b: Stats) -> Stats:
     """Sum of two statistics of the same kind and layer."""
     if a.kind != b.kind or a.total.shape != b.total.shape:
-        raise ValueError(
-            f"cannot add {a.kind}{tuple(a.total.shape)} and {b.kind}{tuple(b.total.shape)}"
-        )
+        raise ValueError(f"cannot add {a.kind}{tuple(a.total.shape)} and {b.kind}{tuple(b.total.shape)}")
     return Stats(kind=a.kind, total=a.total + b.total, count=a.count + b.count)
 
 
@@ -155,6 +153,27 @@ def as_block_stats(stats: Mapping[str, Stats]) -> BlockStats:
     for name, value in stats.items():
         groups.setdefault(id(value), []).append(name)
     return BlockStats({tuple(names): stats[names[0]] for names in groups.values()}, order=stats)
+
+
+def model_stats(per_block: Sequence[BlockStats]) -> BlockStats:
+    """Every block's statistics as one mapping by ``"<block>.<layer>"`` (groups kept within each block)."""
+    shared = {
+        tuple(f"{index}.{name}" for name in group): stats
+        for index, block in enumerate(per_block)
+        for group, stats in zip(block.groups, block.group_stats, strict=True)
+    }
+    return BlockStats(
+        shared, order=[f"{index}.{name}" for index, block in enumerate(per_block) for name in block]
+    )
+
+
+def split_model_stats(stats: Mapping[str, Stats], num_blocks: int) -> list[dict[str, Stats]]:
+    """The inverse of :func:`model_stats`: by block, the statistics by layer name (shared objects kept)."""
+    per_block: list[dict[str, Stats]] = [{} for _ in range(num_blocks)]
+    for key in stats:
+        index, name = key.split(".", 1)
+        per_block[int(index)][name] = stats[key]
+    return per_block
 
 
 def common_groups(blocks: Sequence[BlockStats]) -> list[list[str]]:

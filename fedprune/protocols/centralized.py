@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fedprune.config import JobConfig, check_llm_federation, check_llm_job
 from fedprune.job import (
+    allocation_metrics,
     base_metrics,
     calibration_windows,
     discard_,
@@ -54,6 +55,7 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
             pruned.value,
             report.calib_tokens,
             calib_windows=int(calib_ids.shape[0]),
+            **allocation_metrics(report.allocation),
             **clock.metrics(),
         )
         model = prep.model if job.save_model else None
@@ -74,5 +76,6 @@ UNIT = register_protocol(
         offload=True,
         structured=True,
         depth=True,
+        allocation=True,
     )
 )

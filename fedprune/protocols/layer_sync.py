@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from fedprune.allocation_rules import Allocated, AllocationRule
 from fedprune.edits import BlockEdit, MaskEdit, WeightEdit
 from fedprune.masks import Pattern
 from fedprune.models import find_blocks
@@ -45,6 +46,7 @@ class FederatedJob:
     plan: SecurePlan | None = None  # public secure-aggregation parameters (privacy != none)
     blocks: BlockAccess | None = None  # where the model's blocks live (None: in memory)
     structure: Structure | None = None  # pattern=structured: the units the server removes per block
+    allocation: AllocationRule | None = None  # a non-uniform allocation rule (OWL); None: uniform
 
     @property
     def block_access(self) -> BlockAccess:
@@ -76,6 +78,8 @@ class FederatedOutcome:
     vote_sites: int = 0  # mask_vote: how many sites' masks the counts sum
     sites_per_sum: list[tuple[int, ...]] = field(default_factory=list)  # node ids, one entry per sum
     tokens: dict[int, int] = field(default_factory=dict)  # calibration tokens by node
+    allocation: Allocated | None = None  # a non-uniform allocation's result, if any
+    allocation_sites: tuple[int, ...] = ()  # the sites whose dense statistics entered it
 
     def record(self, blocks_name: str, block: int, removed: dict[str, float]) -> None:
         """Record what a block edit removed (``edit.report()``: fraction by layer)."""
@@ -118,10 +122,16 @@ def block_edit(masks: dict, weights: dict, weights_changed: bool) -> BlockEdit:
 
 BlockStep = Callable[[Sums, int, dict, dict | None, dict[int, int]], tuple[BlockEdit, tuple]]
 DepthStep = Callable[[Sums, dict[int, int]], DepthPlan]
+BeforeStep = Callable[[Sums, dict[int, int]], None]
 
 
 def layer_sync(
-    fed: Federation, job: FederatedJob, label: str, step: BlockStep, plan_depth: DepthStep | None = None
+    fed: Federation,
+    job: FederatedJob,
+    label: str,
+    step: BlockStep,
+    plan_depth: DepthStep | None = None,
+    before: BeforeStep | None = None,
 ) -> FederatedOutcome:
     """The per-block loop of the layer-synchronous protocols (one sum per block).
 
@@ -129,12 +139,15 @@ def layer_sync(
     it travels to the sites with the next task) and the sites whose data entered its sum. The global block
     is loaded for its step (:attr:`FederatedJob.block_access`). ``plan_depth(sums, tokens)``, once the sites
     have started: the blocks removed whole (no round; the sites pass their inputs on) and the attention
-    sublayers removed (structured depth pruning); every task tells the sites.
+    sublayers removed (structured depth pruning); every task tells the sites. ``before(sums, tokens)``,
+    first of all once the sites have started: sums the protocol needs before any block (an allocation).
     """
     outcome = FederatedOutcome()
     outcome.tokens = start_sites(fed, job)
     blocks_name, blocks = find_blocks(job.model)
     sums = job.sums(fed)
+    if before is not None:
+        before(sums, outcome.tokens)
     plan = plan_depth(sums, outcome.tokens) if plan_depth is not None else DepthPlan()
     update, update_kind = None, "masks"
     decided = [b for b in range(len(blocks)) if b not in plan.blocks]

@@ -15,7 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedprune.config import JobConfig, check
-from fedprune.job import Prepared, base_metrics, discard_, prepare, privacy_metrics, write_outputs
+from fedprune.job import (
+    Prepared,
+    allocation_metrics,
+    base_metrics,
+    discard_,
+    prepare,
+    privacy_metrics,
+    write_outputs,
+)
 from fedprune.outputs import save_tensors_atomic
 from fedprune.protocols.centralized import check_llm
 from fedprune.protocols.federation import Federation, Launcher
@@ -76,6 +84,7 @@ def _run_federated(
         plan=plan_from_job(job, prep.model),
         blocks=blocks,
         structure=prep.structure,
+        allocation=job.allocation.rule(),
     )
     result: dict = {}
 
@@ -94,6 +103,8 @@ def _run_federated(
     prep.pruned_(blocks)
     pruned = prep.evaluate(job, "pruned")
     extra = {}
+    if outcome.allocation is not None:
+        extra.update(allocation_metrics(outcome.allocation), allocation_sites=list(outcome.allocation_sites))
     if len(set(outcome.sites_per_sum)) > 1:
         extra["sites_per_sum"] = [list(sites) for sites in outcome.sites_per_sum]
     metrics = base_metrics(

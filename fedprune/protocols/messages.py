@@ -16,6 +16,7 @@ from typing import get_type_hints
 
 from fedprune.config import JobConfig, target_sparsity
 from fedprune.edits import EDITS
+from fedprune.stat_kinds import STAT_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,9 @@ class MethodSpec:
 UPDATE_KINDS = tuple(EDITS)  # masks | weights | kept (fedprune.edits)
 
 
-TASK_KINDS = ("stats", "influence")  # a block's statistics; the dense model's influence sums (depth)
+# a block's statistics; the dense model's influence sums (depth); every dense block's statistics of kind
+# ``stat_kind`` (an allocation rule such as OWL)
+TASK_KINDS = ("stats", "influence", "dense")
 
 
 @dataclass(frozen=True)
@@ -221,11 +224,18 @@ class BlockTask:
     task: str = "stats"
     removed_blocks: tuple[int, ...] = ()
     removed_attention: tuple[int, ...] = ()
+    stat_kind: str = ""  # task "dense": the statistic of every dense block
 
     def __post_init__(self) -> None:
         _require(self.block >= 0, "block", f"must be >= 0, got {self.block}")
         _require(self.update_kind in UPDATE_KINDS, "update_kind", f"must be one of {UPDATE_KINDS}")
         _require(self.task in TASK_KINDS, "task", f"must be one of {TASK_KINDS}")
+        _require(
+            (self.task == "dense") == bool(self.stat_kind)
+            and (not self.stat_kind or self.stat_kind in STAT_KINDS),
+            "stat_kind",
+            f"task 'dense' names one of {sorted(STAT_KINDS)}, and only it; got {self.stat_kind!r}",
+        )
         for key in ("removed_blocks", "removed_attention"):
             values = getattr(self, key)
             _require(all(v >= 0 for v in values) and len(set(values)) == len(values), key, f"got {values}")
@@ -246,6 +256,8 @@ class BlockTask:
         record = {"block": self.block, "update_kind": self.update_kind}
         if self.task != "stats":
             record["task"] = self.task
+        if self.stat_kind:
+            record["stat_kind_dense"] = self.stat_kind
         for key in ("removed_blocks", "removed_attention"):
             if getattr(self, key):
                 record[key] = [int(v) for v in getattr(self, key)]
@@ -269,4 +281,5 @@ class BlockTask:
             task=_read(record, "task", str) if "task" in record else "stats",
             removed_blocks=ints("removed_blocks"),
             removed_attention=ints("removed_attention"),
+            stat_kind=_read(record, "stat_kind_dense", str) if "stat_kind_dense" in record else "",
         )

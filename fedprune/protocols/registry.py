@@ -34,6 +34,7 @@ class ProtocolUnit:
     offload: bool = False  # works with model.offload=true (decoder blocks loaded one at a time)
     structured: bool = False  # works with pattern=structured (whole units removed)
     depth: bool = False  # and with structured.blocks / structured.attention (whole blocks, sublayers)
+    allocation: bool = False  # works with a non-uniform allocation (allocation=owl)
 
 
 PROTOCOLS: dict[str, ProtocolUnit] = {}
@@ -96,5 +97,11 @@ def validate(job: JobConfig) -> ProtocolUnit:
                 f"removing whole blocks or attention sublayers works with protocol "
                 f"{' or '.join(n for n, u in PROTOCOLS.items() if u.depth)}, not {job.protocol_name!r}",
             )
+    check(
+        job.allocation.name == "uniform" or unit.allocation,
+        "allocation",
+        f"{job.allocation.name!r} works with protocol "
+        f"{' or '.join(n for n, u in PROTOCOLS.items() if u.allocation)}, not yet with {job.protocol_name!r}",
+    )
     unit.check(job)
     return unit

@@ -48,3 +48,20 @@ def test_parsing_is_typed():
     )
     assert job.data.seq_len == 16 and job.data.heldout == ("a",) and job.ignore == ("*.x",)
     assert job.protocol_name == "centralized" and job.protocol == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["allocation=erk"], "allocation"),
+        (["allocation=owl", "owl.m=0"], "owl.m"),
+        (["allocation=owl", "owl.lambda=0.7"], "owl.lambda"),
+        (["allocation=owl", "+owl.M=3"], "owl.M"),
+        (["allocation=owl", "pattern=2:4", "sparsity=null"], "allocation"),
+        (["allocation=owl", "pruner=magnitude"], "allocation"),
+        (["allocation=owl", "sparsity=0.995"], "sparsity"),
+    ],
+)
+def test_bad_allocation_names_the_key(make_cfg, overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        validate(job_of(make_cfg(*overrides)))
