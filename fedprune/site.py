@@ -33,10 +33,10 @@ from fedprune.sequential import (
     run_block,
 )
 from fedprune.stats import BlockStats, model_stats
-from fedprune.structured.decide import Structure
-from fedprune.structured.depth import INFLUENCE_ATTENTION, INFLUENCE_BLOCKS, remove_attention_
+from fedprune.structured.decide import DepthPlan, Structure
+from fedprune.structured.depth import INFLUENCE_ATTENTION, INFLUENCE_BLOCKS, Influence, remove_attention_
 from fedprune.structured.families import family_of
-from fedprune.structured.vote import unit_votes
+from fedprune.structured.vote import abstention, depth_votes, unit_votes
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,16 @@ def site_block_stats(
     return collect_block_stats(module, state.inputs, stat_kind, token_bound, ignore, prefix)
 
 
+def _influence(model: nn.Module, state: SiteState) -> Influence:
+    """The dense model's influence sums on the site's windows (state at block 0)."""
+    _check_block(state, 0)
+    return collect_influence(ResidentBlocks(model), state.inputs, family_of(model.config))
+
+
 def site_influence(model: nn.Module, state: SiteState) -> BlockStats:
     """The dense model's influence sums on the site's windows (state at block 0): per block and per
     attention sublayer, Σ_t (1 − cos) (:mod:`fedprune.structured.depth`), as two ``sq_norm`` entries."""
-    _check_block(state, 0)
-    influence = collect_influence(ResidentBlocks(model), state.inputs, family_of(model.config))
+    influence = _influence(model, state)
     return BlockStats({(INFLUENCE_BLOCKS,): influence.blocks, (INFLUENCE_ATTENTION,): influence.attention})
 
 
@@ -106,6 +111,16 @@ def site_dense_stats(
         ResidentBlocks(model), state.inputs, stat_kind, ignore, blocks_name, token_bound
     )
     return model_stats(per_block)
+
+
+def site_depth_votes(
+    model: nn.Module, state: SiteState, pruner: Pruner, structure: Structure
+) -> dict[str, torch.Tensor]:
+    """The site's own depth vote (structured depth pruning in a voting protocol): the blocks and
+    attention sublayers centralized pruning would remove on this site's windows alone (its influence
+    sums, state at block 0), as 0/1 per block by kind (:func:`fedprune.structured.vote.depth_votes`)."""
+    influence = _influence(model, state) if structure.needs_influence(pruner) else None
+    return depth_votes(structure.depth_plan(influence, model, pruner), structure, pruner)
 
 
 def site_block_masks(
@@ -127,16 +142,15 @@ def site_block_masks(
 
 
 def site_block_unit_votes(
-    model: nn.Module, state: SiteState, block: int, pruner: Pruner, structure: Structure
+    model: nn.Module, state: SiteState, block: int, pruner: Pruner, structure: Structure, attention: bool = True
 ) -> dict[str, torch.Tensor]:
     """The site's own vote on the units of ``block`` (``pattern=structured``): its structured edit from
     its statistics (the model is not changed), as 0/1 per unit by granularity
-    (:func:`fedprune.structured.vote.unit_votes`)."""
-    _check_block(state, block)
-    blocks_name, blocks = find_blocks(model)
-    prefix = f"{blocks_name}.{block}"
-    stats = collect_block_stats(blocks[block], state.inputs, pruner.stat_kind, None, (), prefix)
-    return unit_votes(structure.edit(blocks[block], stats, pruner), structure)
+    (:func:`fedprune.structured.vote.unit_votes`; ``attention`` False: of the block without its
+    attention sublayer, no heads voted)."""
+    stats = site_block_stats(model, state, block, pruner.stat_kind, None, (), without_attention=not attention)
+    edit = structure.edit(find_blocks(model)[1][block], stats, pruner, attention)
+    return unit_votes(edit, structure, attention)
 
 
 def advance_site_(
@@ -193,11 +207,20 @@ def local_masks(
     return report.masks
 
 
+@dataclass(frozen=True)
+class LocalVotes:
+    """A one-shot site's votes: on the units of every dense block (by block, then granularity; zeros
+    where the site removed the block, or its attention for the heads) and its depth vote by kind."""
+
+    units: dict[int, dict[str, torch.Tensor]]
+    depth: dict[str, torch.Tensor]
+
+
 def local_unit_votes(
     model: nn.Module, calib_ids: torch.Tensor, pruner: Pruner, structure: Structure, batch_size: int
-) -> dict[int, dict[str, torch.Tensor]]:
+) -> LocalVotes:
     """One-shot ``pattern=structured``: prune a private copy of the whole model sequentially with the
-    site's own structured edits; its unit votes by block, then granularity."""
+    site's own structured edits (and its own depth choice); its votes."""
     local = copy.deepcopy(model)
     report = prune_model_(
         local,
@@ -209,7 +232,14 @@ def local_unit_votes(
         progress=False,
         structure=structure,
     )
-    return {block: unit_votes(edit, structure) for block, edit in sorted(report.edits.items())}
+    plan = report.depth or DepthPlan()
+    units = {}
+    for block in range(structure.dense_blocks):
+        votes = abstention(structure)  # zeros where the site removed the block (or its attention: heads)
+        if block in report.edits:
+            votes.update(unit_votes(report.edits[block], structure, block not in plan.attention))
+        units[block] = votes
+    return LocalVotes(units, depth_votes(plan, structure, pruner))
 
 
 def block_layer_shapes(

@@ -26,6 +26,7 @@ from fedprune.pruners.base import Pruner
 from fedprune.secure.plan import SecurePlan
 from fedprune.sequential import BlockAccess, ResidentBlocks, held_block
 from fedprune.structured.decide import DepthPlan, Structure
+from fedprune.structured.depth import remove_blocks_
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class FederatedOutcome:
     )  # mask_vote: keep counts by "<block>.<layer>"
     vote_sites: int = 0  # mask_vote: how many sites' masks the counts sum
     sites_per_sum: list[tuple[int, ...]] = field(default_factory=list)  # node ids, one entry per sum
+    depth_sites: tuple[int, ...] | None = None  # depth pruning: whose influence sums / votes chose it
     tokens: dict[int, int] = field(default_factory=dict)  # calibration tokens by node
     allocation: Allocated | None = None  # a non-uniform allocation's result, if any
     allocation_sites: tuple[int, ...] = ()  # the sites whose dense statistics entered it
@@ -120,8 +122,17 @@ def block_edit(masks: dict, weights: dict, weights_changed: bool) -> BlockEdit:
     return WeightEdit(weights, masks) if weights_changed else MaskEdit(masks)
 
 
+@dataclass(frozen=True)
+class DepthDecision:
+    """The blocks and attention sublayers a run removes, and the sites whose data (influence sums or
+    depth votes) entered that choice (``None``: no sum, e.g. none removed or ``pruner=gatenorm``)."""
+
+    plan: DepthPlan = field(default_factory=DepthPlan)
+    sites: tuple[int, ...] | None = None
+
+
 BlockStep = Callable[[Sums, int, dict, dict | None, dict[int, int]], tuple[BlockEdit, tuple]]
-DepthStep = Callable[[Sums, dict[int, int]], DepthPlan]
+DepthStep = Callable[[Sums, dict[int, int]], DepthDecision]
 BeforeStep = Callable[[Sums, dict[int, int]], None]
 
 
@@ -137,10 +148,12 @@ def layer_sync(
 
     ``step(sums, block, config, update, tokens)`` returns the block's edit (applied to the global model;
     it travels to the sites with the next task) and the sites whose data entered its sum. The global block
-    is loaded for its step (:attr:`FederatedJob.block_access`). ``plan_depth(sums, tokens)``, once the sites
-    have started: the blocks removed whole (no round; the sites pass their inputs on) and the attention
-    sublayers removed (structured depth pruning); every task tells the sites. ``before(sums, tokens)``,
-    first of all once the sites have started: sums the protocol needs before any block (an allocation).
+    is loaded for its step (:attr:`FederatedJob.block_access`). ``plan_depth(sums, tokens)``, once the sites have started: the
+    blocks removed whole (no round; the sites pass their inputs on) and the attention sublayers removed
+    (structured depth pruning); every task tells the sites, and the removed blocks leave the global model
+    at the end. Its sum, if any, is the first entry of ``sites_per_sum`` and ``depth_sites``.
+    ``before(sums, tokens)``, first of all once the sites have started: sums the protocol needs before any
+    block (a non-uniform allocation).
     """
     outcome = FederatedOutcome()
     outcome.tokens = start_sites(fed, job)
@@ -148,7 +161,10 @@ def layer_sync(
     sums = job.sums(fed)
     if before is not None:
         before(sums, outcome.tokens)
-    plan = plan_depth(sums, outcome.tokens) if plan_depth is not None else DepthPlan()
+    decision = plan_depth(sums, outcome.tokens) if plan_depth is not None else DepthDecision()
+    plan, outcome.depth_sites = decision.plan, decision.sites
+    if decision.sites is not None:
+        outcome.sites_per_sum.append(decision.sites)
     update, update_kind = None, "masks"
     decided = [b for b in range(len(blocks)) if b not in plan.blocks]
     for block in tqdm(decided, desc=f"federated {label}", disable=not job.progress):
@@ -162,4 +178,5 @@ def layer_sync(
         outcome.sites_per_sum.append(sites)
         update, update_kind = edit.encode(), edit.kind
     finish_sites(fed, job)
+    remove_blocks_(job.model, plan.blocks)  # the sites never needed them: removed whole at the end
     return outcome

@@ -4,7 +4,8 @@ evaluate, write outputs. The federation comes from a launcher (a Flower simulati
 
 ``metrics.json`` reports what happened: ``num_clients`` and ``calib_tokens`` are the sites (and their
 tokens) whose data entered the final sums; ``sites_per_sum`` lists the sites of every sum where they
-differ (a site that dropped out or whose reply was rejected).
+differ (a site that dropped out or whose reply was rejected); ``depth_sites`` the sites whose influence
+sums or depth votes chose the removed blocks and attention sublayers (structured depth pruning).
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def _run_federated(
         extra.update(allocation_metrics(outcome.allocation), allocation_sites=list(outcome.allocation_sites))
     if len(set(outcome.sites_per_sum)) > 1:
         extra["sites_per_sum"] = [list(sites) for sites in outcome.sites_per_sum]
+    if outcome.depth_sites is not None:  # structured depth pruning chosen from these sites' data
+        extra["depth_sites"] = list(outcome.depth_sites)
     metrics = base_metrics(
         job,
         prep,

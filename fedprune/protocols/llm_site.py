@@ -89,10 +89,12 @@ def site_pruner(method: MethodSpec):
 
 def site_structure(method: MethodSpec, model: torch.nn.Module) -> Structure | None:
     """``pattern=structured``: the units this site removes from every block (the job's fractions on its
-    dense model); ``None`` for other patterns."""
+    dense model) and how many whole blocks and attention sublayers go; ``None`` for other patterns."""
     if method.pattern != STRUCTURED:
         return None
-    return Structure.for_model(model, method.structured_ffn, method.structured_heads)
+    return Structure.for_model(
+        model, method.structured_ffn, method.structured_heads, method.structured_blocks, method.structured_attention
+    )
 
 
 def apply_update_(

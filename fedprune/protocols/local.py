@@ -2,7 +2,8 @@
 
 Reports every site's pruned perplexity on the held-out works and their mean (``ppl_pruned``). The saved
 model, if any, is site 0's (with ``pattern=structured`` each site removes whole units on its own; the
-structured metrics and the saved model's shapes are site 0's).
+structured metrics and the saved model's shapes are site 0's; with ``structured.blocks`` /
+``structured.attention`` each site removes the blocks and attention sublayers of its own influence sums).
 """
 
 from __future__ import annotations
@@ -63,5 +64,5 @@ def run_local(job: JobConfig, out_dir: Path, launch=None) -> dict:
 
 
 UNIT = register_protocol(
-    ProtocolUnit("local", NoOptions, run_local, check_llm, summary_table, structured=True)
+    ProtocolUnit("local", NoOptions, run_local, check_llm, summary_table, structured=True, depth=True)
 )

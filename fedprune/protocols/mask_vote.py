@@ -10,6 +10,14 @@ uploads, per block and coupling, 0/1 per unit kept; the server keeps the most-vo
 ``protocol.save_votes`` keeps the per-unit counts (``"<block>.ffn"``, ``"<block>.heads"``), which
 ``cli.revote`` does not re-vote (it has no server choice to change).
 
+Depth pruning (``structured.blocks`` / ``structured.attention``): each site's own pruning removes the
+blocks and attention sublayers of its own choice (its influence sums); it adds 1 bit per block and per
+attention sublayer (``"depth.blocks"``, ``"depth.attention"``, 1 = kept) to the same upload, and zero
+unit votes (an abstention) for the blocks or heads it removed. The server removes the blocks with the
+fewest keep votes, then the attention sublayers with the fewest among the blocks that stay (ties: the
+lower index is kept; ``pruner=gatenorm`` attention from the weights, no vote), then keeps the most-voted
+units of every block that stays.
+
 Site task: ``train.local_prune`` (or ``train.secagg`` with task ``local_prune``).
 """
 
@@ -41,7 +49,16 @@ from fedprune.protocols.messages import MethodSpec, SiteJob
 from fedprune.protocols.registry import ProtocolUnit, register_protocol
 from fedprune.protocols.tasks import Site
 from fedprune.site import block_layer_shapes, local_masks, local_unit_votes
-from fedprune.structured.vote import block_counts, vote_masks, vote_shapes, voted_edit
+from fedprune.structured.depth import remove_attention_, remove_blocks_
+from fedprune.structured.vote import (
+    DEPTH_PREFIX,
+    block_counts,
+    depth_vote_shapes,
+    vote_masks,
+    vote_shapes,
+    voted_depth_plan,
+    voted_edit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +79,8 @@ def local_prune_payload(site: Site, request: Request, token_bound: float | None 
     structure = site_structure(method, model)
     if structure is not None:  # its unit votes of every block, "<block>.<granularity>" -> (1, units)
         votes = local_unit_votes(model, ids, pruner, structure, job.batch_size)
-        masks = {k: v for b, block in votes.items() for k, v in vote_masks(block, f"{b}.").items()}
+        masks = {k: v for b, block in votes.units.items() for k, v in vote_masks(block, f"{b}.").items()}
+        masks.update(vote_masks(votes.depth, DEPTH_PREFIX))  # its depth vote, 1 bit per block and kind
         return Payload("masks", masks, int(ids.numel()))
     pattern = parse_pattern(method.pattern)
     masks = local_masks(model, ids, pruner, method.sparsity, pattern, job.batch_size, job.ignore)
@@ -101,16 +119,28 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
 
 
 def run_structured_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
-    """``pattern=structured``: one upload of every site's unit votes of all blocks; per block the
-    most-voted units kept, the dense model made smaller."""
+    """``pattern=structured``: one upload of every site's unit votes of all blocks (and depth votes);
+    the voted blocks and attention sublayers removed, per remaining block the most-voted units kept, the
+    dense model made smaller."""
     outcome = FederatedOutcome()
+    structure = job.structure
     blocks_name, blocks = find_blocks(job.model)
-    shapes = {k: v for b in range(len(blocks)) for k, v in vote_shapes(job.structure, f"{b}.").items()}
+    shapes = {k: v for b in range(len(blocks)) for k, v in vote_shapes(structure, f"{b}.").items()}
+    shapes.update(depth_vote_shapes(structure, job.pruner))
     summed = job.sums(fed).votes("local_prune", task_config(job), None, shapes)
+    plan = voted_depth_plan(structure, block_counts(summed.counts, DEPTH_PREFIX), job.model, job.pruner)
+    if structure.needs_influence(job.pruner):
+        outcome.depth_sites = summed.sites
     for index, block in enumerate(blocks):
-        edit = voted_edit(block, job.structure, block_counts(summed.counts, f"{index}."))
+        if index in plan.blocks:
+            continue
+        attention = index not in plan.attention
+        if not attention:
+            remove_attention_(block, structure.family)
+        edit = voted_edit(block, structure, block_counts(summed.counts, f"{index}."), attention)
         edit.apply_(block)
         outcome.record(blocks_name, index, edit.report())
+    remove_blocks_(job.model, plan.blocks)
     # the per-unit counts by "<block>.<granularity>" (votes.safetensors with protocol.save_votes)
     outcome.votes = {k: v.reshape(-1) for k, v in summed.counts.items()}
     outcome.vote_sites = summed.num_sites
@@ -137,5 +167,6 @@ UNIT = register_protocol(
         federated=True,
         secure=True,
         structured=True,
+        depth=True,
     )
 )

@@ -130,13 +130,16 @@ class SiteJob:
 
 STRUCTURED = "structured"  # the pattern that removes whole units (``structured_*`` keys travel with it)
 _STRUCTURED_KEYS = ("structured_ffn", "structured_heads")  # MethodSpec keys sent only with that pattern
+_DEPTH_KEYS = ("structured_blocks", "structured_attention")  # sent only when not zero (pattern structured)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """How a site prunes or what it measures: the pruner, its parameters, sparsity, pattern, statistic;
     with ``pattern`` structured also the fractions of FFN neurons and query heads removed per block
-    (``structured.ffn``, ``structured.heads``; sent only then, so other records are unchanged)."""
+    (``structured.ffn``, ``structured.heads``; sent only then, so other records are unchanged) and the
+    numbers of whole blocks and attention sublayers removed (``structured.blocks``,
+    ``structured.attention``; sent only when not zero): a site of a voting protocol chooses its own."""
 
     pruner: str
     pruner_params: dict
@@ -145,6 +148,8 @@ class MethodSpec:
     stat_kind: str  # "" for a data-free pruner
     structured_ffn: float = 0.0  # pattern=structured only
     structured_heads: float = 0.0  # pattern=structured only
+    structured_blocks: int = 0  # pattern=structured only
+    structured_attention: int = 0  # pattern=structured only
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.sparsity < 1.0, "sparsity", f"must be in [0, 1), got {self.sparsity}")
@@ -155,6 +160,10 @@ class MethodSpec:
                     value == 0.0, key, f"only with pattern {STRUCTURED!r}, got {value} with {self.pattern!r}"
                 )
             _require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
+        for key in _DEPTH_KEYS:
+            value = getattr(self, key)
+            _require(value >= 0, key, f"must be >= 0, got {value}")
+            _require(not value or self.pattern == STRUCTURED, key, f"only with pattern {STRUCTURED!r}")
 
     @classmethod
     def from_job(cls, job: JobConfig, pruner) -> MethodSpec:
@@ -167,6 +176,8 @@ class MethodSpec:
             stat_kind=pruner.stat_kind or "",
             structured_ffn=float(job.structured.ffn) if structured else 0.0,
             structured_heads=float(job.structured.heads) if structured else 0.0,
+            structured_blocks=int(job.structured.blocks) if structured else 0,
+            structured_attention=int(job.structured.attention) if structured else 0,
         )
 
     def to_record(self) -> dict:
@@ -181,6 +192,7 @@ class MethodSpec:
             del record["stat_kind"]
         if self.pattern == STRUCTURED:
             record.update({key: float(getattr(self, key)) for key in _STRUCTURED_KEYS})
+        record.update({key: int(getattr(self, key)) for key in _DEPTH_KEYS if getattr(self, key)})
         return record
 
     @classmethod
@@ -201,14 +213,16 @@ class MethodSpec:
                 for key in _STRUCTURED_KEYS
                 if key in record or record.get("pattern") == STRUCTURED
             },
+            **{key: _read(record, key, int) for key in _DEPTH_KEYS if key in record},
         )
 
 
 UPDATE_KINDS = tuple(EDITS)  # masks | weights | kept (fedprune.edits)
 
 
-# a block's statistics; the dense model's influence sums (depth); every dense block's statistics of kind
-# ``stat_kind`` (an allocation rule such as OWL)
+# a block's statistics (or a site's masks / unit votes of it); the dense model's influence sums, or with a
+# voting protocol the site's depth vote from its own (structured depth pruning); every dense block's
+# statistics of kind ``stat_kind`` (an allocation rule such as OWL)
 TASK_KINDS = ("stats", "influence", "dense")
 
 

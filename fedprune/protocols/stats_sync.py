@@ -19,7 +19,14 @@ from fedprune.models import find_blocks, find_prunable_layers, layer_input_featu
 from fedprune.payload import encode_stats
 from fedprune.protocols.centralized import NoOptions
 from fedprune.protocols.federation import Federation, Launcher, Request
-from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome, block_edit, layer_sync, task_config
+from fedprune.protocols.layer_sync import (
+    DepthDecision,
+    FederatedJob,
+    FederatedOutcome,
+    block_edit,
+    layer_sync,
+    task_config,
+)
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
 from fedprune.protocols.llm_site import Payload, block_payload, summed_task
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
@@ -36,7 +43,6 @@ from fedprune.structured.depth import (
     INFLUENCE_BLOCKS,
     Influence,
     remove_attention_,
-    remove_blocks_,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,20 +86,21 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
 
     outcome_extra: dict = {}
 
-    def plan_depth(sums: Sums, tokens: dict[int, int]) -> DepthPlan:
+    def plan_depth(sums: Sums, tokens: dict[int, int]) -> DepthDecision:
         """Structured depth pruning: one sum of the sites' influence sums first (if the choice needs data)."""
         nonlocal plan
         structure = job.structure
         if structure is None or not structure.removes_depth:
-            return plan
-        influence = None
+            return DepthDecision(plan)
+        influence, sites = None, None
         if structure.needs_influence(job.pruner):
             config = task_config(job, BlockTask(0, task="influence"))
             widths = {INFLUENCE_BLOCKS: len(blocks), INFLUENCE_ATTENTION: len(blocks)}
             summed = sums.stats(config, None, widths, tokens, kind=INFLUENCE)
             influence = Influence(summed.stats[INFLUENCE_BLOCKS], summed.stats[INFLUENCE_ATTENTION])
+            sites = summed.sites
         plan = structure.depth_plan(influence, job.model, job.pruner)
-        return plan
+        return DepthDecision(plan, sites)
 
     def step(sums: Sums, block: int, config: dict, update: dict | None, tokens: dict[int, int]):
         if block in plan.attention:
@@ -114,7 +121,6 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     outcome = layer_sync(fed, job, "stats", step, plan_depth, before)
     outcome.allocation = outcome_extra.get("allocation")
     outcome.allocation_sites = outcome_extra.get("allocation_sites", ())
-    remove_blocks_(job.model, plan.blocks)
     return outcome
 
 

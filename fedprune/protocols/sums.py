@@ -93,16 +93,21 @@ class PlainSums(Sums):
         return StatsSum(aggregate_stats(list(got.values())), tuple(sorted(got)))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
-        tokens: dict[int, int] = {}
+        return plain_votes(self.fed, task, config, update, shapes)
 
-        def validate(node: int, reply: Reply) -> dict[str, torch.Tensor]:
-            tokens[node] = int(reply.metrics["tokens"])
-            return decode_masks(reply.arrays, shapes)
 
-        got = self.fed.round(f"train.{task}", config, update, validate)
-        masks = list(got.values())
-        counts = {name: vote_counts([m[name] for m in masks]) for name in shapes}
-        return VoteSum(counts, tuple(sorted(got)), {n: tokens[n] for n in got})
+def plain_votes(fed: Federation, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
+    """Per layer, how many sites kept each weight, from every site's masks in the clear."""
+    tokens: dict[int, int] = {}
+
+    def validate(node: int, reply: Reply) -> dict[str, torch.Tensor]:
+        tokens[node] = int(reply.metrics["tokens"])
+        return decode_masks(reply.arrays, shapes)
+
+    got = fed.round(f"train.{task}", config, update, validate)
+    masks = list(got.values())
+    counts = {name: vote_counts([m[name] for m in masks]) for name in shapes}
+    return VoteSum(counts, tuple(sorted(got)), {n: tokens[n] for n in got})
 
 
 class SecureSums(Sums):
@@ -141,6 +146,8 @@ class SecureSums(Sums):
         return StatsSum(stats, tuple(sorted(sites)))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
+        if not shapes:  # nothing voted (a block whose units all stay): no secret; the round moves the sites on
+            return plain_votes(self.fed, task, config, update, shapes)
         counts, sites, tokens = secure_vote_counts(
             self.fed, self._take(config), task, config, update, self.plan, shapes
         )

@@ -4,7 +4,7 @@ selector picks the kept units; the edit keeps their rows and columns and carries
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,10 @@ from fedprune.structured.select import Coupled, UnitChoice, get_selector
 from fedprune.structured.targets import BlockTargets, block_targets, check_depth
 
 logger = logging.getLogger(__name__)
+
+DEPTH_BLOCKS, DEPTH_ATTENTION = "blocks", "attention"  # what depth pruning removes: whole blocks, sublayers
+DEPTH_KINDS = (DEPTH_BLOCKS, DEPTH_ATTENTION)
+DepthPick = Callable[[str, int, Sequence[int]], list[int]]  # (kind, count, excluded blocks) -> removed
 
 
 @dataclass(frozen=True)
@@ -47,23 +51,33 @@ class Structure:
     def removes_depth(self) -> bool:
         return bool(self.blocks or self.attention)
 
+    def data_depth(self, pruner: object) -> tuple[str, ...]:
+        """The depth choices made from the dense pass's influence sums, of :data:`DEPTH_KINDS`
+        (``"attention"`` not with ``pruner=gatenorm``: it ranks attention sublayers from the weights)."""
+        wanted = {DEPTH_BLOCKS: self.blocks, DEPTH_ATTENTION: self.attention and pruner.name != "gatenorm"}
+        return tuple(kind for kind in DEPTH_KINDS if wanted[kind])
+
     def needs_influence(self, pruner: object) -> bool:
         """Whether choosing blocks / attention sublayers needs the dense pass's influence sums."""
-        return bool(self.blocks or (self.attention and pruner.name != "gatenorm"))
+        return bool(self.data_depth(pruner))
 
     def depth_plan(self, influence: Influence | None, model: nn.Module, pruner: object) -> DepthPlan:
         """The blocks and attention sublayers to remove: least influence (attention: least query-key
         coupling with ``pruner=gatenorm``), attention only among the blocks that stay."""
-        blocks = lowest(influence.blocks.total, self.blocks) if self.blocks else []
+        scores = {} if influence is None else {DEPTH_BLOCKS: influence.blocks, DEPTH_ATTENTION: influence.attention}
+        return self.choose_depth(lambda kind, count, exclude: lowest(scores[kind].total, count, exclude), model, pruner)
+
+    def choose_depth(self, pick: DepthPick, model: nn.Module, pruner: object) -> DepthPlan:
+        """The :class:`DepthPlan` with ``pick(kind, count, exclude)`` choosing the removed blocks
+        (``kind`` ``"blocks"``) and attention sublayers (``"attention"``, never in a removed block) that
+        need data; ``pruner=gatenorm`` ranks attention sublayers from the dense weights of ``model``."""
+        blocks = pick(DEPTH_BLOCKS, self.blocks, ()) if self.blocks else []
         attention: list[int] = []
-        if self.attention:
-            scores = (
-                gatenorm_scores(model, self.family, self.shape)
-                if pruner.name == "gatenorm"
-                else influence.attention.total
-            )
-            attention = lowest(scores, self.attention, exclude=blocks)
-        return DepthPlan(tuple(blocks), tuple(attention))
+        if DEPTH_ATTENTION in self.data_depth(pruner):
+            attention = pick(DEPTH_ATTENTION, self.attention, blocks)
+        elif self.attention:
+            attention = lowest(gatenorm_scores(model, self.family, self.shape), self.attention, exclude=blocks)
+        return DepthPlan(tuple(sorted(blocks)), tuple(sorted(attention)))
 
     @property
     def layout(self) -> dict[str, Coupling]:

@@ -10,34 +10,54 @@ units with the most votes (:func:`select_units`; ties: the lower unit id is kept
 edit (:func:`voted_edit`): kept indices and the attention attributes only. The kept weights stay the
 dense ones: a site's OBS update (``sparsegpt``) or mean compensation (``variance``) is its own and cannot
 be voted, so the global block gets neither.
+
+Depth pruning is voted alike: a site's own :class:`~fedprune.structured.decide.DepthPlan` (from its own
+influence sums) becomes 1 bit per block and per attention sublayer, 1 = kept (:func:`depth_votes`, on the
+wire ``depth.blocks`` / ``depth.attention``); the server removes the blocks with the fewest keep votes,
+then the attention sublayers with the fewest among the blocks that stay (:func:`voted_depth_plan`; ties:
+the lower index is kept, as in :func:`select_units`). ``pruner=gatenorm`` attention is not voted: every
+party computes it from the dense weights.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fedprune.edits import StructuredEdit
 from fedprune.models import find_prunable_layers, get_weight
-from fedprune.structured.decide import Structure, check_dense, coupling_kept, head_attributes
+from fedprune.structured.decide import (
+    DEPTH_ATTENTION,
+    DEPTH_BLOCKS,
+    DepthPlan,
+    Structure,
+    check_dense,
+    coupling_kept,
+    head_attributes,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def voted_couplings(structure: Structure) -> list[str]:
-    """The granularities voted on in every block: those the structure removes units from."""
-    return [granularity for granularity, count in structure.counts().items() if count]
+def voted_couplings(structure: Structure, attention: bool = True) -> list[str]:
+    """The granularities voted on in a block: those the structure removes units from (no ``"heads"``
+    in a block whose attention sublayer is removed, ``attention`` False)."""
+    return [
+        granularity
+        for granularity, count in structure.counts().items()
+        if count and (attention or granularity != "heads")
+    ]
 
 
-def kept_units(edit: StructuredEdit, structure: Structure) -> dict[str, torch.Tensor]:
+def kept_units(edit: StructuredEdit, structure: Structure, attention: bool = True) -> dict[str, torch.Tensor]:
     """Per voted coupling, the sorted ids of the units ``edit`` keeps, from its consumer's kept columns
     (a unit is kept when all of its columns are; an edit that keeps part of a unit, or not ``units -
     count`` units, is an error)."""
     out = {}
-    for granularity in voted_couplings(structure):
+    for granularity in voted_couplings(structure, attention):
         coupling = structure.layout[granularity]
         consumer, count = coupling.consumer, structure.counts()[granularity]
         axis, columns = edit.kept.get(consumer, ("", None))
@@ -61,19 +81,26 @@ def kept_units(edit: StructuredEdit, structure: Structure) -> dict[str, torch.Te
     return out
 
 
-def unit_votes(edit: StructuredEdit, structure: Structure) -> dict[str, torch.Tensor]:
-    """One site's vote on one block: per voted coupling, ``(units,)`` int32, 1 for each kept unit."""
+def unit_votes(edit: StructuredEdit, structure: Structure, attention: bool = True) -> dict[str, torch.Tensor]:
+    """One site's vote on one block: per voted coupling, ``(units,)`` int32, 1 for each kept unit
+    (``attention`` False: the block's attention sublayer is removed, no heads voted)."""
     votes = {}
-    for granularity, ids in kept_units(edit, structure).items():
+    for granularity, ids in kept_units(edit, structure, attention).items():
         vote = torch.zeros(structure.layout[granularity].units, dtype=torch.int32)
         vote[ids] = 1
         votes[granularity] = vote
     return votes
 
 
-def vote_shapes(structure: Structure, prefix: str = "") -> dict[str, tuple[int, int]]:
+def vote_shapes(structure: Structure, prefix: str = "", attention: bool = True) -> dict[str, tuple[int, int]]:
     """The wire shapes of one block's unit votes, ``(1, units)`` by ``prefix + granularity``."""
-    return {f"{prefix}{g}": (1, structure.layout[g].units) for g in voted_couplings(structure)}
+    return {f"{prefix}{g}": (1, structure.layout[g].units) for g in voted_couplings(structure, attention)}
+
+
+def abstention(structure: Structure, attention: bool = True) -> dict[str, torch.Tensor]:
+    """A vote for no unit of a block, ``(units,)`` zeros per voted coupling: what a one-shot site sends
+    for a block it removed itself (adding it changes no unit's rank)."""
+    return {g: torch.zeros(structure.layout[g].units, dtype=torch.int32) for g in voted_couplings(structure, attention)}
 
 
 def vote_masks(votes: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -96,12 +123,15 @@ def select_units(counts: torch.Tensor, num_remove: int) -> torch.Tensor:
     return order[: units - num_remove].sort().values
 
 
-def voted_edit(block: nn.Module, structure: Structure, counts: Mapping[str, torch.Tensor]) -> StructuredEdit:
+def voted_edit(
+    block: nn.Module, structure: Structure, counts: Mapping[str, torch.Tensor], attention: bool = True
+) -> StructuredEdit:
     """The global edit of dense ``block`` (not modified) from the summed unit votes by granularity:
-    kept indices and head attributes; no new weights or biases."""
+    kept indices and head attributes; no new weights or biases (``attention`` False: the block's
+    attention sublayer is removed, its heads are not voted)."""
     layers = find_prunable_layers(block)
     kept, attributes = {}, {}
-    for granularity in voted_couplings(structure):
+    for granularity in voted_couplings(structure, attention):
         coupling = structure.layout[granularity]
         if granularity not in counts or counts[granularity].numel() != coupling.units:
             raise ValueError(f"need {coupling.units} vote counts for the {granularity} units")
@@ -112,3 +142,51 @@ def voted_edit(block: nn.Module, structure: Structure, counts: Mapping[str, torc
             attributes.update(head_attributes(structure, int(units.numel())))
     shapes = {name: tuple(get_weight(layers[name]).shape) for name in kept}
     return StructuredEdit(kept, shapes, attributes=attributes)
+
+
+# Depth votes: 1 bit per block and per attention sublayer, 1 = kept (as for units).
+
+DEPTH_PREFIX = "depth."  # wire names "depth.blocks", "depth.attention"
+
+
+def depth_vote_shapes(structure: Structure, pruner: object) -> dict[str, tuple[int, int]]:
+    """The wire shapes of a site's depth vote, ``(1, blocks)`` for each depth choice made from data
+    (:meth:`Structure.data_depth`; none for ``pruner=gatenorm`` attention: every party computes it)."""
+    return {f"{DEPTH_PREFIX}{kind}": (1, structure.dense_blocks) for kind in structure.data_depth(pruner)}
+
+
+def depth_votes(plan: DepthPlan, structure: Structure, pruner: object) -> dict[str, torch.Tensor]:
+    """One site's depth vote from its own :class:`DepthPlan`: per data-made choice, ``(blocks,)`` int32,
+    0 for each block (attention sublayer) the site removes, 1 otherwise (an attention sublayer of a block
+    the site removes whole counts as kept: the site did not choose it)."""
+    removed = {DEPTH_BLOCKS: plan.blocks, DEPTH_ATTENTION: plan.attention}
+    votes = {}
+    for kind in structure.data_depth(pruner):
+        vote = torch.ones(structure.dense_blocks, dtype=torch.int32)
+        vote[list(removed[kind])] = 0
+        votes[kind] = vote
+    return votes
+
+
+def fewest_votes(counts: torch.Tensor, count: int, exclude: Sequence[int] = ()) -> list[int]:
+    """The ``count`` entries (blocks) not in ``exclude`` with the fewest keep votes, sorted; between equal
+    counts the lower index is kept, as in :func:`select_units` (deterministic, independent of site order)."""
+    candidates = [i for i in range(counts.numel()) if i not in set(exclude)]
+    if not 0 <= count <= len(candidates):
+        raise ValueError(f"cannot remove {count} of {len(candidates)} candidates")
+    votes = counts.reshape(-1)[candidates].to(torch.int64)
+    order = torch.argsort(-votes, stable=True).tolist()  # most votes first, then lower index
+    return sorted(candidates[i] for i in order[len(candidates) - count :])
+
+
+def voted_depth_plan(
+    structure: Structure, counts: Mapping[str, torch.Tensor], model: nn.Module, pruner: object
+) -> DepthPlan:
+    """The global :class:`DepthPlan` from the summed depth votes by kind (``(blocks,)`` keep counts):
+    the ``structure.blocks`` blocks with the fewest keep votes, then the ``structure.attention``
+    attention sublayers with the fewest among the blocks that stay (``pruner=gatenorm``: from the dense
+    weights of ``model``, as every party computes it)."""
+    for kind in structure.data_depth(pruner):
+        if kind not in counts or counts[kind].numel() != structure.dense_blocks:
+            raise ValueError(f"need {structure.dense_blocks} depth vote counts for {kind!r}")
+    return structure.choose_depth(lambda kind, n, exclude: fewest_votes(counts[kind], n, exclude), model, pruner)

@@ -19,29 +19,12 @@ from fedprune.protocols.catalog import SITE_TASKS, validate
 from fedprune.protocols.federation import FederationError
 from fedprune.protocols.secure_sums import SecureAggregationError, plan_from_job
 from fedprune.secure.codec import encode_stats_vector
+from tests.recording import RecordingTransport
 
 pytestmark = pytest.mark.integration
 
 FED = ["federation.num_clients=3", "federation.min_clients=2", "data.calib_windows=12"]
 SECAGG = ["privacy=secagg", "privacy.threshold=2", "privacy.token_bound=100"]
-
-
-class RecordingTransport:
-    """A transport that keeps every (task, reply) the server receives."""
-
-    def __init__(self, transport, log):
-        self.transport, self.log = transport, log
-
-    def node_ids(self):
-        return self.transport.node_ids()
-
-    def request_bytes(self, request):
-        return self.transport.request_bytes(request)
-
-    def exchange(self, task, requests, timeout):
-        responses = self.transport.exchange(task, requests, timeout)
-        self.log.extend((task, r.reply) for r in responses if r.reply is not None)
-        return responses
 
 
 def _run(cfg, out_dir, app=None, log=None):
@@ -92,12 +75,12 @@ def test_server_sees_only_masked_stats_and_result_equals_plain(make_cfg, tmp_pat
     # each site's plain payload per block, and its encoding as the site would mask it
     model = AutoModelForCausalLM.from_pretrained(str(secure_cfg.model.path))
     plan = plan_from_job(job_of(secure_cfg), model)
-    plain_payloads = [dict(r.arrays) for task, r in plain_log if task == "train.stats"]
+    plain_payloads = [dict(r.arrays) for task, _, r in plain_log if task == "train.stats"]
     assert len(plain_payloads) == 3 * 2
     encoded = [encode_stats_vector(dict(p), plan.value_code(), plan.count_code()) for p in plain_payloads]
     floats = [a for p in plain_payloads for k, a in p.items() if k.startswith("total.")]
-    received = [a for _, r in secure_log for a in _arrays(r)]
-    masked = [r.arrays["masked"] for _, r in secure_log if "masked" in r.arrays]
+    received = [a for _, _, r in secure_log for a in _arrays(r)]
+    masked = [r.arrays["masked"] for _, _, r in secure_log if "masked" in r.arrays]
     assert len(masked) == 3 * 2
     for array in received:
         for value in floats:  # no plain statistic, in any array of any message

@@ -106,9 +106,3 @@ def test_bad_structured_config_names_the_key(overrides, key, make_cfg):
 def test_head_error_names_the_valid_fractions(make_cfg):
     with pytest.raises(ConfigError, match=r"valid: 0, 0\.5 \(nearest: 0\.5\)"):
         validate(job_of(make_cfg(*STRUCTURE, "structured.heads=0.4")))
-
-
-@pytest.mark.parametrize("protocol", ["mask_vote", "mask_vote_sync", "local"])
-def test_depth_pruning_is_refused_where_sites_vote_or_prune_alone(protocol, make_cfg):
-    with pytest.raises(ConfigError, match="config key 'structured.blocks'"):
-        validate(job_of(make_cfg(*STRUCTURE, f"protocol={protocol}", "structured.blocks=1")))
