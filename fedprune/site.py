@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedprune.allocation_rules import AllocationRule
 from fedprune.masks import Pattern, parse_pattern
 from fedprune.models import find_blocks, find_prunable_layers, get_weight
 from fedprune.pruners.base import Pruner
@@ -142,7 +143,12 @@ def site_block_masks(
 
 
 def site_block_unit_votes(
-    model: nn.Module, state: SiteState, block: int, pruner: Pruner, structure: Structure, attention: bool = True
+    model: nn.Module,
+    state: SiteState,
+    block: int,
+    pruner: Pruner,
+    structure: Structure,
+    attention: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The site's own vote on the units of ``block`` (``pattern=structured``): its structured edit from
     its statistics (the model is not changed), as 0/1 per unit by granularity
@@ -190,8 +196,10 @@ def local_masks(
     pattern: Pattern,
     batch_size: int,
     ignore: Sequence[str] = (),
+    allocation: AllocationRule | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One-shot: prune a private copy of the whole model sequentially; its keep-masks by ``<block>.<layer>``."""
+    """One-shot: prune a private copy of the whole model sequentially (``allocation``: the site's own
+    per-block sparsities from its data, e.g. OWL); its keep-masks by ``<block>.<layer>``."""
     local = copy.deepcopy(model)
     report = prune_model_(
         local,
@@ -203,6 +211,7 @@ def local_masks(
         progress=False,
         keep_masks=True,
         ignore=ignore,
+        allocation=allocation,
     )
     return report.masks
 

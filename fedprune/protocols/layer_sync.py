@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 from fedprune.allocation_rules import Allocated, AllocationRule
 from fedprune.edits import BlockEdit, MaskEdit, WeightEdit
 from fedprune.masks import Pattern
-from fedprune.models import find_blocks
+from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
 from fedprune.protocols.federation import Federation
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.sums import PRIVACY, Sums
 from fedprune.pruners.base import Pruner
 from fedprune.secure.plan import SecurePlan
-from fedprune.sequential import BlockAccess, ResidentBlocks, held_block
+from fedprune.sequential import BlockAccess, ResidentBlocks, allocate, held_block
+from fedprune.stats import split_model_stats
 from fedprune.structured.decide import DepthPlan, Structure
 from fedprune.structured.depth import remove_blocks_
 
@@ -133,7 +134,6 @@ class DepthDecision:
 
 BlockStep = Callable[[Sums, int, dict, dict | None, dict[int, int]], tuple[BlockEdit, tuple]]
 DepthStep = Callable[[Sums, dict[int, int]], DepthDecision]
-BeforeStep = Callable[[Sums, dict[int, int]], None]
 
 
 def layer_sync(
@@ -142,7 +142,6 @@ def layer_sync(
     label: str,
     step: BlockStep,
     plan_depth: DepthStep | None = None,
-    before: BeforeStep | None = None,
 ) -> FederatedOutcome:
     """The per-block loop of the layer-synchronous protocols (one sum per block).
 
@@ -152,15 +151,15 @@ def layer_sync(
     blocks removed whole (no round; the sites pass their inputs on) and the attention sublayers removed
     (structured depth pruning); every task tells the sites, and the removed blocks leave the global model
     at the end. Its sum, if any, is the first entry of ``sites_per_sum`` and ``depth_sites``.
-    ``before(sums, tokens)``, first of all once the sites have started: sums the protocol needs before any
-    block (a non-uniform allocation).
+    With a non-uniform allocation (``job.allocation``, e.g. OWL), first one sum of every dense block's
+    statistics (:func:`dense_allocation`); each block task then carries its block's sparsity.
     """
     outcome = FederatedOutcome()
     outcome.tokens = start_sites(fed, job)
     blocks_name, blocks = find_blocks(job.model)
     sums = job.sums(fed)
-    if before is not None:
-        before(sums, outcome.tokens)
+    if job.allocation is not None:
+        outcome.allocation, outcome.allocation_sites = dense_allocation(sums, job, outcome.tokens)
     decision = plan_depth(sums, outcome.tokens) if plan_depth is not None else DepthDecision()
     plan, outcome.depth_sites = decision.plan, decision.sites
     if decision.sites is not None:
@@ -168,7 +167,14 @@ def layer_sync(
     update, update_kind = None, "masks"
     decided = [b for b in range(len(blocks)) if b not in plan.blocks]
     for block in tqdm(decided, desc=f"federated {label}", disable=not job.progress):
-        task = BlockTask(block, update_kind, removed_blocks=plan.blocks, removed_attention=plan.attention)
+        sparsity = outcome.allocation.block_sparsity[block] if outcome.allocation is not None else None
+        task = BlockTask(
+            block,
+            update_kind,
+            removed_blocks=plan.blocks,
+            removed_attention=plan.attention,
+            sparsity=sparsity,
+        )
         config = task_config(job, task)
         if block == decided[0]:
             sums.prepare(config, len(decided))
@@ -180,3 +186,27 @@ def layer_sync(
     finish_sites(fed, job)
     remove_blocks_(job.model, plan.blocks)  # the sites never needed them: removed whole at the end
     return outcome
+
+
+def dense_allocation(
+    sums: Sums, job: FederatedJob, tokens: dict[int, int]
+) -> tuple[Allocated, tuple[int, ...]]:
+    """The job's allocation rule applied to the SUM of the sites' statistics of every dense block (one
+    round, task ``dense``); also the sites whose data entered that sum."""
+    rule = job.allocation
+    blocks_name, blocks = find_blocks(job.model)
+    config = task_config(job, BlockTask(0, task="dense", stat_kind=rule.dense_stat_kind))
+    widths = {
+        f"{index}.{name}": layer_input_features(layer)
+        for index, block in enumerate(blocks)
+        for name, layer in find_prunable_layers(block, job.ignore, f"{blocks_name}.{index}").items()
+    }
+    summed = sums.stats(config, None, widths, tokens, kind=rule.dense_stat_kind)
+    dense = split_model_stats(summed.stats, len(blocks))
+    return allocate(rule, job.block_access, dense, job.sparsity, job.ignore), summed.sites
+
+
+def task_sparsity(config: dict, job: FederatedJob) -> float:
+    """The sparsity of the block a task is about: its own (a non-uniform allocation) or the job's."""
+    sparsity = BlockTask.from_record(config).sparsity
+    return job.sparsity if sparsity is None else sparsity

@@ -64,5 +64,7 @@ def run_local(job: JobConfig, out_dir: Path, launch=None) -> dict:
 
 
 UNIT = register_protocol(
-    ProtocolUnit("local", NoOptions, run_local, check_llm, summary_table, structured=True, depth=True)
+    ProtocolUnit(
+        "local", NoOptions, run_local, check_llm, summary_table, structured=True, depth=True, allocation=True
+    )
 )

@@ -27,7 +27,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fedprune.aggregation.block import vote_model_from_counts_
+from fedprune.allocation import Allocation
 from fedprune.config import JobConfig
 from fedprune.edits import MaskEdit
 from fedprune.job import summary_table
@@ -83,7 +86,8 @@ def local_prune_payload(site: Site, request: Request, token_bound: float | None 
         masks.update(vote_masks(votes.depth, DEPTH_PREFIX))  # its depth vote, 1 bit per block and kind
         return Payload("masks", masks, int(ids.numel()))
     pattern = parse_pattern(method.pattern)
-    masks = local_masks(model, ids, pruner, method.sparsity, pattern, job.batch_size, job.ignore)
+    rule = method.allocation_spec().rule()
+    masks = local_masks(model, ids, pruner, method.sparsity, pattern, job.batch_size, job.ignore, rule)
     return Payload("masks", masks, int(ids.numel()))
 
 
@@ -100,11 +104,14 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
         for name, shape in block_layer_shapes(job.model, b, job.ignore).items()
     }
     summed = job.sums(fed).votes("local_prune", task_config(job), None, shapes)
+    sparsity = (
+        job.sparsity if job.allocation is None else kept_share(summed.counts, summed.num_sites, blocks_name)
+    )
     masks = vote_model_from_counts_(
         job.model,
         summed.counts,
         summed.num_sites,
-        job.sparsity,
+        sparsity,
         job.pattern,
         options.group,
         options.scaling,
@@ -116,6 +123,15 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     outcome.votes, outcome.vote_sites = summed.counts, summed.num_sites
     outcome.sites_per_sum, outcome.tokens = [summed.sites], summed.tokens
     return outcome
+
+
+def kept_share(counts: dict[str, torch.Tensor], num_sites: int, blocks_name: str) -> Allocation:
+    """Each layer's sparsity as the sites' mean (a non-uniform allocation that each site applied on its own
+    data): 1 − Σ keep counts / (sites · weights), from the counts alone (secure aggregation reveals them)."""
+    per_layer = {
+        f"{blocks_name}.{key}": 1.0 - float(c.sum()) / (num_sites * c.numel()) for key, c in counts.items()
+    }
+    return Allocation(0.0, per_layer)
 
 
 def run_structured_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
@@ -168,5 +184,6 @@ UNIT = register_protocol(
         secure=True,
         structured=True,
         depth=True,
+        allocation=True,
     )
 )

@@ -39,6 +39,7 @@ from fedprune.protocols.layer_sync import (
     block_edit,
     layer_sync,
     task_config,
+    task_sparsity,
 )
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
 from fedprune.protocols.llm_site import Payload, block_payload, site_pruner, site_structure, summed_task
@@ -89,7 +90,8 @@ def masks_payload(site: Site, request: Request, token_bound: float | None = None
             attention = task.block not in task.removed_attention
             return vote_masks(site_block_unit_votes(model, state, task.block, pruner, structure, attention))
         pattern = parse_pattern(method.pattern)
-        return site_block_masks(model, state, task.block, pruner, method.sparsity, pattern, job.ignore)
+        sparsity = method.sparsity if task.sparsity is None else task.sparsity
+        return site_block_masks(model, state, task.block, pruner, sparsity, pattern, job.ignore)
 
     masks, tokens = block_payload(site, request, compute)
     return Payload("masks", masks, tokens)
@@ -109,7 +111,7 @@ def run_mask_vote_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
             block,
             summed.counts,
             summed.num_sites,
-            job.sparsity,
+            task_sparsity(config, job),
             job.pattern,
             options.group,
             options.scaling,
@@ -192,5 +194,6 @@ UNIT = register_protocol(
         offload=True,
         structured=True,
         depth=True,
+        allocation=True,
     )
 )

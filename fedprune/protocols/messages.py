@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import get_type_hints
 
-from fedprune.config import JobConfig, target_sparsity
+from fedprune.config import AllocationSpec, JobConfig, target_sparsity
 from fedprune.edits import EDITS
 from fedprune.stat_kinds import STAT_KINDS
 
@@ -131,6 +131,7 @@ class SiteJob:
 STRUCTURED = "structured"  # the pattern that removes whole units (``structured_*`` keys travel with it)
 _STRUCTURED_KEYS = ("structured_ffn", "structured_heads")  # MethodSpec keys sent only with that pattern
 _DEPTH_KEYS = ("structured_blocks", "structured_attention")  # sent only when not zero (pattern structured)
+_ALLOCATION_KEYS = {"allocation": str, "owl_m": float, "owl_lambda": float}  # sent only if not uniform
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,18 @@ class MethodSpec:
     structured_heads: float = 0.0  # pattern=structured only
     structured_blocks: int = 0  # pattern=structured only
     structured_attention: int = 0  # pattern=structured only
+    allocation: str = (
+        "uniform"  # a site that prunes its whole model alone applies this rule (sent if not uniform)
+    )
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.sparsity < 1.0, "sparsity", f"must be in [0, 1), got {self.sparsity}")
+        try:
+            self.allocation_spec().rule()
+        except (ValueError, KeyError) as error:
+            raise MessageError(f"task record: allocation: {error}") from None
         for key in _STRUCTURED_KEYS:
             value = getattr(self, key)
             if self.pattern != STRUCTURED:
@@ -178,7 +188,13 @@ class MethodSpec:
             structured_heads=float(job.structured.heads) if structured else 0.0,
             structured_blocks=int(job.structured.blocks) if structured else 0,
             structured_attention=int(job.structured.attention) if structured else 0,
+            allocation=job.allocation.name,
+            owl_m=job.allocation.m,
+            owl_lambda=job.allocation.lam,
         )
+
+    def allocation_spec(self) -> AllocationSpec:
+        return AllocationSpec(self.allocation, self.owl_m, self.owl_lambda)
 
     def to_record(self) -> dict:
         record = {
@@ -193,6 +209,10 @@ class MethodSpec:
         if self.pattern == STRUCTURED:
             record.update({key: float(getattr(self, key)) for key in _STRUCTURED_KEYS})
         record.update({key: int(getattr(self, key)) for key in _DEPTH_KEYS if getattr(self, key)})
+        if self.allocation != "uniform":
+            record.update(
+                allocation=self.allocation, owl_m=float(self.owl_m), owl_lambda=float(self.owl_lambda)
+            )
         return record
 
     @classmethod
@@ -214,6 +234,7 @@ class MethodSpec:
                 if key in record or record.get("pattern") == STRUCTURED
             },
             **{key: _read(record, key, int) for key in _DEPTH_KEYS if key in record},
+            **{key: _read(record, key, kind) for key, kind in _ALLOCATION_KEYS.items() if key in record},
         )
 
 
@@ -239,6 +260,7 @@ class BlockTask:
     removed_blocks: tuple[int, ...] = ()
     removed_attention: tuple[int, ...] = ()
     stat_kind: str = ""  # task "dense": the statistic of every dense block
+    sparsity: float | None = None  # this block's own sparsity (a non-uniform allocation); None: the job's
 
     def __post_init__(self) -> None:
         _require(self.block >= 0, "block", f"must be >= 0, got {self.block}")
@@ -258,6 +280,11 @@ class BlockTask:
             "removed_attention",
             "names a removed block",
         )
+        _require(
+            self.sparsity is None or 0.0 <= self.sparsity < 1.0,
+            "block_sparsity",
+            f"must be in [0, 1), got {self.sparsity}",
+        )
         _require(self.block not in self.removed_blocks, "block", f"block {self.block} is removed")
 
     @property
@@ -272,6 +299,8 @@ class BlockTask:
             record["task"] = self.task
         if self.stat_kind:
             record["stat_kind_dense"] = self.stat_kind
+        if self.sparsity is not None:
+            record["block_sparsity"] = float(self.sparsity)
         for key in ("removed_blocks", "removed_attention"):
             if getattr(self, key):
                 record[key] = [int(v) for v in getattr(self, key)]
@@ -296,4 +325,5 @@ class BlockTask:
             removed_blocks=ints("removed_blocks"),
             removed_attention=ints("removed_attention"),
             stat_kind=_read(record, "stat_kind_dense", str) if "stat_kind_dense" in record else "",
+            sparsity=_read(record, "block_sparsity", float) if "block_sparsity" in record else None,
         )

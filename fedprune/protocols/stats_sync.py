@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 from fedprune.aggregation.block import prune_block_from_stats_
-from fedprune.allocation_rules import Allocated
 from fedprune.config import JobConfig, build_pruner, check
 from fedprune.job import summary_table
 from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
@@ -26,6 +25,7 @@ from fedprune.protocols.layer_sync import (
     block_edit,
     layer_sync,
     task_config,
+    task_sparsity,
 )
 from fedprune.protocols.llm_job import check_federated_llm, run_federated
 from fedprune.protocols.llm_site import Payload, block_payload, summed_task
@@ -33,9 +33,7 @@ from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.registry import ProtocolUnit, register_protocol
 from fedprune.protocols.sums import Sums
 from fedprune.protocols.tasks import Site
-from fedprune.sequential import allocate
 from fedprune.site import site_block_stats, site_dense_stats, site_influence
-from fedprune.stats import split_model_stats
 from fedprune.structured.decide import DepthPlan
 from fedprune.structured.depth import (
     INFLUENCE,
@@ -75,16 +73,6 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     blocks_name, blocks = find_blocks(job.model)
 
     plan = DepthPlan()
-    allocation: object = job.sparsity  # the sparsity, or the allocation rule's per-layer allocation
-
-    def allocate_from_sums(sums: Sums, tokens: dict[int, int]) -> None:
-        """A non-uniform allocation: one sum of every dense block's statistics first, then the rule."""
-        nonlocal allocation
-        result, sites = dense_allocation(sums, job, tokens)
-        allocation = result.allocation
-        outcome_extra.update(allocation=result, allocation_sites=sites)
-
-    outcome_extra: dict = {}
 
     def plan_depth(sums: Sums, tokens: dict[int, int]) -> DepthDecision:
         """Structured depth pruning: one sum of the sites' influence sums first (if the choice needs data)."""
@@ -113,33 +101,11 @@ def run_stats_sync(fed: Federation, job: FederatedJob) -> FederatedOutcome:
             edit.apply_(blocks[block])
             return edit, summed.sites
         masks, weights = prune_block_from_stats_(
-            job.model, block, summed.stats, job.pruner, allocation, job.pattern, job.ignore
+            job.model, block, summed.stats, job.pruner, task_sparsity(config, job), job.pattern, job.ignore
         )
         return block_edit(masks, weights, job.pruner.updates_weights), summed.sites
 
-    before = allocate_from_sums if job.allocation is not None else None
-    outcome = layer_sync(fed, job, "stats", step, plan_depth, before)
-    outcome.allocation = outcome_extra.get("allocation")
-    outcome.allocation_sites = outcome_extra.get("allocation_sites", ())
-    return outcome
-
-
-def dense_allocation(
-    sums: Sums, job: FederatedJob, tokens: dict[int, int]
-) -> tuple[Allocated, tuple[int, ...]]:
-    """The job's allocation rule applied to the SUM of the sites' statistics of every dense block (one
-    round, task ``dense``); also the sites whose data entered that sum."""
-    rule = job.allocation
-    blocks_name, blocks = find_blocks(job.model)
-    config = task_config(job, BlockTask(0, task="dense", stat_kind=rule.dense_stat_kind))
-    widths = {
-        f"{index}.{name}": layer_input_features(layer)
-        for index, block in enumerate(blocks)
-        for name, layer in find_prunable_layers(block, job.ignore, f"{blocks_name}.{index}").items()
-    }
-    summed = sums.stats(config, None, widths, tokens, kind=rule.dense_stat_kind)
-    dense = split_model_stats(summed.stats, len(blocks))
-    return allocate(rule, job.block_access, dense, job.sparsity, job.ignore), summed.sites
+    return layer_sync(fed, job, "stats", step, plan_depth)
 
 
 def check_stats_sync(job: JobConfig) -> None:

@@ -39,6 +39,22 @@ def test_stats_sync_sparsegpt_equals_centralized(make_cfg, tmp_path):
     assert federated["ppl_pruned"] == pytest.approx(central["ppl_pruned"], rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    "recipe", [["pruner=wanda", "allocation=owl", "owl.m=2", "owl.lambda=0.2", "sparsity=0.6"]]
+)
+def test_recipe_stats_sync_in_flower_equals_centralized(make_cfg, tmp_path, recipe):
+    """A recipe beyond uniform SparseGPT (OWL's extra sum of the dense Σx²), in a real Flower simulation."""
+    central = run(make_cfg("protocol=centralized", *recipe, *FED), tmp_path / "c")
+    federated = run(make_cfg("protocol=stats_sync", *recipe, *FED), tmp_path / "f")
+    assert federated["num_clients"] == 3 and federated["calib_tokens"] == central["calib_tokens"]
+    assert federated.get("block_sparsity") == pytest.approx(central.get("block_sparsity"), abs=1e-12)
+    expected, got = _weights(tmp_path / "c" / "model"), _weights(tmp_path / "f" / "model")
+    for name in expected:
+        assert torch.equal(expected[name] == 0, got[name] == 0), name
+        assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-4), name
+    assert federated["ppl_pruned"] == pytest.approx(central["ppl_pruned"], rel=1e-4)
+
+
 def test_structured_stats_sync_in_flower_equals_centralized(make_cfg, tmp_path):
     """pattern=structured with a removed block, in a real Flower simulation: a physically smaller model,
     the same tensors as centralized pruning on the pooled windows."""

@@ -67,3 +67,54 @@ def test_owl_stats_sync_equals_centralized(make_cfg, tmp_path, pruner, privacy):
 def test_unsupported_combinations_name_the_key(make_cfg, overrides):
     with pytest.raises(ConfigError, match="'allocation'"):
         validate(job_of(make_cfg(*FED, *OWL, *overrides)))
+
+
+def test_owl_mask_vote_sync_with_one_site_equals_centralized(make_cfg, tmp_path):
+    """One site: its own masks at the block sparsities of the summed (its own) Σx² are centralized's."""
+
+    def one_site(out, *overrides):
+        job = job_of(make_cfg(*FED, *OWL, "federation.num_clients=1", "federation.min_clients=1", *overrides))
+        return validate(job).run(job, out, in_process_launcher(1, 1))
+
+    central = one_site(tmp_path / "c", "protocol=centralized")
+    voted = one_site(tmp_path / "v", "protocol=mask_vote_sync", "protocol.group=row")  # wanda compares rows
+    assert voted["block_sparsity"] == pytest.approx(central["block_sparsity"], abs=1e-12)
+    assert voted["rounds"] == 1 + 1 + 2 + 1  # start, the dense sum, two blocks, finish
+    expected, got = _weights(tmp_path / "c" / "model"), _weights(tmp_path / "v" / "model")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.mark.parametrize("privacy", ["none", "secagg"])
+def test_owl_mask_vote_sync_votes_at_the_pooled_block_sparsities(make_cfg, tmp_path, privacy):
+    central = _run(make_cfg, tmp_path / "c", "protocol=centralized")
+    voted = _run(make_cfg, tmp_path / "v", "protocol=mask_vote_sync", f"privacy={privacy}")
+    assert voted["block_sparsity"] == pytest.approx(central["block_sparsity"], abs=1e-12)
+    layers = json.loads((tmp_path / "v" / "sparsity.json").read_text())
+    for block, target in enumerate(central["block_sparsity"]):
+        fractions = [v for k, v in layers.items() if k.startswith(f"model.layers.{block}.")]
+        assert len(fractions) == 7 and all(abs(f - target) <= 1 / 32 + 1e-9 for f in fractions)
+
+
+def test_owl_mask_vote_with_one_site_equals_centralized(make_cfg, tmp_path):
+    """One-shot: the site applies OWL on its own data; the server votes each layer at the sites' mean
+    sparsity (from the keep counts), so one site's model is centralized's."""
+
+    def one_site(out, *overrides):
+        job = job_of(make_cfg(*FED, *OWL, "federation.num_clients=1", "federation.min_clients=1", *overrides))
+        return validate(job).run(job, out, in_process_launcher(1, 1))
+
+    central = one_site(tmp_path / "c", "protocol=centralized")
+    voted = one_site(tmp_path / "v", "protocol=mask_vote", "protocol.group=row")
+    expected, got = _weights(tmp_path / "c" / "model"), _weights(tmp_path / "v" / "model")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    layers = json.loads((tmp_path / "v" / "sparsity.json").read_text())
+    assert abs(layers["model.layers.0.mlp.down_proj"] - layers["model.layers.1.mlp.down_proj"]) > 0.05
+
+
+def test_owl_local_gives_each_site_its_own_block_sparsities(make_cfg, tmp_path):
+    metrics = _run(make_cfg, tmp_path, "protocol=local")
+    layers = json.loads((tmp_path / "sparsity.json").read_text())
+    assert metrics["allocation"] == "owl"
+    assert abs(layers["model.layers.0.mlp.down_proj"] - layers["model.layers.1.mlp.down_proj"]) > 0.05
