@@ -40,6 +40,14 @@ def git_commit() -> str:
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def write_results(out: Path, lines: list[str], command: str, rows: list[dict]) -> None:
+    """``out``.md (the table) and ``out``.json (the command and rows); the table printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
 def run(overrides: list[str], out: Path) -> dict | None:
     """The CLI with ``overrides`` into ``out`` (skipped if it already finished); its metrics or None."""
     metrics = out / "metrics.json"
@@ -131,10 +139,7 @@ def main() -> None:
             f"| {fmt(r['increase_vs_sparsegpt'], '.3f')} | {fmt(r['prune_cpu_s'], '.0f')} "
             f"| {fmt(r['cpu_vs_sparsegpt'], '.2f')} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines, command, rows)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from fedprune.edits import BlockEdit, MaskEdit, WeightEdit
 from fedprune.masks import Pattern
 from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
 from fedprune.protocols.federation import Federation
-from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
+from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob, reply_tokens
 from fedprune.protocols.sums import PRIVACY, Sums
 from fedprune.pruners.base import Pruner
 from fedprune.secure.plan import SecurePlan
@@ -109,7 +109,10 @@ def task_config(job: FederatedJob, block: BlockTask | None = None) -> dict:
 def start_sites(fed: Federation, job: FederatedJob) -> dict[int, int]:
     """``query.start`` to every site; their token counts."""
     return fed.round(
-        "query.start", job.site_job.to_record(), None, lambda node, reply: int(reply.metrics["tokens"])
+        "query.start",
+        job.site_job.to_record(),
+        None,
+        lambda node, reply: reply_tokens(reply.metrics, job.site_job.to_record()),
     )
 
 

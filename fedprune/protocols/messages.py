@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import get_type_hints
@@ -236,6 +237,25 @@ class MethodSpec:
             **{key: _read(record, key, int) for key in _DEPTH_KEYS if key in record},
             **{key: _read(record, key, kind) for key, kind in _ALLOCATION_KEYS.items() if key in record},
         )
+
+
+def reply_count(metrics: Mapping, key: str, bound: int) -> int:
+    """An integer a site reports in its reply metrics (``tokens``, ...): a finite whole number in
+    [0, ``bound``], else :class:`MessageError` (the reply is rejected, the run goes on)."""
+    if key not in metrics:
+        raise MessageError(f"reply metrics: missing {key!r}")
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MessageError(f"reply metrics: {key!r} = {value!r} is not a number")
+    if not math.isfinite(value) or value != int(value) or not 0 <= value <= bound:
+        raise MessageError(f"reply metrics: {key!r} = {value!r} is not a whole number in [0, {bound}]")
+    return int(value)
+
+
+def reply_tokens(metrics: Mapping, config: Mapping) -> int:
+    """A site's calibration token count, at most the job's ``total_windows × seq_len``."""
+    job = SiteJob.from_record(config)
+    return reply_count(metrics, "tokens", job.total_windows * job.seq_len)
 
 
 UPDATE_KINDS = tuple(EDITS)  # masks | weights | kept (fedprune.edits)

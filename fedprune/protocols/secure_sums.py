@@ -27,6 +27,7 @@ import torch
 from fedprune.config import JobConfig
 from fedprune.payload import PayloadError, decode_stats
 from fedprune.protocols.federation import Federation, FederationError, Reply
+from fedprune.protocols.messages import reply_tokens
 from fedprune.secure import InvalidMessageError, MaskedInput, SecAggError, SecAggServer, validate_masked_input
 from fedprune.secure.codec import (
     decode_stats_vector,
@@ -76,8 +77,8 @@ class PreparedSum:
     inboxes: dict[int, dict[int, EncryptedShare]]  # receiver -> {sender: sealed shares}
 
 
-def _tokens(reply: Reply) -> int:
-    return int(reply.metrics["tokens"])
+def _tokens(reply: Reply, config: dict) -> int:
+    return reply_tokens(reply.metrics, config)
 
 
 @contextmanager
@@ -220,7 +221,14 @@ def secure_vote_counts(
     sizes = [int(np.prod(shapes[name])) for name in names]
     length = sum(packed_length(size, plan.max_sites, plan.modulus_bits) for size in sizes)
     result = secure_sum(
-        fed, prepared, task, config, update, plan, lambda node, reply: _tokens(reply), _fixed_length(length)
+        fed,
+        prepared,
+        task,
+        config,
+        update,
+        plan,
+        lambda node, reply: _tokens(reply, config),
+        _fixed_length(length),
     )
     counts, start = {}, 0
     for name, size in zip(names, sizes, strict=True):

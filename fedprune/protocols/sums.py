@@ -17,6 +17,7 @@ from fedprune.aggregation.block import aggregate_stats
 from fedprune.aggregation.mask_vote import vote_counts
 from fedprune.payload import decode_masks, decode_stats
 from fedprune.protocols.federation import Federation, Reply
+from fedprune.protocols.messages import reply_tokens
 from fedprune.protocols.secure_sums import PreparedSum, prepare_sums, secure_stats, secure_vote_counts
 from fedprune.secure.plan import SecurePlan
 from fedprune.stats import Stats
@@ -101,7 +102,7 @@ def plain_votes(fed: Federation, task: str, config: dict, update: dict | None, s
     tokens: dict[int, int] = {}
 
     def validate(node: int, reply: Reply) -> dict[str, torch.Tensor]:
-        tokens[node] = int(reply.metrics["tokens"])
+        tokens[node] = reply_tokens(reply.metrics, config)
         return decode_masks(reply.arrays, shapes)
 
     got = fed.round(f"train.{task}", config, update, validate)
@@ -146,7 +147,9 @@ class SecureSums(Sums):
         return StatsSum(stats, tuple(sorted(sites)))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
-        if not shapes:  # nothing voted (a block whose units all stay): no secret; the round moves the sites on
+        if (
+            not shapes
+        ):  # nothing voted (a block whose units all stay): no secret; the round moves the sites on
             return plain_votes(self.fed, task, config, update, shapes)
         counts, sites, tokens = secure_vote_counts(
             self.fed, self._take(config), task, config, update, self.plan, shapes
