@@ -104,8 +104,8 @@ def test_owl_mask_vote_with_one_site_equals_centralized(make_cfg, tmp_path):
         job = job_of(make_cfg(*FED, *OWL, "federation.num_clients=1", "federation.min_clients=1", *overrides))
         return validate(job).run(job, out, in_process_launcher(1, 1))
 
-    central = one_site(tmp_path / "c", "protocol=centralized")
-    voted = one_site(tmp_path / "v", "protocol=mask_vote", "protocol.group=row")
+    one_site(tmp_path / "c", "protocol=centralized")
+    one_site(tmp_path / "v", "protocol=mask_vote", "protocol.group=row")
     expected, got = _weights(tmp_path / "c" / "model"), _weights(tmp_path / "v" / "model")
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
