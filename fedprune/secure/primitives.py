@@ -64,6 +64,17 @@ def agree(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:
     return private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
 
 
+def is_usable_public_key(peer_public: bytes) -> bool:
+    """False for a raw X25519 public key that no party can agree with: a low-order point (e.g. 32 zero
+    bytes) gives the all-zero secret for every private key, which ``agree`` refuses. The private key of
+    the check is clamped to a multiple of 8, so one throwaway key decides it for all."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:
+        return False
+    return True
+
+
 def pairwise_mask_seed(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:
     """The seed ``s_uv = HKDF(X25519(s_u^SK, s_v^PK))``; both ends derive the same 32 bytes."""
     return hkdf_sha256(agree(private_key, peer_public), MASK_INFO)

@@ -29,7 +29,13 @@ from fedprune.secure.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
-from fedprune.secure.primitives import KEY_BYTES, add_keystreams_, pairwise_mask_seed, public_bytes
+from fedprune.secure.primitives import (
+    KEY_BYTES,
+    add_keystreams_,
+    is_usable_public_key,
+    pairwise_mask_seed,
+    public_bytes,
+)
 from fedprune.secure.shamir import reconstruct_secret, share_from_bytes
 
 logger = logging.getLogger(__name__)
@@ -137,6 +143,8 @@ class SecAggServer:
                 raise InvalidMessageError(client, f"public keys must be {KEY_BYTES} bytes")
             if key in seen or advert.enc_public == advert.mask_public:
                 raise InvalidMessageError(client, "public key repeats another key")
+            if not is_usable_public_key(key):  # else every neighbour's key agreement would fail
+                raise InvalidMessageError(client, "public key is a low-order X25519 point")
 
     def route_shares(
         self, shares: Mapping[int, Mapping[int, EncryptedShare]]

@@ -258,3 +258,22 @@ def test_fixed_seed_is_reproducible():
 
     assert all(np.array_equal(a, b) for a, b in zip(masked(1), masked(1), strict=True))
     assert not np.array_equal(masked(1)[0], masked(2)[0])
+
+
+@pytest.mark.parametrize("bad_key", [bytes(32), (1).to_bytes(32, "little")])  # low-order points 0 and 1
+def test_a_low_order_public_key_excludes_its_sender_not_the_others(bad_key):
+    """Routed on, a low-order key would make every neighbour's key agreement fail (all-zero secret)."""
+    from dataclasses import replace
+
+    vectors = _counts(4)
+    clients = _clients(vectors, seed=11)
+    server = SecAggServer(LENGTH, threshold=3)
+    adverts = {u: c.advertise_keys() for u, c in clients.items()}
+    adverts[12] = replace(adverts[12], mask_public=bad_key)
+    peer_keys = server.collect_keys(adverts)
+    assert "low-order" in server.rejected[12] and 12 not in peer_keys
+    inboxes = server.route_shares({u: clients[u].share_keys(peer_keys[u], 3) for u in peer_keys})
+    masked = {u: clients[u].masked_input(vectors[u], inboxes[u]) for u in inboxes}
+    request = server.collect_masked_inputs(masked)
+    total = server.reconstruct_sum({u: clients[u].unmask(request) for u in request.survivors})
+    assert np.array_equal(total, _plain_sum(vectors, [10, 11, 13]))
