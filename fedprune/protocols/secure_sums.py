@@ -207,6 +207,16 @@ def _fixed_length(length: int) -> Callable[[dict[int, Any]], tuple[int, set[int]
     return lambda metadata: (length, set(metadata))
 
 
+def check_counts(counts: np.ndarray, survivors: int, name: str) -> None:
+    """Summed 0/1 votes lie in [0, survivors]; a larger one means some site sent a vector that is not a
+    vote (the sum cannot say whose): the run stops rather than vote on corrupt counts."""
+    if counts.size and int(counts.max()) > survivors:
+        raise SecureAggregationError(
+            f"secure vote sum of {name!r}: a count of {int(counts.max())} from {survivors} sites (a site sent "
+            "something other than 0/1 votes); stopping without output"
+        )
+
+
 def secure_vote_counts(
     fed: Federation,
     prepared: PreparedSum,
@@ -234,6 +244,7 @@ def secure_vote_counts(
     for name, size in zip(names, sizes, strict=True):
         words = packed_length(size, plan.max_sites, plan.modulus_bits)
         flat = unpack_counts(result.total[start : start + words], size, plan.max_sites, plan.modulus_bits)
+        check_counts(flat, len(result.survivors), name)
         counts[name] = torch.from_numpy(flat.astype(np.int32)).reshape(shapes[name])
         start += words
     return counts, result.survivors, result.public

@@ -47,3 +47,13 @@ def test_one_site_reporting_infinite_tokens_is_left_out(make_cfg, tmp_path, prot
     reasons = [r["reason"] for r in metrics["rejected"] if r["node"] == 101]
     assert reasons and all("tokens" in reason for reason in reasons[:1])
     assert (tmp_path / "model").is_dir()
+
+
+def test_secure_vote_counts_above_the_survivors_stop_the_run():
+    import numpy as np
+
+    from fedprune.protocols.secure_sums import SecureAggregationError, check_counts
+
+    check_counts(np.array([0, 3, 2]), 3, "0.mlp.up_proj")  # at most one vote per survivor: fine
+    with pytest.raises(SecureAggregationError, match="count of 4 from 3 sites"):
+        check_counts(np.array([0, 4, 2]), 3, "0.mlp.up_proj")
