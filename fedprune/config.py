@@ -409,7 +409,7 @@ def check_allocation(job: JobConfig, pruner, pattern) -> None:
     """A non-uniform allocation needs a data-driven pruner and unstructured pruning with one sparsity
     (a per-block N:M makes no sense; structured pruning removes whole units)."""
     name = job.allocation.name
-    if name == "uniform":
+    if job.allocation.rule() is None:  # uniform: nothing to check
         return
     check(
         pattern.kind == "unstructured",
