@@ -345,7 +345,7 @@ def build_pruner(spec: PrunerSpec):
         return get_pruner(spec.name, **spec.params)
     except KeyError as error:
         raise ConfigError(f"config key 'pruner.name': {error.args[0]}") from None
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"config key 'pruner.params': {error}") from None
 
 

@@ -1,6 +1,6 @@
-"""Pruners behind a registry: importing this package registers magnitude, wanda, sparsegpt, variance, obs and gatenorm."""
+"""Pruners behind a registry: importing this package registers magnitude, wanda, sparsegpt, admm, variance, obs and gatenorm."""
 
-from fedprune.pruners import gatenorm, magnitude, obs, sparsegpt, variance, wanda  # noqa: F401  (registration)
+from fedprune.pruners import admm, gatenorm, magnitude, obs, sparsegpt, variance, wanda  # noqa: F401  (registration)
 from fedprune.pruners.base import (
     PRUNERS,
     Pruner,

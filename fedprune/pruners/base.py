@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -55,6 +57,29 @@ class StructuredOnly:
         raise ValueError(f"pruner {self.name!r} removes whole units only: use pattern=structured")
 
 
+T = TypeVar("T")
+
+
+class LastStatsCache(Generic[T]):
+    """One value derived from the last Stats object seen (held weakly: dropped with it), so that layers
+    sharing one input (q/k/v, gate/up share one Stats: collect_block_stats, decode_stats,
+    aggregate_stats) factorise its matrix once."""
+
+    def __init__(self) -> None:
+        self._last: tuple[weakref.ref, T] | None = None
+
+    def get(self, stats: Stats, compute: Callable[[Stats], T]) -> T:
+        """The cached value for ``stats``, or ``compute(stats)`` (the old value freed first)."""
+        last = self._last[0]() if self._last is not None else None
+        if last is not stats:
+            self._last = None
+            self._last = (weakref.ref(stats, self._forget), compute(stats))
+        return self._last[1]
+
+    def _forget(self, _ref: weakref.ref) -> None:
+        self._last = None
+
+
 PRUNERS: dict[str, type] = {}
 
 
@@ -83,9 +108,7 @@ def require_stats(pruner: Pruner, stats: Stats | None) -> Stats:
     """Return ``stats`` if of the kind the pruner needs, else raise ValueError."""
     if stats is None or stats.kind != pruner.stat_kind:
         got = None if stats is None else stats.kind
-        raise ValueError(
-            f"pruner {pruner.name!r} needs {pruner.stat_kind!r} statistics, got {got!r}"
-        )
+        raise ValueError(f"pruner {pruner.name!r} needs {pruner.stat_kind!r} statistics, got {got!r}")
     if stats.count <= 0:
         raise ValueError(f"pruner {pruner.name!r} got statistics over zero tokens")
     return stats

@@ -8,12 +8,11 @@ that selects the mask per block of columns (adaptive mask selection) and updates
 from __future__ import annotations
 
 import logging
-import weakref
 
 import torch
 
 from fedprune.masks import Pattern
-from fedprune.pruners.base import PruneResult, register_pruner, require_stats
+from fedprune.pruners.base import LastStatsCache, PruneResult, register_pruner, require_stats
 from fedprune.stat_kinds import HESSIAN
 from fedprune.stats import Stats
 
@@ -53,9 +52,7 @@ def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
     return inverse.flip(0, 1)
 
 
-def _block_mask_unstructured(
-    w_block: torch.Tensor, d_block: torch.Tensor, sparsity: float
-) -> torch.Tensor:
+def _block_mask_unstructured(w_block: torch.Tensor, d_block: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune-mask (True = prune) of the lowest w²/d² in one block of columns, exact count."""
     saliency = w_block.pow(2) / d_block.pow(2).reshape(1, -1)  # (out, block)
     num_pruned = int(saliency.numel() * sparsity)
@@ -135,24 +132,17 @@ class SparseGPTPruner:
     def __init__(self, percdamp: float = 0.01, blocksize: int = 128) -> None:
         self.percdamp = percdamp
         self.blocksize = blocksize
-        # the last layer's statistics (weakly: dropped with them) and float32 factor, reused for the same
-        # Stats object (layers sharing one input share one: collect_block_stats, decode_stats,
-        # aggregate_stats)
-        self._last_factor: tuple[weakref.ref, torch.Tensor] | None = None
+        self._factors: LastStatsCache[torch.Tensor] = LastStatsCache()
 
     def _factor(self, stats: Stats) -> torch.Tensor:
-        """The upper Cholesky factor of the damped H⁻¹ (float32, as the sweep uses it), reused when the
-        previous layer had the same Stats object (q/k/v, gate/up)."""
-        last = self._last_factor[0]() if self._last_factor is not None else None
-        if last is not stats:
-            self._last_factor = None  # free the old factor first
-            factor = inverse_hessian_factor(damped_hessian(hessian_from_stats(stats), self.percdamp))
-            self._last_factor = (weakref.ref(stats, self._forget), factor.to(torch.float32))
-        return self._last_factor[1]
-
-    def _forget(self, _ref: weakref.ref) -> None:
-        """Drop the cached factor once the statistics it was computed from are gone."""
-        self._last_factor = None
+        """The upper Cholesky factor of the damped H⁻¹ (float32, as the sweep uses it), computed once
+        for layers sharing one Stats object (q/k/v, gate/up)."""
+        return self._factors.get(
+            stats,
+            lambda s: inverse_hessian_factor(damped_hessian(hessian_from_stats(s), self.percdamp)).to(
+                torch.float32
+            ),
+        )
 
     def scores(self, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
         """OBS saliency w² / [H⁻¹]_jj² before any update (used for voting, not for the sweep)."""

@@ -40,10 +40,22 @@ def test_stats_sync_sparsegpt_equals_centralized(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "recipe", [["pruner=wanda", "allocation=owl", "owl.m=2", "owl.lambda=0.2", "sparsity=0.6"]]
+    "recipe",
+    [
+        ["pruner=wanda", "allocation=owl", "owl.m=2", "owl.lambda=0.2", "sparsity=0.6"],
+        [
+            "pruner=admm",
+            "pruner.params.iterations=6",
+            "pruner.params.gradual=4",
+            "pattern=2:4",
+            "sparsity=null",
+        ],
+    ],
+    ids=["wanda+owl", "admm-2:4"],
 )
 def test_recipe_stats_sync_in_flower_equals_centralized(make_cfg, tmp_path, recipe):
-    """A recipe beyond uniform SparseGPT (OWL's extra sum of the dense Σx²), in a real Flower simulation."""
+    """Recipes beyond uniform SparseGPT (OWL's extra sum of the dense Σx²; ADMM's reconstruction from the
+    summed Σxxᵀ), in a real Flower simulation."""
     central = run(make_cfg("protocol=centralized", *recipe, *FED), tmp_path / "c")
     federated = run(make_cfg("protocol=stats_sync", *recipe, *FED), tmp_path / "f")
     assert federated["num_clients"] == 3 and federated["calib_tokens"] == central["calib_tokens"]
