@@ -31,6 +31,7 @@ from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import (
     advert_to_arrays,
     instance_arrays,
+    masked_to_arrays,
     peers_from_arrays,
     prefixed,
     reply_to_arrays,
@@ -124,7 +125,7 @@ def _mask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply
     vector, public, tokens = _payload(site, request, plan)
     masked = client.masked_input(vector, shares_from_arrays(client.client_id, arrays, outgoing=False))
     _save_client(path, client)
-    return reply({"masked": masked.vector, **public}, {"tokens": tokens})
+    return reply({**masked_to_arrays(masked), **public}, {"tokens": tokens})
 
 
 def _unmask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:

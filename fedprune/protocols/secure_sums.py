@@ -9,7 +9,8 @@ the block's update, computes and encodes its payload, sends it masked with the p
 and ``unmask`` (survivors send the shares that remove the masks). Every round goes through
 ``Federation.round`` (bytes counted, malformed replies rejected); a site that fails any round is a
 SecAgg dropout and stays out of the federation (later instances recover its pairwise masks as a
-dropout's). The maths is ``fedprune.secure`` (pure).
+dropout's), and so is a site whose sealed share a neighbour could not open (the neighbour names it in
+its ``mask`` reply). The maths is ``fedprune.secure`` (pure).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import (
     advert_from_arrays,
     instance_arrays,
+    masked_from_arrays,
     peers_to_arrays,
     prefixed,
     reply_from_arrays,
@@ -165,8 +167,8 @@ def secure_sum(
     server = prepared.server
     nodes = sorted(node for node in prepared.inboxes if node in fed.nodes)
 
-    def masked(node: int, reply: Reply) -> tuple[Any, np.ndarray]:
-        return public(node, reply), reply.arrays["masked"]
+    def masked(node: int, reply: Reply) -> tuple[Any, MaskedInput]:
+        return public(node, reply), masked_from_arrays(node, reply.arrays)
 
     with _stop_on_protocol_error(task):
         inboxes = {node: shares_to_arrays(prepared.inboxes[node], outgoing=False) for node in nodes}
@@ -174,8 +176,7 @@ def secure_sum(
         number = len(fed.round_seconds) - 1
         length, accepted = layout({node: meta for node, (meta, _) in got.items()})
         inputs = {}
-        for node, (_, vector) in sorted(got.items()):
-            message = MaskedInput(node, vector)
+        for node, (_, message) in sorted(got.items()):
             try:
                 if node not in accepted:
                     raise InvalidMessageError(node, "public layout differs from the other sites'")
@@ -184,7 +185,10 @@ def secure_sum(
                 fed.reject(number, node, error.reason)
                 continue
             inputs[node] = message
+        before = set(server.rejected)
         request = server.collect_masked_inputs(inputs, vector_length=length)
+        for node in sorted(set(server.rejected) - before):  # complaints: the accused, bad complainers
+            fed.reject(number, node, server.rejected[node])
         survivors = sorted(request.survivors)
         requests = {node: request_to_arrays(request) for node in survivors}
         replies = _stage(

@@ -88,6 +88,7 @@ class SecAggClient:
         self._threshold = 0
         self._peers: dict[int, KeyAdvert] = {}
         self._held: dict[int, tuple[int, int]] = {}  # v -> (share of s_v^SK, share of b_v) held by me
+        self._complaints: frozenset[int] = frozenset()  # neighbours whose shares to me failed to open
         self._enc_key = None
         self._mask_key = None
         self._seed = b""
@@ -108,6 +109,7 @@ class SecAggClient:
             "threshold": self._threshold,
             "peers": {str(v): [a.enc_public.hex(), a.mask_public.hex()] for v, a in self._peers.items()},
             "held": {str(v): [k, s] for v, (k, s) in self._held.items()},
+            "complaints": sorted(self._complaints),
             "enc_key": raw(self._enc_key),
             "mask_key": raw(self._mask_key),
             "seed": self._seed.hex(),
@@ -128,6 +130,7 @@ class SecAggClient:
             for v, (e, m) in state["peers"].items()
         }
         client._held = {int(v): (int(k), int(s)) for v, (k, s) in state["held"].items()}
+        client._complaints = frozenset(int(v) for v in state["complaints"])
         client._enc_key = key(state["enc_key"])
         client._mask_key = key(state["mask_key"])
         client._seed = bytes.fromhex(state["seed"])
@@ -203,20 +206,20 @@ class SecAggClient:
         """Round 3: open the shares addressed to me, then send ``x_u + PRG(b_u) + Σ_v ±PRG(s_uv)``.
 
         ``vector`` holds this client's encoded input (1-D uint64 residues modulo 2^k; see ``encoding``).
-        ``received_shares`` is ``{sender: EncryptedShare}``; its senders (the neighbours that completed
-        round 2) are exactly the neighbours this client masks with. A share that fails to decrypt or
-        parse aborts this client (an honest server never alters them).
+        ``received_shares`` is ``{sender: EncryptedShare}`` from the neighbours that completed round 2.
+        This client masks with exactly the senders whose shares open; one that fails to decrypt or parse
+        is logged, left out, and reported in ``complaints`` (the server then drops that sender). A share
+        from a non-neighbour aborts this client (an honest server never routes one).
         """
         self._advance("shared", "masked")
         x = check_residues(vector, self.modulus_bits, name=f"client {self.client_id} input")
         if x.ndim != 1:
             raise ValueError(f"client {self.client_id}: input must be 1-D, got shape {x.shape}")
-        for sender, message in received_shares.items():
-            self._held[sender] = self._open_share(sender, message)
+        self._complaints = self._open_shares(received_shares)
         if len(self._held) < self._threshold:
             raise TooFewSurvivorsError(
                 f"client {self.client_id}: only {len(self._held)} of this client and its neighbours "
-                f"completed key sharing, need {self._threshold}"
+                f"completed key sharing with it, need {self._threshold}"
             )
         y = x.copy()  # (length,) uint64; the caller's vector is not modified
         streams = [(self._seed, +1)] + [
@@ -227,32 +230,48 @@ class SecAggClient:
         add_keystreams_(y, streams)
         # The secrets are no longer needed here; their shares live with the neighbours.
         self._seed, self._mask_key = b"", None
-        return MaskedInput(self.client_id, reduce_(y, self.modulus_bits))
+        return MaskedInput(self.client_id, reduce_(y, self.modulus_bits), self._complaints)
+
+    def _open_shares(self, received_shares: Mapping[int, EncryptedShare]) -> frozenset[int]:
+        """Keep the shares that open in ``_held``; return the senders of those that do not."""
+        u = self.client_id
+        failed = set()
+        for sender, message in sorted(received_shares.items()):
+            if sender not in self._peers:
+                raise SecAggError(f"client {u}: server routed shares from client {sender}, not a neighbour")
+            try:
+                self._held[sender] = self._open_share(sender, message)
+            except InvalidMessageError as error:
+                logger.warning("client %d leaves out neighbour %d: %s", u, sender, error.reason)
+                failed.add(sender)
+        return frozenset(failed)
 
     def _open_share(self, sender: int, message: EncryptedShare) -> tuple[int, int]:
         """Decrypt and parse the shares ``sender`` addressed to this client."""
         u = self.client_id
-        if sender not in self._peers or not isinstance(message, EncryptedShare):
-            raise InvalidMessageError(sender, f"sent shares to client {u} but is not its neighbour")
-        if (message.sender, message.receiver) != (sender, u):
-            raise InvalidMessageError(sender, f"share is addressed {message.sender}->{message.receiver}")
+        if not isinstance(message, EncryptedShare) or (message.sender, message.receiver) != (sender, u):
+            raise InvalidMessageError(sender, f"share routed to client {u} is not addressed {sender}->{u}")
         key = share_key(self._enc_key, self._peers[sender].enc_public, sender, u)
         try:
             plaintext = open_sealed(key, message.ciphertext, share_aad(sender, u))
-        except InvalidTag as error:
+        except (InvalidTag, ValueError) as error:  # ValueError: too short to hold a nonce
             raise InvalidMessageError(sender, f"share for client {u} failed authentication") from error
         if len(plaintext) != _PLAINTEXT_BYTES or plaintext[:16] != pack_ids(sender, u):
             raise InvalidMessageError(sender, f"share for client {u} is malformed")
-        key_share = share_from_bytes(plaintext[16 : 16 + SHARE_BYTES])
-        seed_share = share_from_bytes(plaintext[16 + SHARE_BYTES :])
+        try:
+            key_share = share_from_bytes(plaintext[16 : 16 + SHARE_BYTES])
+            seed_share = share_from_bytes(plaintext[16 + SHARE_BYTES :])
+        except ValueError as error:
+            raise InvalidMessageError(sender, f"share for client {u} is malformed: {error}") from error
         return key_share, seed_share
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
         """Round 4: reveal shares of ``b_v`` for surviving v and of ``s_v^SK`` for dropped v.
 
         Refuses (``SecAggError``) a request that lists a client as both survivor and dropped, lists
-        this client as dropped, or names fewer than ``threshold`` survivors. Never reveals both shares
-        of one client.
+        this client as dropped, lists as a survivor a neighbour whose share to this client failed to open,
+        or names fewer than ``threshold`` survivors. Never reveals both shares of one client; reveals
+        shares only of the clients whose shares it holds.
         """
         self._advance("masked", "unmasked")
         survivors, dropped = frozenset(request.survivors), frozenset(request.dropped)
@@ -263,6 +282,11 @@ class SecAggClient:
             )
         if u not in survivors:
             raise SecAggError(f"client {u}: sent its masked input but is not listed as a survivor")
+        if survivors & self._complaints:
+            raise SecAggError(
+                f"client {u}: clients {sorted(survivors & self._complaints)} are listed as survivors, "
+                "but their shares to this client failed to open"
+            )
         if len(survivors) < self._threshold:
             raise TooFewSurvivorsError(
                 f"client {u}: only {len(survivors)} survivors, need {self._threshold}; refusing to unmask"

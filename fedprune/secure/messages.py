@@ -59,10 +59,14 @@ class EncryptedShare:
 
 @dataclass(frozen=True, eq=False)
 class MaskedInput:
-    """Round 3, client -> server: ``y_u = x_u + PRG(b_u) + Σ_v ±PRG(s_uv) mod 2^k``."""
+    """Round 3, client -> server: ``y_u = x_u + PRG(b_u) + Σ_v ±PRG(s_uv) mod 2^k``.
+
+    ``complaints``: the neighbours whose shares to ``client`` failed to open; it did not mask with them.
+    """
 
     client: int
     vector: np.ndarray  # (length,) uint64
+    complaints: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,9 @@ def message_nbytes(message: object) -> int:
         return 2 * ID_BYTES + len(message.ciphertext)
     if isinstance(message, MaskedInput):
         vector = message.vector
-        return ID_BYTES + (vector.nbytes if isinstance(vector, np.ndarray) else 0)
+        return ID_BYTES * (1 + len(message.complaints)) + (
+            vector.nbytes if isinstance(vector, np.ndarray) else 0
+        )
     if isinstance(message, UnmaskRequest):
         return ID_BYTES * (len(message.survivors) + len(message.dropped))
     if isinstance(message, UnmaskReply):

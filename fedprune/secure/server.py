@@ -6,6 +6,11 @@ For each survivor u the server reconstructs ``b_u`` from ``threshold`` shares an
 for each dropped v it reconstructs ``s_v^SK`` and removes the pairwise masks its surviving neighbours
 added for v. The masks between two survivors cancel. A client whose message is malformed is excluded
 (recorded in ``rejected``) exactly like a client that dropped out at that step.
+
+Complaints: a client whose share to a neighbour u fails to open is named in u's masked input; u did not
+mask with it. Every client so named is dropped (its input, if any, discarded), and its pairwise masks
+are removed only for the survivors that masked with it. A complaint naming anything but a neighbour
+that shared keys with the complainer invalidates the complainer's message.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ def validate_masked_input(client: int, message: object, length: int, modulus_bit
         raise InvalidMessageError(client, f"masked vector has shape {vector.shape}, expected ({length},)")
     if modulus_bits < 64 and length and int(vector.max()) > int(modulus_mask(modulus_bits)):
         raise InvalidMessageError(client, f"masked vector has values outside the modulus 2^{modulus_bits}")
+    complaints = message.complaints
+    if not isinstance(complaints, frozenset) or not all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in complaints
+    ):
+        raise InvalidMessageError(client, "complaints are not a frozenset of client ids")
     return vector
 
 
@@ -90,6 +100,7 @@ class SecAggServer:
         self.sharers: frozenset[int] = frozenset()  # U2
         self.survivors: frozenset[int] = frozenset()  # U3
         self.dropped: frozenset[int] = frozenset()  # U2 \ U3
+        self.complaints: dict[int, frozenset[int]] = {}  # valid masked input's sender -> its complaints
         self._inputs: dict[int, np.ndarray] = {}
         self._stage = "keys"
 
@@ -180,8 +191,9 @@ class SecAggServer:
     ) -> UnmaskRequest:
         """Round 3: validate masked inputs (keyed by sender); return the unmask request for survivors.
 
-        Invalid vectors (wrong length, dtype, or values outside the modulus) are rejected with a
-        reason naming the client, and that client is treated as dropped. ``vector_length`` fixes the
+        Invalid vectors (wrong length, dtype, or values outside the modulus) or complaints are rejected
+        with a reason naming the client, and that client is treated as dropped; so is every client a
+        valid complaint names (see the module docstring). ``vector_length`` fixes the
         length here when the server was built without one (keys agreed before the inputs existed).
         """
         self._advance("masked", "unmask")
@@ -195,15 +207,44 @@ class SecAggServer:
             try:
                 if client not in self.sharers:
                     raise InvalidMessageError(client, "sent a masked input without completing key sharing")
-                self._inputs[client] = validate_masked_input(
-                    client, message, self.vector_length, self.modulus_bits
-                )
+                vector = validate_masked_input(client, message, self.vector_length, self.modulus_bits)
+                self._check_complaints(client, message.complaints)
             except InvalidMessageError as error:
                 self._reject(error)
+                continue
+            self._inputs[client] = vector
+            self.complaints[client] = message.complaints
+        self._drop_accused()
         self.survivors = frozenset(self._inputs)
         self.dropped = self.sharers - self.survivors
         self._require(self.survivors, "masked input")
         return UnmaskRequest(self.survivors, self.dropped)
+
+    def _check_complaints(self, client: int, complaints: frozenset[int]) -> None:
+        """A client may only complain about neighbours that shared keys (their shares were routed to it)."""
+        if client in complaints:
+            raise InvalidMessageError(client, "complains about its own share")
+        stray = complaints - (self.graph[client] & self.sharers)
+        if stray:
+            raise InvalidMessageError(
+                client, f"complains about clients {sorted(stray)}, which routed it no share"
+            )
+
+    def _accusers(self, client: int) -> frozenset[int]:
+        """The clients (with a valid masked input) that could not open ``client``'s share."""
+        return frozenset(u for u, accused in self.complaints.items() if client in accused)
+
+    def _drop_accused(self) -> None:
+        """Every client named in a valid complaint is dropped, even if it sent a masked input."""
+        for v in sorted(set().union(*self.complaints.values())):
+            accusers = sorted(self._accusers(v))
+            what = f"share to client {accusers[0]}" if len(accusers) == 1 else f"shares to clients {accusers}"
+            self._reject(InvalidMessageError(v, f"{what} failed to open"))
+            self._inputs.pop(v, None)
+
+    def _masked_with(self, v: int) -> frozenset[int]:
+        """The survivors that added a pairwise mask for ``v``: its neighbours that opened its share."""
+        return (self.graph[v] & self.survivors) - self._accusers(v)
 
     def reconstruct_sum(self, replies: Mapping[int, UnmaskReply]) -> np.ndarray:
         """Round 4: from the survivors' unmask replies, the sum Σ_{u in survivors} x_u mod 2^k (uint64).
@@ -213,7 +254,8 @@ class SecAggServer:
         """
         self._advance("unmask", "done")
         seed_points: dict[int, dict[int, int]] = {u: {} for u in self.survivors}
-        key_points: dict[int, dict[int, int]] = {v: {} for v in self.dropped}
+        # a dropped client's key is needed only if some survivor masked with it
+        key_points: dict[int, dict[int, int]] = {v: {} for v in self.dropped if self._masked_with(v)}
         answered = 0
         for holder, reply in sorted(replies.items()):
             try:
@@ -225,7 +267,8 @@ class SecAggServer:
             for u, share in seeds.items():
                 seed_points[u][share_point(holder)] = share
             for v, share in keys.items():
-                key_points[v][share_point(holder)] = share
+                if v in key_points:
+                    key_points[v][share_point(holder)] = share
         if answered < self.threshold:
             raise TooFewSurvivorsError(
                 f"server: only {answered} clients answered the unmask request, need {self.threshold}"
@@ -240,10 +283,10 @@ class SecAggServer:
             np.add(total, self._inputs[u], out=total)
         streams = [(seeds[u], -1) for u in sorted(self.survivors)]
         for v, key in sorted(keys.items()):
-            # each surviving neighbour u added mask_sign(u, v) · PRG(s_uv) for v: remove it
+            # each survivor u that masked with v added mask_sign(u, v) · PRG(s_uv): remove it
             streams += [
                 (pairwise_mask_seed(key, self.adverts[u].mask_public), -mask_sign(u, v))
-                for u in sorted(self.graph[v] & self.survivors)
+                for u in sorted(self._masked_with(v))
             ]
         add_keystreams_(total, streams)
         self._inputs = {}
@@ -257,8 +300,11 @@ class SecAggServer:
         may_hold = self.graph[holder] | {holder}
         if not set(reply.seed_shares) <= (self.survivors & may_hold):
             raise InvalidMessageError(holder, "seed shares for clients that are not surviving neighbours")
-        if not set(reply.key_shares) <= (self.dropped & may_hold):
-            raise InvalidMessageError(holder, "key shares for clients that are not dropped neighbours")
+        held_dropped = (self.dropped & may_hold) - self.complaints[holder]
+        if not set(reply.key_shares) <= held_dropped:
+            raise InvalidMessageError(
+                holder, "key shares for clients that are not dropped neighbours whose shares it held"
+            )
         try:
             seeds = {u: share_from_bytes(s) for u, s in reply.seed_shares.items()}
             keys = {v: share_from_bytes(s) for v, s in reply.key_shares.items()}

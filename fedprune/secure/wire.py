@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from fedprune.secure.messages import EncryptedShare, KeyAdvert, UnmaskReply, UnmaskRequest
+from fedprune.secure.messages import EncryptedShare, KeyAdvert, MaskedInput, UnmaskReply, UnmaskRequest
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,17 @@ def _bytes(arrays: dict[str, np.ndarray], key: str) -> bytes:
 
 def _u8(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def _id_set(arrays: dict[str, np.ndarray], key: str) -> frozenset[int]:
+    value = arrays[key]
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint64 or value.ndim != 1:
+        raise ValueError(f"{key}: expected a 1-D uint64 array")
+    return frozenset(int(v) for v in value)
+
+
+def _id_array(ids: frozenset[int]) -> np.ndarray:
+    return np.array(sorted(ids), dtype=np.uint64)
 
 
 def _ids(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, str]:
@@ -93,23 +104,24 @@ def shares_from_arrays(me: int, arrays: dict[str, np.ndarray], outgoing: bool) -
     return out
 
 
+def masked_to_arrays(masked: MaskedInput) -> dict[str, np.ndarray]:
+    """A client's masked vector and the neighbours whose shares to it failed to open."""
+    return {"masked": masked.vector, "complaints": _id_array(masked.complaints)}
+
+
+def masked_from_arrays(client: int, arrays: dict[str, np.ndarray]) -> MaskedInput:
+    """Inverse of :func:`masked_to_arrays` (the vector itself is validated by the server)."""
+    return MaskedInput(client, arrays["masked"], _id_set(arrays, "complaints"))
+
+
 def request_to_arrays(request: UnmaskRequest) -> dict[str, np.ndarray]:
     """The unmask request."""
-    return {
-        "survivors": np.array(sorted(request.survivors), dtype=np.uint64),
-        "dropped": np.array(sorted(request.dropped), dtype=np.uint64),
-    }
+    return {"survivors": _id_array(request.survivors), "dropped": _id_array(request.dropped)}
 
 
 def request_from_arrays(arrays: dict[str, np.ndarray]) -> UnmaskRequest:
     """Inverse of :func:`request_to_arrays`."""
-    sets = []
-    for key in ("survivors", "dropped"):
-        value = arrays[key]
-        if value.dtype != np.uint64 or value.ndim != 1:
-            raise ValueError(f"{key}: expected a 1-D uint64 array")
-        sets.append(frozenset(int(v) for v in value))
-    return UnmaskRequest(*sets)
+    return UnmaskRequest(_id_set(arrays, "survivors"), _id_set(arrays, "dropped"))
 
 
 def reply_to_arrays(reply: UnmaskReply) -> dict[str, np.ndarray]:
