@@ -29,6 +29,7 @@ RECIPES = {  # name -> overrides; uniform SparseGPT is the reference of every pa
     "sparsegpt+owl": ["pruner=sparsegpt", "allocation=owl"],
     "admm": ["pruner=admm"],
     "admm+owl": ["pruner=admm", "allocation=owl"],
+    "admm40": ["pruner=admm", "pruner.params.iterations=40", "pruner.params.gradual=30"],
 }
 
 

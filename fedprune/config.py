@@ -129,13 +129,16 @@ class PrunerSpec:
 
 @dataclass(frozen=True)
 class FederationSpec:
-    """``federation``: how many sites, how many must reply, how windows are dealt, CPUs per site."""
+    """``federation``: how many sites, how many must reply, how windows are dealt, CPUs per site, and
+    ``robust``: check each site's statistics against the median site's (``robust_scale``: how far off)."""
 
     num_clients: int = 4
     min_clients: int = 2
     partitioner: str = "by_document"
     cpus_per_client: float = 1.0
     round_timeout: float | None = None
+    robust: bool = False
+    robust_scale: float = 10.0
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> FederationSpec:
@@ -145,6 +148,8 @@ class FederationSpec:
             partitioner=_get(m, "partitioner", "federation", str, "by_document"),
             cpus_per_client=_get(m, "cpus_per_client", "federation", float, 1.0),
             round_timeout=_get(m, "round_timeout", "federation", _optional(float), None),
+            robust=_get(m, "robust", "federation", bool, False),
+            robust_scale=_get(m, "robust_scale", "federation", float, 10.0),
         )
 
 
@@ -497,6 +502,7 @@ def check_sites(fed: FederationSpec) -> None:
         "federation.round_timeout",
         f"must be > 0 or null, got {fed.round_timeout}",
     )
+    check(fed.robust_scale > 1, "federation.robust_scale", f"must be > 1, got {fed.robust_scale}")
 
 
 def check_llm_federation(job: JobConfig) -> None:
@@ -547,6 +553,12 @@ def check_privacy(
         privacy.name in PRIVACY_SETTINGS,
         "privacy.name",
         f"unknown privacy {privacy.name!r}; known: {list(PRIVACY_SETTINGS)}",
+    )
+    check(
+        not job.federation.robust or privacy.name == "none",
+        "federation.robust",
+        f"its per-site checks need the sites' statistics in the clear, and privacy={privacy.name} shows "
+        "the server only their sum (use privacy=none, or federation.robust=false)",
     )
     if privacy.name == "none":
         return

@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 class PayloadError(ValueError):
-    """A malformed payload; the message says why."""
+    """A malformed payload; the message says why (``label``: what a rejected reply is logged as)."""
+
+    label = "malformed reply"
 
 
 def encode_stats(stats: Mapping[str, Stats]) -> dict[str, np.ndarray]:

@@ -3,6 +3,10 @@
 ``SQ_NORM`` (Wanda): Σ_t x_tj², shape ``(in,)``; on the wire the vector itself.
 ``HESSIAN`` (SparseGPT/OBS): Σ_t x_t x_tᵀ, shape ``(in, in)``; on the wire its upper triangle, row-major.
 
+Besides :meth:`StatKind.invalid_reason` (any decoded sum), a kind judges one site's sum in the clear:
+:meth:`StatKind.site_reason` (never possible for honest data; always applied), :meth:`StatKind.psd_reason`
+and :meth:`StatKind.token_scale` (``federation.robust``, :mod:`fedprune.aggregation.site_checks`).
+
 Everything else (``fedprune.stats``, ``fedprune.payload``, ``fedprune.secure``, the server) asks the kind
 object, found by name in :data:`STAT_KINDS` (:func:`get_stat_kind`), instead of branching on its name.
 """
@@ -16,6 +20,11 @@ import numpy as np
 import torch
 
 GRAM_TILE = 256  # rows per strip: only the strips' parts on and above the diagonal are multiplied
+# A site's Gram sum passes as PSD when its smallest eigenvalue is >= -PSD_TOL · its trace: honest sums of
+# float32 products, singular ones included, stay above -1e-8 · trace; any sum that passes is made positive
+# definite by SparseGPT's damping (1% of the mean diagonal, >= PSD_TOL · trace up to 10,000 inputs).
+PSD_TOL = 1e-6
+CAUCHY_SCHWARZ_TOL = 1e-3  # relative slack of (Σx)² <= count · Σx² for float32 partial sums
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +139,21 @@ class StatKind(ABC):
         replaced by another, as it travels (:meth:`to_wire`)."""
         return replace_one_sensitivity(seq_len, bound)
 
+    def site_reason(self, total: torch.Tensor, count: int) -> str | None:
+        """Why one site's valid sum over ``count`` tokens cannot come from any data (``None``: it can);
+        cheap checks beyond :meth:`invalid_reason`, for sums in the clear (no DP noise)."""
+        return None
+
+    def psd_reason(self, total: torch.Tensor) -> str | None:
+        """Why one site's sum is not positive semi-definite, as every honest one is (``None``: it is, or
+        the kind is no matrix); costlier than :meth:`site_reason`."""
+        return None
+
+    def token_scale(self, total: torch.Tensor, count: int) -> float:
+        """The sum's size per token, to compare sites (the built-in kinds: the mean squared norm of the
+        layer inputs, Σ_t ‖x_t‖² / count; by default the sum of the entries' magnitudes / count)."""
+        return float(total.abs().sum()) / count
+
     @abstractmethod
     def project_noisy(self, total: torch.Tensor) -> torch.Tensor:
         """The nearest possible sum to a noisy one (post-processing: costs no privacy)."""
@@ -168,6 +192,9 @@ class SqNormKind(StatKind):
             return reason
         return "negative sum of squares" if (total < 0).any() else None
 
+    def token_scale(self, total: torch.Tensor, count: int) -> float:
+        return float(total.sum()) / count
+
     def project_noisy(self, total: torch.Tensor) -> torch.Tensor:
         """Negative sums of squares -> 0 (``np.maximum``: also -0.0 -> +0.0)."""
         return torch.from_numpy(np.maximum(total.numpy(), 0.0))
@@ -199,6 +226,37 @@ class HessianKind(StatKind):
         if total.dim() != 2 or total.shape[0] != total.shape[1]:
             return f"shape {tuple(total.shape)} is not a square matrix"
         return super().invalid_reason(total)
+
+    def site_reason(self, total: torch.Tensor, count: int) -> str | None:
+        """A negative diagonal entry: a negative sum of squares."""
+        diagonal = total.diagonal()
+        if (diagonal < 0).any():
+            return f"negative diagonal entry {float(diagonal.min()):.3g} (a sum of squares)"
+        return None
+
+    def psd_reason(self, total: torch.Tensor) -> str | None:
+        """Smallest eigenvalue below ``-PSD_TOL · trace``: a Cholesky factorisation of the float64 matrix
+        shifted by ``PSD_TOL · trace`` fails (about a tenth of the cost of ``eigvalsh``, which only a
+        rejected site pays, for the reason's numbers)."""
+        matrix = total.double()
+        trace = float(matrix.diagonal().sum())
+        if trace <= 0:  # no input at all (a non-negative diagonal summing to 0): PSD only if all zero
+            return "off-diagonal entries with an all-zero diagonal" if matrix.any() else None
+        shift = PSD_TOL * trace * torch.eye(matrix.shape[0], dtype=torch.float64)
+        if int(torch.linalg.cholesky_ex(matrix + shift).info) == 0:
+            return None
+        values = torch.linalg.eigvalsh(matrix)
+        return (
+            f"not positive semi-definite: smallest eigenvalue {float(values[0]):.3g}, largest "
+            f"{float(values[-1]):.3g}, trace {trace:.3g} (tolerance {PSD_TOL:g} x trace)"
+        )
+
+    def token_scale(self, total: torch.Tensor, count: int) -> float:
+        return float(self.inputs_part(total).diagonal().sum()) / count
+
+    def inputs_part(self, total: torch.Tensor) -> torch.Tensor:
+        """The block of the sum over the layer inputs themselves (here the whole matrix)."""
+        return total
 
     def project_noisy(self, total: torch.Tensor) -> torch.Tensor:
         """The nearest positive semi-definite matrix (:func:`psd_project`)."""
@@ -240,6 +298,17 @@ class MomentsKind(StatKind):
             return reason
         return "negative sum of squares" if (total[1] < 0).any() else None
 
+    def site_reason(self, total: torch.Tensor, count: int) -> str | None:
+        """Σx and Σx² of one feature that no ``count`` numbers have: (Σx)² > count · Σx² (Cauchy-Schwarz)."""
+        excess = total[0].pow(2) - count * total[1] * (1.0 + CAUCHY_SCHWARZ_TOL)
+        if (excess > 0).any():
+            feature = int(excess.argmax())
+            return f"(Σx)² > count · Σx² for input feature {feature} (no {count} numbers have these sums)"
+        return None
+
+    def token_scale(self, total: torch.Tensor, count: int) -> float:
+        return float(total[1].sum()) / count
+
     def window_sensitivity(self, seq_len: int, bound: float) -> float:
         """Replacing one window moves Σx by at most ``2 · seq_len · bound`` (any signs) and Σx² by at
         most ``√2 · seq_len · bound²`` (non-negative); the two parts add in quadrature."""
@@ -270,6 +339,19 @@ class AffineHessianKind(HessianKind):
     def from_wire(self, values: torch.Tensor, in_features: int) -> torch.Tensor:
         self._check_wire(values, in_features)
         return symmetric_from_triu(values, in_features + 1)
+
+    def site_reason(self, total: torch.Tensor, count: int) -> str | None:
+        """A negative diagonal entry, or a constant entry Σ1·1 that is not the token count."""
+        if (reason := super().site_reason(total, count)) is not None:
+            return reason
+        ones = float(total[-1, -1])
+        if abs(ones - count) > 1e-9 * count:
+            return f"constant entry {ones:.6g} is not the token count {count}"
+        return None
+
+    def inputs_part(self, total: torch.Tensor) -> torch.Tensor:
+        """Σxxᵀ: the sum without the appended constant's row and column."""
+        return total[:-1, :-1]
 
     def window_sensitivity(self, seq_len: int, bound: float) -> float:
         return math.sqrt(2.0) * seq_len * (bound**2 + 1.0)

@@ -2,8 +2,9 @@
 
 A protocol's server routine talks to a :class:`Federation`; how messages travel is a :class:`Transport`
 (the Flower grid in ``server/``, or :class:`InProcessTransport` that calls the site tasks directly, for
-tests). Malformed replies are logged with their reason and left out; a round with fewer than
-``min_clients`` valid replies stops the run (:class:`FederationError`), so nothing is written.
+tests). Malformed replies are logged with their reason and left out, as are replies that a round's
+``screen`` finds implausible next to the others; a round with fewer than ``min_clients`` valid replies
+stops the run (:class:`FederationError`), so nothing is written.
 """
 
 from __future__ import annotations
@@ -90,14 +91,16 @@ class Federation:
         validate: Callable[[int, Reply], T],
         nodes: Iterable[int] | None = None,
         node_arrays: Mapping[int, Arrays] | None = None,
+        screen: Callable[[dict[int, T]], Mapping[int, str]] | None = None,
     ) -> dict[int, T]:
         """Send ``task`` to each node; return ``{node: validate(node, reply)}`` for the valid replies.
 
         A reply that errored, came from a node that was not asked, or fails ``validate`` (raising
         :class:`PayloadError`, ``ValueError``, ``KeyError`` or ``TypeError``) is logged with its reason
-        and left out; a node whose handler raised is dropped for the rest of the run. Raises
-        :class:`FederationError` when fewer than ``min_clients`` valid replies remain. ``node_arrays``
-        adds arrays addressed to one node (secure-aggregation routing).
+        and left out; a node whose handler raised is dropped for the rest of the run. ``screen(valid)``
+        then names the valid replies to leave out too, with their reasons (checks that compare the
+        sites). Raises :class:`FederationError` when fewer than ``min_clients`` valid replies remain.
+        ``node_arrays`` adds arrays addressed to one node (secure-aggregation routing).
         """
         start = time.perf_counter()
         number = len(self.round_seconds)
@@ -123,7 +126,10 @@ class Federation:
             try:
                 valid[node] = validate(node, response.reply)
             except (PayloadError, ValueError, KeyError, TypeError) as error:
-                self.reject(number, node, f"malformed reply: {error}")
+                self.reject(number, node, f"{getattr(error, 'label', PayloadError.label)}: {error}")
+        for node, reason in (screen(valid) if screen is not None and valid else {}).items():
+            self.reject(number, node, reason)
+            del valid[node]
         missing = set(asked) - set(valid) - {n for r, n, _ in self.rejected if r == number}
         for node in missing:
             self.reject(number, node, "no reply")

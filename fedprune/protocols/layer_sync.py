@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from fedprune.aggregation.site_checks import SiteChecks
 from fedprune.allocation_rules import Allocated, AllocationRule
 from fedprune.edits import BlockEdit, MaskEdit, WeightEdit
 from fedprune.masks import Pattern
@@ -49,6 +50,7 @@ class FederatedJob:
     blocks: BlockAccess | None = None  # where the model's blocks live (None: in memory)
     structure: Structure | None = None  # pattern=structured: the units the server removes per block
     allocation: AllocationRule | None = None  # a non-uniform allocation rule (OWL); None: uniform
+    checks: SiteChecks = field(default_factory=SiteChecks)  # of site statistics in the clear (privacy=none)
 
     @property
     def block_access(self) -> BlockAccess:
@@ -66,7 +68,7 @@ class FederatedJob:
 
     def sums(self, fed: Federation) -> Sums:
         """This run's way of summing the sites' payloads."""
-        return PRIVACY[self.privacy](fed, self.plan, self.pruner.stat_kind)
+        return PRIVACY[self.privacy](fed, self.plan, self.pruner.stat_kind, self.checks)
 
 
 @dataclass

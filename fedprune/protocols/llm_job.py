@@ -5,7 +5,9 @@ evaluate, write outputs. The federation comes from a launcher (a Flower simulati
 ``metrics.json`` reports what happened: ``num_clients`` and ``calib_tokens`` are the sites (and their
 tokens) whose data entered the final sums; ``sites_per_sum`` lists the sites of every sum where they
 differ (a site that dropped out or whose reply was rejected); ``depth_sites`` the sites whose influence
-sums or depth votes chose the removed blocks and attention sublayers (structured depth pruning).
+sums or depth votes chose the removed blocks and attention sublayers (structured depth pruning);
+``rejected`` every reply left out, with its reason (malformed, or implausible statistics), and
+``robust`` / ``robust_scale`` appear when ``federation.robust`` was on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from fedprune.aggregation.site_checks import SiteChecks
 from fedprune.config import JobConfig, check
 from fedprune.job import (
     Prepared,
@@ -86,6 +89,7 @@ def _run_federated(
         blocks=blocks,
         structure=prep.structure,
         allocation=job.allocation.rule(),
+        checks=SiteChecks(job.federation.robust, job.federation.robust_scale),
     )
     result: dict = {}
 
@@ -108,6 +112,8 @@ def _run_federated(
         extra.update(allocation_metrics(outcome.allocation), allocation_sites=list(outcome.allocation_sites))
     if len(set(outcome.sites_per_sum)) > 1:
         extra["sites_per_sum"] = [list(sites) for sites in outcome.sites_per_sum]
+    if job.federation.robust:  # the rejected sites' statistics failed checks against the median site
+        extra.update(robust=True, robust_scale=job.federation.robust_scale)
     if outcome.depth_sites is not None:  # structured depth pruning chosen from these sites' data
         extra["depth_sites"] = list(outcome.depth_sites)
     metrics = base_metrics(

@@ -2,7 +2,8 @@
 
 ``PRIVACY`` maps the ``privacy`` setting to a :class:`Sums` class, instantiated once per run (secure sums
 keep the keys agreed for the run's later sums). ``none``: the server sees every site's statistics or
-masks. ``secagg`` / ``secagg_dp``: every sum is a secure-aggregation instance
+masks, and checks each site's statistics before they enter a sum (:mod:`fedprune.aggregation.site_checks`;
+more with ``federation.robust``). ``secagg`` / ``secagg_dp``: every sum is a secure-aggregation instance
 (``fedprune/protocols/secure_sums.py``); the server never sees one site's payload.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from fedprune.aggregation.block import aggregate_stats
 from fedprune.aggregation.mask_vote import vote_counts
+from fedprune.aggregation.site_checks import SiteChecks
 from fedprune.payload import decode_masks, decode_stats
 from fedprune.protocols.federation import Federation, Reply
 from fedprune.protocols.messages import reply_tokens
@@ -47,10 +49,22 @@ class VoteSum:
 
 
 class Sums:
-    """The SUM of the sites' payloads, one per block or per run (one object per run)."""
+    """The SUM of the sites' payloads, one per block or per run (one object per run); ``in_clear``: the
+    server sees each site's payload (so ``checks`` can be robust)."""
 
-    def __init__(self, fed: Federation, plan: SecurePlan | None, stat_kind: str | None):
+    in_clear = False
+
+    def __init__(
+        self,
+        fed: Federation,
+        plan: SecurePlan | None,
+        stat_kind: str | None,
+        checks: SiteChecks | None = None,
+    ):
         self.fed, self.plan, self.stat_kind = fed, plan, stat_kind
+        self.checks = SiteChecks() if checks is None else checks  # of sites' statistics in the clear
+        if self.checks.robust and not self.in_clear:
+            raise ValueError("federation.robust needs the sites' statistics in the clear (privacy=none)")
 
     def prepare(self, config: dict, count: int) -> None:
         """Called once before a run's ``count`` sums (``config``: the first sum's)."""
@@ -74,7 +88,10 @@ class Sums:
 
 
 class PlainSums(Sums):
-    """``privacy=none``: sites send their payloads in the clear; the server adds them up itself."""
+    """``privacy=none``: sites send their payloads in the clear; the server checks each site's statistics
+    (``checks``) and adds up those that pass."""
+
+    in_clear = True
 
     def prepare(self, config: dict, count: int) -> None:
         """Nothing to agree on before plain sums."""
@@ -88,9 +105,11 @@ class PlainSums(Sums):
         kind: str | None = None,
     ) -> StatsSum:
         def validate(node: int, reply: Reply) -> dict[str, Stats]:
-            return decode_stats(reply.arrays, kind or self.stat_kind, widths, tokens[node])
+            stats = decode_stats(reply.arrays, kind or self.stat_kind, widths, tokens[node])
+            self.checks.check(stats)
+            return stats
 
-        got = self.fed.round("train.stats", config, update, validate)
+        got = self.fed.round("train.stats", config, update, validate, screen=self.checks.screen)
         return StatsSum(aggregate_stats(list(got.values())), tuple(sorted(got)))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
@@ -115,8 +134,14 @@ class SecureSums(Sums):
     """``privacy=secagg`` / ``secagg_dp``: every sum is a secure-aggregation instance whose keys were
     agreed beforehand (``prepare``: two rounds for all of a run's sums)."""
 
-    def __init__(self, fed: Federation, plan: SecurePlan | None, stat_kind: str | None):
-        super().__init__(fed, plan, stat_kind)
+    def __init__(
+        self,
+        fed: Federation,
+        plan: SecurePlan | None,
+        stat_kind: str | None,
+        checks: SiteChecks | None = None,
+    ):
+        super().__init__(fed, plan, stat_kind, checks)
         if plan is None:
             raise ValueError("secure sums need a SecurePlan")
         self._ready: list[PreparedSum] = []
