@@ -5,7 +5,7 @@ its ratio to SparseGPT's, and prune CPU seconds with their ratio to SparseGPT's 
 Each run is the CLI in its own process (``--jobs`` at a time; a finished run's metrics.json is reused, so
 adding recipes reruns nothing). Writes ``experiments/results/recipes.md`` and ``.json``.
 
-    python experiments/bench_recipes.py --windows 128 --jobs 2
+    python experiments/bench_recipes.py --windows 128 --jobs 2 --recipes sparsegpt,admm,admm+owl --extra 70%/admm40
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=128)
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument(
+        "--extra", default="", help="more pattern/recipe runs beyond the grid, e.g. '70%%/admm40'"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each with one torch thread)")
     parser.add_argument("--runs", type=Path, default=ROOT / "multirun/recipes")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments/results/recipes")
@@ -104,6 +107,7 @@ def main() -> None:
         for r in recipes
         if not ("owl" in r and PATTERNS[p][0].startswith("pattern="))
     ]
+    tasks += [tuple(extra.split("/")) for extra in args.extra.split(",") if extra]
 
     def one(task: tuple[str, str]) -> tuple[tuple[str, str], dict | None]:
         pattern, recipe = task
