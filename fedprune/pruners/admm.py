@@ -118,8 +118,10 @@ def admm_reconstruct(
     fixed = torch.addmm(w0, w0, inverse, alpha=-rho)  # (out, in)
     w, u = w0, torch.zeros_like(w0)
     final = pattern.sparsity if pattern.kind == "nm" else sparsity
-    if mask is None:
-        mask = step_mask(w0, gradual_sparsity(0, gradual, final), final, pattern, group)
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if mask is None and gradual == 0:  # no schedule: the mask of the dense weights, fixed
+        mask = step_mask(w0, final, final, pattern, group)
     for step in range(iterations):
         v = w + u
         if step < gradual:
