@@ -134,15 +134,9 @@ class SecureSums(Sums):
     """``privacy=secagg`` / ``secagg_dp``: every sum is a secure-aggregation instance whose keys were
     agreed beforehand (``prepare``: two rounds for all of a run's sums)."""
 
-    def __init__(
-        self,
-        fed: Federation,
-        plan: SecurePlan | None,
-        stat_kind: str | None,
-        checks: SiteChecks | None = None,
-    ):
-        super().__init__(fed, plan, stat_kind, checks)
-        if plan is None:
+    def __init__(self, *args, **kwargs) -> None:  # Sums' arguments; the plan is required here
+        super().__init__(*args, **kwargs)
+        if self.plan is None:
             raise ValueError("secure sums need a SecurePlan")
         self._ready: list[PreparedSum] = []
         self._instances = 0
