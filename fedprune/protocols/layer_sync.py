@@ -82,7 +82,8 @@ class FederatedOutcome:
     vote_sites: int = 0  # mask_vote: how many sites' masks the counts sum
     sites_per_sum: list[tuple[int, ...]] = field(default_factory=list)  # node ids, one entry per sum
     depth_sites: tuple[int, ...] | None = None  # depth pruning: whose influence sums / votes chose it
-    tokens: dict[int, int] = field(default_factory=dict)  # calibration tokens by node
+    tokens: dict[int, int] = field(default_factory=dict)  # calibration tokens by node (0s if secure)
+    calib_tokens: int = 0  # total calibration tokens of the sites in the last sum
     allocation: Allocated | None = None  # a non-uniform allocation's result, if any
     allocation_sites: tuple[int, ...] = ()  # the sites whose dense statistics entered it
 
@@ -96,11 +97,6 @@ class FederatedOutcome:
         """The sites whose data entered the last sum (those of the pruned model's last block)."""
         return self.sites_per_sum[-1] if self.sites_per_sum else ()
 
-    @property
-    def calib_tokens(self) -> int:
-        """Calibration tokens of the sites in the last sum."""
-        return sum(self.tokens[node] for node in self.final_sites)
-
 
 def task_config(job: FederatedJob, block: BlockTask | None = None) -> dict:
     """The flat record of one task: the site job, the method and, per block, the block task."""
@@ -109,7 +105,7 @@ def task_config(job: FederatedJob, block: BlockTask | None = None) -> dict:
 
 
 def start_sites(fed: Federation, job: FederatedJob) -> dict[int, int]:
-    """``query.start`` to every site; their token counts."""
+    """``query.start`` to every site; their token counts (0 in a secure job: only sums reveal them)."""
     return fed.round(
         "query.start",
         job.site_job.to_record(),
@@ -188,6 +184,7 @@ def layer_sync(
         outcome.record(blocks_name, block, edit.report())
         outcome.sites_per_sum.append(sites)
         update, update_kind = edit.encode(), edit.kind
+    outcome.calib_tokens = sums.last_tokens
     finish_sites(fed, job)
     remove_blocks_(job.model, plan.blocks)  # the sites never needed them: removed whole at the end
     return outcome

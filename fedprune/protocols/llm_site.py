@@ -93,7 +93,11 @@ def site_structure(method: MethodSpec, model: torch.nn.Module) -> Structure | No
     if method.pattern != STRUCTURED:
         return None
     return Structure.for_model(
-        model, method.structured_ffn, method.structured_heads, method.structured_blocks, method.structured_attention
+        model,
+        method.structured_ffn,
+        method.structured_heads,
+        method.structured_blocks,
+        method.structured_attention,
     )
 
 
@@ -141,16 +145,24 @@ def summed_task(name: str) -> Callable:
 
     def register(payload: Callable[..., Payload]) -> Callable[..., Payload]:
         PAYLOADS[name] = payload
-        site_task(f"train.{name}")(lambda site, request: plain_reply(payload(site, request)))
+        site_task(f"train.{name}")(
+            lambda site, request: plain_reply(payload(site, request), SiteJob.from_record(request.config))
+        )
         return payload
 
     return register
 
 
-def plain_reply(payload: Payload) -> Reply:
+def clear_tokens(tokens: int, job: SiteJob) -> dict:
+    """The token count a reply carries in the clear: none (0) in a secure job, where it travels only
+    inside the site's masked vector, so the server learns only the survivors' total."""
+    return {"tokens": 0 if job.secure else tokens}
+
+
+def plain_reply(payload: Payload, job: SiteJob) -> Reply:
     """A payload in the clear: statistics arrays as they are, masks bit-packed."""
     arrays = payload.values if payload.kind == "stats" else encode_masks(payload.values)
-    return reply(arrays, {"tokens": payload.tokens})
+    return reply(arrays, clear_tokens(payload.tokens, job))
 
 
 @site_task("query.start")
@@ -158,7 +170,7 @@ def start(site: Site, request: Request) -> Reply:
     job = SiteJob.from_record(request.config)
     state = start_site(site_model(job), calibration_ids(job, site), job.batch_size)
     save_state(job.run_key, site.key, state)
-    return reply(None, {"tokens": state.tokens})
+    return reply(None, clear_tokens(state.tokens, job))
 
 
 @site_task("query.finish")

@@ -121,7 +121,7 @@ def run_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOutcome:
     for block, block_masks in masks.items():
         outcome.record(blocks_name, block, MaskEdit(block_masks).report())
     outcome.votes, outcome.vote_sites = summed.counts, summed.num_sites
-    outcome.sites_per_sum, outcome.tokens = [summed.sites], summed.tokens
+    outcome.sites_per_sum, outcome.calib_tokens = [summed.sites], summed.tokens
     return outcome
 
 
@@ -160,7 +160,7 @@ def run_structured_mask_vote(fed: Federation, job: FederatedJob) -> FederatedOut
     # the per-unit counts by "<block>.<granularity>" (votes.safetensors with protocol.save_votes)
     outcome.votes = {k: v.reshape(-1) for k, v in summed.counts.items()}
     outcome.vote_sites = summed.num_sites
-    outcome.sites_per_sum, outcome.tokens = [summed.sites], summed.tokens
+    outcome.sites_per_sum, outcome.calib_tokens = [summed.sites], summed.tokens
     return outcome
 
 

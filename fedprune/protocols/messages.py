@@ -62,7 +62,7 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise MessageError(f"task record: key {key!r}: {message}")
 
 
-_SENT_WHEN_SET = ("ignore", "offload")  # SiteJob keys left out of a record at their default
+_SENT_WHEN_SET = ("ignore", "offload", "secure")  # SiteJob keys left out of a record at their default
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,9 @@ class SiteJob:
     batch_size: int
     ignore: tuple[str, ...] = ()  # layer-name patterns left dense (sent only when not empty)
     offload: bool = False  # decoder blocks loaded one at a time at the site (sent only when true)
+    # sums go through secure aggregation: the site reports its token count only inside its masked
+    # vector, never in the clear (sent only when true)
+    secure: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.run_key), "run_key", "must not be empty")
@@ -111,6 +114,7 @@ class SiteJob:
             batch_size=job.batch_size,
             ignore=tuple(job.ignore),
             offload=job.model.offload,
+            secure=job.privacy.name != "none",
         )
 
     def to_record(self) -> dict:
@@ -124,7 +128,7 @@ class SiteJob:
     @classmethod
     def from_record(cls, record: Mapping) -> SiteJob:
         types = {"heldout": tuple, "seq_len": int, "total_windows": int, "num_sites": int, "seed": int}
-        types.update(batch_size=int, ignore=tuple, offload=bool)
+        types.update(batch_size=int, ignore=tuple, offload=bool, secure=bool)
         names = [f.name for f in fields(cls) if f.name not in _SENT_WHEN_SET or f.name in record]
         return cls(**{name: _read(record, name, types.get(name, str)) for name in names})
 

@@ -5,7 +5,8 @@ Each secure sum is one protocol instance (a number) with fresh keys; ``secagg.st
 ``secagg.first .. + secagg.count - 1`` at once; ``mask`` (instance ``secagg.instance``) computes the
 plain payload of ``secagg.task`` (any entry of :data:`fedprune.protocols.llm_site.PAYLOADS`), encodes it
 as one uint64 vector with the public codes of the plan, adds its share of DP noise (``secagg_dp``) and
-sends it masked; ``unmask`` answers the server's request. Each instance's secrets stay on this site's
+sends it masked, with its token count as the vector's last word (the server learns only the total);
+``unmask`` answers the server's request. Each instance's secrets stay on this site's
 disk, one file per instance (each message may run in a fresh process), deleted after ``unmask``. Masks
 are never reused across sums.
 """
@@ -86,17 +87,19 @@ def _stats_vector(arrays: dict, plan: SecurePlan) -> np.ndarray:
     return encode_stats_vector(arrays, plan.value_code(), plan.count_code())
 
 
-def _payload(site: Site, request: Request, plan: SecurePlan) -> tuple[np.ndarray, dict, int]:
-    """This site's encoded vector, its public metadata arrays and its tokens."""
+def _payload(site: Site, request: Request, plan: SecurePlan) -> tuple[np.ndarray, dict]:
+    """This site's encoded vector (its token count in the last word: only the sum is revealed) and its
+    public metadata arrays."""
     task = str(request.config["secagg.task"])
     if task not in PAYLOADS:
         raise ValueError(f"unknown secure-aggregation task {task!r}; known: {sorted(PAYLOADS)}")
     bound = plan.token_bound if plan.dp_sigma > 0 else None
     payload: Payload = PAYLOADS[task](site, request, token_bound=bound)
+    tokens = plan.count_code().encode(np.array([payload.tokens], dtype=np.int64))  # (TOKEN_WORDS,)
     if payload.kind == "stats":
         arrays = payload.values
-        return _stats_vector(arrays, plan), {"index": arrays["index"]}, payload.tokens
-    return _votes_vector(payload.values, plan), {}, payload.tokens
+        return np.concatenate([_stats_vector(arrays, plan), tokens]), {"index": arrays["index"]}
+    return np.concatenate([_votes_vector(payload.values, plan), tokens]), {}
 
 
 def _keys(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
@@ -122,10 +125,10 @@ def _share(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Repl
 def _mask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
     path = _client_path(site, request, int(request.config["secagg.instance"]))
     client = _load_client(path)
-    vector, public, tokens = _payload(site, request, plan)
+    vector, public = _payload(site, request, plan)
     masked = client.masked_input(vector, shares_from_arrays(client.client_id, arrays, outgoing=False))
     _save_client(path, client)
-    return reply({**masked_to_arrays(masked), **public}, {"tokens": tokens})
+    return reply({**masked_to_arrays(masked), **public}, {"tokens": 0})  # tokens: inside the vector
 
 
 def _unmask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:

@@ -61,13 +61,18 @@ class SecureAggregationError(FederationError):
     """Secure aggregation cannot finish (fewer than ``threshold`` sites left); nothing is written."""
 
 
+TOKEN_WORDS = 1  # every masked vector ends with the site's token count (``plan.count_code()``)
+
+
 @dataclass
 class SecureSum:
-    """The survivors' sum (uint64 residues) and each survivor's public metadata from ``mask``."""
+    """The survivors' sum of payloads (uint64 residues, the token word removed), the survivors, each
+    survivor's public metadata from ``mask`` and the survivors' total tokens (only the total is revealed)."""
 
     total: np.ndarray
     survivors: frozenset[int]
     public: dict[int, Any]
+    tokens: int
 
 
 @dataclass
@@ -77,10 +82,6 @@ class PreparedSum:
     instance: int  # the sites keep this instance's secrets under this number
     server: SecAggServer
     inboxes: dict[int, dict[int, EncryptedShare]]  # receiver -> {sender: sealed shares}
-
-
-def _tokens(reply: Reply, config: dict) -> int:
-    return reply_tokens(reply.metrics, config)
 
 
 @contextmanager
@@ -160,7 +161,9 @@ def secure_sum(
     """The sum of the sites' encoded ``task`` payloads; the server never sees one site's vector.
 
     ``public(node, reply)`` reads the public metadata of a ``mask`` reply; ``layout(metadata)`` returns
-    the public vector length and the sites whose metadata agree with it (the others are left out).
+    the public payload length and the sites whose metadata agree with it (the others are left out). Each
+    vector carries :data:`TOKEN_WORDS` more: the site's token count, so only the survivors' total tokens
+    are revealed (checked against the public bound ``plan.max_tokens`` per survivor).
     Raises :class:`SecureAggregationError` when fewer than ``plan.threshold`` sites remain.
     """
     base = {**config, **plan.to_config(), "secagg.task": task, "secagg.instance": prepared.instance}
@@ -168,6 +171,7 @@ def secure_sum(
     nodes = sorted(node for node in prepared.inboxes if node in fed.nodes)
 
     def masked(node: int, reply: Reply) -> tuple[Any, MaskedInput]:
+        reply_tokens(reply.metrics, config)  # a well-formed count (0: the tokens travel masked)
         return public(node, reply), masked_from_arrays(node, reply.arrays)
 
     with _stop_on_protocol_error(task):
@@ -175,6 +179,7 @@ def secure_sum(
         got = _stage(fed, base, "mask", masked, update, nodes, inboxes)
         number = len(fed.round_seconds) - 1
         length, accepted = layout({node: meta for node, (meta, _) in got.items()})
+        length += TOKEN_WORDS
         inputs = {}
         for node, (_, message) in sorted(got.items()):
             try:
@@ -204,7 +209,21 @@ def secure_sum(
     for node, reason in sorted(server.rejected.items()):
         logger.warning("secure aggregation left out node %d: %s", node, reason)
     fed.nodes = [node for node in fed.nodes if node in server.survivors]  # dropouts stay dropped
-    return SecureSum(total, server.survivors, {node: got[node][0] for node in server.survivors})
+    tokens = summed_tokens(total[-TOKEN_WORDS:], len(server.survivors), plan, task)
+    public_meta = {node: got[node][0] for node in server.survivors}
+    return SecureSum(total[:-TOKEN_WORDS], server.survivors, public_meta, tokens)
+
+
+def summed_tokens(words: np.ndarray, survivors: int, plan: SecurePlan, task: str) -> int:
+    """The survivors' total tokens from the summed token word; beyond the public bound
+    (``survivors · plan.max_tokens``) or negative, some site sent a corrupt count: the run stops."""
+    tokens = int(plan.count_code().decode_sum(words, survivors)[0])
+    if not 0 <= tokens <= survivors * plan.max_tokens:
+        raise SecureAggregationError(
+            f"secure sum of {task!r}: {tokens} tokens from {survivors} sites is outside [0, "
+            f"{survivors} x {plan.max_tokens}] (a site sent a corrupt count); stopping without output"
+        )
+    return tokens
 
 
 def _fixed_length(length: int) -> Callable[[dict[int, Any]], tuple[int, set[int]]]:
@@ -229,8 +248,8 @@ def secure_vote_counts(
     update: dict | None,
     plan: SecurePlan,
     shapes: dict,
-) -> tuple[dict[str, torch.Tensor], frozenset[int], dict[int, int]]:
-    """Per layer, how many sites kept each weight (exact), the sites summed, their tokens."""
+) -> tuple[dict[str, torch.Tensor], frozenset[int], int]:
+    """Per layer, how many sites kept each weight (exact), the sites summed, their total tokens."""
     names = sorted(shapes)
     sizes = [int(np.prod(shapes[name])) for name in names]
     length = sum(packed_length(size, plan.max_sites, plan.modulus_bits) for size in sizes)
@@ -241,7 +260,7 @@ def secure_vote_counts(
         config,
         update,
         plan,
-        lambda node, reply: _tokens(reply, config),
+        lambda node, reply: None,
         _fixed_length(length),
     )
     counts, start = {}, 0
@@ -251,7 +270,7 @@ def secure_vote_counts(
         check_counts(flat, len(result.survivors), name)
         counts[name] = torch.from_numpy(flat.astype(np.int32)).reshape(shapes[name])
         start += words
-    return counts, result.survivors, result.public
+    return counts, result.survivors, result.tokens
 
 
 def secure_stats(
@@ -262,9 +281,9 @@ def secure_stats(
     plan: SecurePlan,
     kind: str,
     widths: dict[str, int],
-    tokens: dict[int, int],
-) -> tuple[dict[str, Stats], frozenset[int]]:
-    """The survivors' summed statistics of one block, validated like a plain reply; the survivors."""
+) -> tuple[dict[str, Stats], frozenset[int], int]:
+    """The survivors' summed statistics of one block, validated like a plain reply (counts at most the
+    summed tokens); the survivors; their total tokens."""
     names = sorted(widths)
 
     def public(node: int, reply: Reply) -> tuple[int, ...]:
@@ -288,8 +307,8 @@ def secure_stats(
     arrays = decode_stats_vector(result.total, sizes, plan.value_code(), plan.count_code(), n)
     arrays["index"] = np.array(index, dtype=np.int64)
     # noisy sums (DP) are post-processed by their kind (clamp at 0 / PSD projection), then validated
-    max_count = sum(tokens[node] for node in result.survivors)
-    return decode_stats(arrays, kind, widths, max_count, noisy=plan.dp_sigma > 0), result.survivors
+    stats = decode_stats(arrays, kind, widths, result.tokens, noisy=plan.dp_sigma > 0)
+    return stats, result.survivors, result.tokens
 
 
 def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:

@@ -33,15 +33,16 @@ class StatsSum:
 
     stats: dict[str, Stats]
     sites: tuple[int, ...]
+    tokens: int  # the sites' total calibration tokens
 
 
 @dataclass(frozen=True)
 class VoteSum:
-    """Per layer, how many sites kept each weight; the sites counted and their tokens."""
+    """Per layer, how many sites kept each weight; the sites counted and their total tokens."""
 
     counts: dict[str, torch.Tensor]
     sites: tuple[int, ...]
-    tokens: dict[int, int]
+    tokens: int
 
     @property
     def num_sites(self) -> int:
@@ -63,12 +64,18 @@ class Sums:
     ):
         self.fed, self.plan, self.stat_kind = fed, plan, stat_kind
         self.checks = SiteChecks() if checks is None else checks  # of sites' statistics in the clear
+        self.last_tokens = 0  # total tokens of the sites in the last sum that counted them
         if self.checks.robust and not self.in_clear:
             raise ValueError("federation.robust needs the sites' statistics in the clear (privacy=none)")
 
     def prepare(self, config: dict, count: int) -> None:
         """Called once before a run's ``count`` sums (``config``: the first sum's)."""
         raise NotImplementedError
+
+    def _counted(self, summed: StatsSum | VoteSum) -> StatsSum | VoteSum:
+        """Record ``summed``'s total tokens as :attr:`last_tokens`; return it."""
+        self.last_tokens = summed.tokens
+        return summed
 
     def stats(
         self,
@@ -110,10 +117,11 @@ class PlainSums(Sums):
             return stats
 
         got = self.fed.round("train.stats", config, update, validate, screen=self.checks.screen)
-        return StatsSum(aggregate_stats(list(got.values())), tuple(sorted(got)))
+        total = sum(tokens[n] for n in got)
+        return self._counted(StatsSum(aggregate_stats(list(got.values())), tuple(sorted(got)), total))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
-        return plain_votes(self.fed, task, config, update, shapes)
+        return self._counted(plain_votes(self.fed, task, config, update, shapes))
 
 
 def plain_votes(fed: Federation, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
@@ -127,7 +135,7 @@ def plain_votes(fed: Federation, task: str, config: dict, update: dict | None, s
     got = fed.round(f"train.{task}", config, update, validate)
     masks = list(got.values())
     counts = {name: vote_counts([m[name] for m in masks]) for name in shapes}
-    return VoteSum(counts, tuple(sorted(got)), {n: tokens[n] for n in got})
+    return VoteSum(counts, tuple(sorted(got)), sum(tokens[n] for n in got))
 
 
 class SecureSums(Sums):
@@ -159,21 +167,22 @@ class SecureSums(Sums):
         tokens: dict[int, int],
         kind: str | None = None,
     ) -> StatsSum:
-        prepared = self._take(config)
-        stats, sites = secure_stats(
-            self.fed, prepared, config, update, self.plan, kind or self.stat_kind, widths, tokens
+        prepared = self._take(config)  # ``tokens``: 0 in the clear; the sum reveals the total
+        stats, sites, total = secure_stats(
+            self.fed, prepared, config, update, self.plan, kind or self.stat_kind, widths
         )
-        return StatsSum(stats, tuple(sorted(sites)))
+        return self._counted(StatsSum(stats, tuple(sorted(sites)), total))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
         if (
             not shapes
-        ):  # nothing voted (a block whose units all stay): no secret; the round moves the sites on
+        ):  # nothing voted (a block whose units all stay): no secret; the round moves the sites on (its
+            # token counts are 0 in the clear: ``last_tokens`` stays the previous secure sum's)
             return plain_votes(self.fed, task, config, update, shapes)
         counts, sites, tokens = secure_vote_counts(
             self.fed, self._take(config), task, config, update, self.plan, shapes
         )
-        return VoteSum(counts, tuple(sorted(sites)), tokens)
+        return self._counted(VoteSum(counts, tuple(sorted(sites)), tokens))
 
 
 PRIVACY: dict[str, type[Sums]] = {"none": PlainSums, "secagg": SecureSums, "secagg_dp": SecureSums}
