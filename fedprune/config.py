@@ -427,12 +427,6 @@ def check_allocation(job: JobConfig, pruner, pattern) -> None:
         "allocation",
         f"{name!r} needs calibration statistics; pruner {pruner.name!r} is data-free",
     )
-    check(
-        job.privacy.name != "secagg_dp",
-        "allocation",
-        f"{name!r} adds a sum of every dense block's statistics that the DP accounting does not count yet "
-        "(use privacy=secagg or none)",
-    )
     check(not job.model.offload, "allocation", f"{name!r} does not work with model.offload=true yet")
     from fedprune.owl import MAX_SPARSITY
 

@@ -324,6 +324,8 @@ def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:
     blocks = named_blocks(model)
     sites = job.federation.num_clients
     dp = privacy.name == "secagg_dp"
+    layers = [len(find_prunable_layers(block, job.ignore, prefix)) for prefix, block in blocks]
+    rule = job.allocation.rule()  # a non-uniform rule releases every dense block's statistics first
     return make_plan(
         threshold=privacy.threshold if privacy.threshold is not None else default_threshold(sites),
         modulus_bits=privacy.modulus_bits,
@@ -335,8 +337,10 @@ def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:
         delta=privacy.delta if dp else None,
         seq_len=job.data.seq_len,
         releases=len(blocks),
-        slots=max(len(find_prunable_layers(block, job.ignore, prefix)) for prefix, block in blocks),
+        slots=max(layers),
         stat_kind=build_pruner(job.pruner).stat_kind if dp else None,
+        dense_slots=sum(layers) if rule is not None else 0,
+        dense_kind=rule.dense_stat_kind if rule is not None else None,
     )
 
 

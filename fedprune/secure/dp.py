@@ -8,8 +8,10 @@ statistic (Wanda ``Σ_t x_t²`` or the Gram ``Σ_t x_t x_tᵀ``) has norm at mos
 ``‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩ <= 2 (seq_len · bound²)²``, because ``⟨a, b⟩ >= 0`` (non-negative
 vectors; positive semidefinite matrices): ``√2 · seq_len · bound²``, attained by two one-token windows
 along orthogonal axes. The Gram's upper triangle, which is what travels, has at most the Frobenius
-norm of the full matrix. A block of ``slots`` distinct layer inputs moves by ``sqrt(slots)`` times that. Each block is one release of the Gaussian mechanism; releases compose
-(adaptively) in zero-concentrated DP (Bun & Steinke 2016): ``rho = releases · Δ² / (2 σ²)``, converted
+norm of the full matrix. A block of ``slots`` distinct layer inputs moves by ``sqrt(slots)`` times that.
+Each block is one release of the Gaussian mechanism (an allocation rule such as OWL adds one release of
+every dense block's statistics); releases compose (adaptively) in zero-concentrated DP (Bun & Steinke
+2016): ``rho = Σ_r Δ_r² / (2 σ²)`` (``releases · Δ² / (2 σ²)`` for equal ones), converted
 to ``(epsilon, delta)`` with ``epsilon = rho + 2 sqrt(rho ln(1/delta))``.
 
 Distributed noise: each site adds ``N(0, σ² / min_sites)``; the server only ever sees (under secure
@@ -56,6 +58,14 @@ def gaussian_rho(sensitivity: float, sigma: float, releases: int = 1) -> float:
     if not sigma > 0 or sensitivity < 0 or releases < 1:
         raise ValueError("sigma must be > 0, sensitivity >= 0, releases >= 1")
     return releases * sensitivity**2 / (2.0 * sigma**2)
+
+
+def composed_sensitivity(sensitivities: list[float]) -> float:
+    """The L2 sensitivity of one Gaussian release whose zCDP equals that of releases with these
+    sensitivities and the same noise std: ``sqrt(Σ Δ_r²)`` (``rho = Σ Δ_r² / (2 σ²)``)."""
+    if not sensitivities or min(sensitivities) < 0:
+        raise ValueError("sensitivities must be a non-empty list of values >= 0")
+    return math.sqrt(sum(d * d for d in sensitivities))
 
 
 def check_delta(delta: float) -> float:

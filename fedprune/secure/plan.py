@@ -24,7 +24,13 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
-from fedprune.secure.dp import calibrate_sigma, gaussian_rho, rho_to_epsilon, window_sensitivity
+from fedprune.secure.dp import (
+    calibrate_sigma,
+    composed_sensitivity,
+    gaussian_rho,
+    rho_to_epsilon,
+    window_sensitivity,
+)
 from fedprune.secure.encoding import FixedPoint, IntegerCode, TwoLimbFixedPoint
 
 logger = logging.getLogger(__name__)
@@ -91,10 +97,14 @@ def make_plan(
     releases: int = 1,
     slots: int = 1,
     stat_kind: str | None = None,
+    dense_slots: int = 0,
+    dense_kind: str | None = None,
 ) -> SecurePlan:
     """A plan; with ``epsilon`` and ``delta``, ``dp_sigma`` is calibrated for ``releases`` block releases
     of at most ``slots`` statistics each of kind ``stat_kind`` (sensitivity :func:`window_sensitivity`; None:
-    the largest of the registered kinds)."""
+    the largest of the registered kinds), plus, if ``dense_slots`` > 0, one release of ``dense_slots``
+    statistics of kind ``dense_kind`` (an allocation rule's sum of every dense block, e.g. OWL's Σx²),
+    all with the same noise std: zCDP composes, ``rho = Σ_r Δ_r² / (2 σ²)``."""
     base = dict(
         threshold=threshold,
         modulus_bits=modulus_bits,
@@ -107,13 +117,17 @@ def make_plan(
         raise ValueError(f"value_words must be one of {VALUE_WORDS}, got {value_words!r}")
     if epsilon is None:
         return SecurePlan(**base)
-    sensitivity = window_sensitivity(seq_len, token_bound, slots, stat_kind)
-    sigma = calibrate_sigma(epsilon, float(delta), sensitivity, releases)
-    achieved = rho_to_epsilon(gaussian_rho(sensitivity, sigma, releases), float(delta))
+    sensitivities = [window_sensitivity(seq_len, token_bound, slots, stat_kind)] * releases
+    if dense_slots > 0:
+        sensitivities.append(window_sensitivity(seq_len, token_bound, dense_slots, dense_kind))
+    sensitivity = composed_sensitivity(sensitivities)  # one release with this Δ: the same rho
+    sigma = calibrate_sigma(epsilon, float(delta), sensitivity, 1)
+    achieved = rho_to_epsilon(gaussian_rho(sensitivity, sigma, 1), float(delta))
     logger.info(
-        "DP: sensitivity %.4g per release, %d releases, sigma %.4g -> epsilon %.4g, delta %.2g",
-        sensitivity,
+        "DP: sensitivity %.4g per block release, %d releases%s, sigma %.4g -> epsilon %.4g, delta %.2g",
+        sensitivities[0],
         releases,
+        f" + a dense release of {dense_slots} statistics" if dense_slots > 0 else "",
         sigma,
         achieved,
         delta,

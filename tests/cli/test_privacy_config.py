@@ -1,5 +1,7 @@
 """Privacy config checks: fail before any model loads, naming the key."""
 
+import math
+
 import pytest
 
 from cli.main import job_of, validate
@@ -60,3 +62,14 @@ def test_secagg_default_sends_a_word_and_a_half_per_statistic(make_cfg):
             job_of(make_cfg(*FED, "privacy=secagg", f"privacy.value_words={words}")), tiny_model("llama")
         )
         assert other.value_code().words_per_value == words
+
+
+def test_owl_with_dp_counts_the_dense_release(make_cfg):
+    """``allocation=owl`` with ``secagg_dp``: one more release (every dense layer's Σx²), so more noise
+    for the same epsilon; the tiny llama has 2 blocks of 7 prunable layers."""
+    dp = ["privacy=secagg_dp", "privacy.epsilon=4", "privacy.delta=1e-6", "protocol=stats_sync"]
+    uniform = plan_from_job(job_of(make_cfg(*FED, *dp)), tiny_model("llama"))
+    owl = plan_from_job(job_of(make_cfg(*FED, *dp, "allocation=owl")), tiny_model("llama"))
+    assert owl.dp_epsilon == pytest.approx(4.0)
+    # releases 2 blocks x 7 slots, plus the dense one of 14: twice the squared sensitivity
+    assert owl.dp_sigma == pytest.approx(uniform.dp_sigma * math.sqrt((2 * 7 + 14) / (2 * 7)))

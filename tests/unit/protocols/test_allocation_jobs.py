@@ -60,7 +60,6 @@ def test_owl_stats_sync_equals_centralized(make_cfg, tmp_path, pruner, privacy):
     "overrides",
     [
         ["protocol=hidenseek"],
-        ["protocol=stats_sync", "privacy=secagg_dp", "privacy.epsilon=8", "privacy.delta=1e-5"],
         ["protocol=centralized", "model.offload=true"],
     ],
 )
@@ -118,3 +117,22 @@ def test_owl_local_gives_each_site_its_own_block_sparsities(make_cfg, tmp_path):
     layers = json.loads((tmp_path / "sparsity.json").read_text())
     assert metrics["allocation"] == "owl"
     assert abs(layers["model.layers.0.mlp.down_proj"] - layers["model.layers.1.mlp.down_proj"]) > 0.05
+
+
+def test_owl_with_dp_runs_and_counts_its_dense_release(make_cfg, tmp_path):
+    """``secagg_dp``: the dense sum is noised like the block sums and counted (more noise for the same
+    epsilon); the noisy scores still give block sparsities whose weighted mean is the target."""
+    dp = [
+        "protocol=stats_sync",
+        "pruner=wanda",
+        "privacy=secagg_dp",
+        "privacy.epsilon=8",
+        "privacy.delta=1e-5",
+    ]
+    metrics = _run(make_cfg, tmp_path, *dp)
+    assert metrics["dp_epsilon"] == pytest.approx(8.0) and metrics["allocation_sites"] == [100, 101, 102]
+    uniform = _run(make_cfg, tmp_path / "u", *dp, "allocation=uniform")
+    assert metrics["dp_sigma"] == pytest.approx(uniform["dp_sigma"] * 2**0.5)  # 2 x 7 block slots + 14
+    spread = metrics["block_sparsity"]  # two blocks of equal size: their mean is the target
+    assert sum(spread) / 2 == pytest.approx(0.6, abs=1e-9) and max(spread) - min(spread) > 0.05
+    assert abs(metrics["sparsity_actual"] - 0.6) <= 1 / 32  # each row rounds to whole weights

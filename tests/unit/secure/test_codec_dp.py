@@ -213,3 +213,20 @@ def test_keys_for_two_sums_agreed_first_then_a_dropout_carries_over():
     masked = {u: fresh[u].masked_input(inputs[0][u], box[u]) for u in alive}
     with pytest.raises(SecAggError, match="no vector length"):
         server.collect_masked_inputs(masked)  # built without a length and given none
+
+
+def test_a_dense_release_is_counted_in_the_noise():
+    """OWL's sum of every dense block's statistics is one more Gaussian release: sigma is calibrated so
+    that all releases together are (epsilon, delta)-DP, by hand: rho = (R·S + D)·Δ₁² / (2σ²)."""
+    common = dict(
+        threshold=3, modulus_bits=64, max_sites=4, max_tokens=64, token_bound=2.0, epsilon=3.0, delta=1e-5
+    )
+    common.update(seq_len=16, releases=5, slots=4, stat_kind="hessian")
+    blocks_only = make_plan(**common)
+    with_dense = make_plan(**common, dense_slots=20, dense_kind="sq_norm")
+    one_slot = math.sqrt(2.0) * 16 * 2.0**2  # Δ of one statistic: √2 · seq_len · bound²
+    log_term = math.log(1 / 1e-5)
+    rho = (math.sqrt(log_term + 3.0) - math.sqrt(log_term)) ** 2  # epsilon = rho + 2 sqrt(rho ln 1/δ)
+    assert blocks_only.dp_sigma == pytest.approx(one_slot * math.sqrt(5 * 4 / (2 * rho)))
+    assert with_dense.dp_sigma == pytest.approx(one_slot * math.sqrt((5 * 4 + 20) / (2 * rho)))
+    assert with_dense.dp_epsilon == pytest.approx(3.0) and blocks_only.dp_epsilon == pytest.approx(3.0)
