@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,7 @@ class SecureSum:
     total: np.ndarray
     survivors: frozenset[int]
     public: dict[int, Any]
+    dp_rho: dict[int, float] = field(default_factory=dict)  # DP: rho each site says its mask reply spent
 
 
 @dataclass
@@ -81,6 +82,17 @@ class PreparedSum:
 
 def _tokens(reply: Reply, config: dict) -> int:
     return reply_tokens(reply.metrics, config)
+
+
+def reply_dp_rho(metrics: dict, plan: SecurePlan) -> float | None:
+    """The zCDP ``rho`` a site reports for its DP release (``dp_rho``): a finite number >= 0, required
+    when the plan adds noise (``ValueError`` otherwise, so the reply is rejected); None without DP."""
+    if not plan.dp_sigma > 0:
+        return None
+    value = metrics.get("dp_rho")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"dp_rho: expected a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 @contextmanager
@@ -167,16 +179,16 @@ def secure_sum(
     server = prepared.server
     nodes = sorted(node for node in prepared.inboxes if node in fed.nodes)
 
-    def masked(node: int, reply: Reply) -> tuple[Any, MaskedInput]:
-        return public(node, reply), masked_from_arrays(node, reply.arrays)
+    def masked(node: int, reply: Reply) -> tuple[Any, MaskedInput, float | None]:
+        return public(node, reply), masked_from_arrays(node, reply.arrays), reply_dp_rho(reply.metrics, plan)
 
     with _stop_on_protocol_error(task):
         inboxes = {node: shares_to_arrays(prepared.inboxes[node], outgoing=False) for node in nodes}
         got = _stage(fed, base, "mask", masked, update, nodes, inboxes)
         number = len(fed.round_seconds) - 1
-        length, accepted = layout({node: meta for node, (meta, _) in got.items()})
+        length, accepted = layout({node: meta for node, (meta, _, _) in got.items()})
         inputs = {}
-        for node, (_, message) in sorted(got.items()):
+        for node, (_, message, _) in sorted(got.items()):
             try:
                 if node not in accepted:
                     raise InvalidMessageError(node, "public layout differs from the other sites'")
@@ -204,7 +216,9 @@ def secure_sum(
     for node, reason in sorted(server.rejected.items()):
         logger.warning("secure aggregation left out node %d: %s", node, reason)
     fed.nodes = [node for node in fed.nodes if node in server.survivors]  # dropouts stay dropped
-    return SecureSum(total, server.survivors, {node: got[node][0] for node in server.survivors})
+    public_of = {node: got[node][0] for node in server.survivors}
+    spent = {node: rho for node, (_, _, rho) in got.items() if rho is not None}  # sent: spent, used or not
+    return SecureSum(total, server.survivors, public_of, spent)
 
 
 def _fixed_length(length: int) -> Callable[[dict[int, Any]], tuple[int, set[int]]]:
@@ -263,8 +277,9 @@ def secure_stats(
     kind: str,
     widths: dict[str, int],
     tokens: dict[int, int],
-) -> tuple[dict[str, Stats], frozenset[int]]:
-    """The survivors' summed statistics of one block, validated like a plain reply; the survivors."""
+) -> tuple[dict[str, Stats], frozenset[int], dict[int, float]]:
+    """The survivors' summed statistics of one block, validated like a plain reply; the survivors; the
+    ``rho`` each site that sent a DP release reported (empty without DP)."""
     names = sorted(widths)
 
     def public(node: int, reply: Reply) -> tuple[int, ...]:
@@ -289,7 +304,8 @@ def secure_stats(
     arrays["index"] = np.array(index, dtype=np.int64)
     # noisy sums (DP) are post-processed by their kind (clamp at 0 / PSD projection), then validated
     max_count = sum(tokens[node] for node in result.survivors)
-    return decode_stats(arrays, kind, widths, max_count, noisy=plan.dp_sigma > 0), result.survivors
+    stats = decode_stats(arrays, kind, widths, max_count, noisy=plan.dp_sigma > 0)
+    return stats, result.survivors, result.dp_rho
 
 
 def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:

@@ -63,6 +63,7 @@ class Sums:
     ):
         self.fed, self.plan, self.stat_kind = fed, plan, stat_kind
         self.checks = SiteChecks() if checks is None else checks  # of sites' statistics in the clear
+        self.dp_rho_spent: dict[int, float] = {}  # DP: per site, the rho its releases reported
         if self.checks.robust and not self.in_clear:
             raise ValueError("federation.robust needs the sites' statistics in the clear (privacy=none)")
 
@@ -160,9 +161,11 @@ class SecureSums(Sums):
         kind: str | None = None,
     ) -> StatsSum:
         prepared = self._take(config)
-        stats, sites = secure_stats(
+        stats, sites, rho = secure_stats(
             self.fed, prepared, config, update, self.plan, kind or self.stat_kind, widths, tokens
         )
+        for node, value in rho.items():
+            self.dp_rho_spent[node] = self.dp_rho_spent.get(node, 0.0) + value
         return StatsSum(stats, tuple(sorted(sites)))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
