@@ -163,3 +163,10 @@ def test_survivors_outside_the_neighbours_are_refused(make_cfg, tmp_path, caplog
     with caplog.at_level(logging.WARNING), pytest.raises(FederationError):
         validate(job).run(job, tmp_path, launch)
     assert caplog.text.count("survivors/dropped [999] are not neighbours") == SITES
+
+
+def test_a_site_that_requires_dp_never_sends_statistics_in_the_clear(make_cfg, tmp_path):
+    metrics = _run(make_cfg, tmp_path, STATS, lambda i: {"dp-max-epsilon": 8.0} if i == 2 else {})
+    (rejected,) = metrics["rejected"]
+    assert rejected["node"] == 102 and "refuses to send train.stats in the clear" in rejected["reason"]
+    assert metrics["num_clients"] == 2 and "dp_rho_spent" not in metrics
