@@ -28,7 +28,7 @@ import numpy as np
 
 from fedprune.data.assets import cache_root, resolve_corpus_path
 from fedprune.models import find_blocks
-from fedprune.protocols.dp_ledger import DPLedger, data_fingerprint
+from fedprune.protocols.dp_ledger import BudgetError, DPLedger, data_fingerprint
 from fedprune.protocols.federation import Reply, Request
 from fedprune.protocols.llm_site import PAYLOADS, Payload, site_model
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
@@ -237,7 +237,7 @@ def secagg(site: Site, request: Request) -> Reply:
     try:
         policy.check_plan(plan)
         _check_dp_plan(site, request, plan, policy)
-    except PolicyError as error:
+        return STAGES[stage](site, request, plan, dict(request.routed or {}))
+    except (PolicyError, BudgetError) as error:  # the server sees the same reason as a client error
         logger.warning("site %s refuses secure-aggregation stage %s: %s", site.key, stage, error)
         raise
-    return STAGES[stage](site, request, plan, dict(request.routed or {}))
