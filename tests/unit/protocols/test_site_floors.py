@@ -12,9 +12,11 @@ import pytest
 
 from cli.main import job_of
 from fedprune.protocols.catalog import SITE_TASKS, validate
-from fedprune.protocols.federation import FederationError, Request
+from fedprune.protocols.federation import FederationError, Reply, Request
+from fedprune.protocols.secure_sums import reply_dp_rho
 from fedprune.protocols.tasks import in_process_launcher
 from fedprune.secure.dp import epsilon_to_rho
+from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import request_from_arrays, request_to_arrays
 
 SITES = 3
@@ -24,6 +26,9 @@ DP = ["privacy=secagg_dp", "privacy.epsilon=8", "privacy.delta=1e-5", "privacy.t
 SEQ_LEN, BOUND, BLOCKS = 16, 0.5, 2
 # the tiny Llama's blocks: 7 prunable layers, 4 distinct inputs (q/k/v, o, gate/up, down): 4 Gram slots
 SLOTS = 4
+_DP_PLAN = SecurePlan(
+    threshold=2, modulus_bits=64, max_sites=3, max_tokens=192, token_bound=BOUND, dp_sigma=1.0
+)
 
 
 def _run(make_cfg, folder, overrides, node_config, tasks=None, sites=SITES):
@@ -174,3 +179,23 @@ def test_a_site_that_requires_dp_never_sends_statistics_in_the_clear(make_cfg, t
     (rejected,) = metrics["rejected"]
     assert rejected["node"] == 102 and "refuses to send train.stats in the clear" in rejected["reason"]
     assert metrics["num_clients"] == 2 and "dp_rho_spent" not in metrics
+
+
+def _nan_rho(site, request):
+    reply = SITE_TASKS["train.secagg"](site, request)
+    if site.node_id == 102 and request.config["secagg.stage"] == "mask":
+        return Reply(reply.arrays, {**reply.metrics, "dp_rho": float("nan")})
+    return reply
+
+
+def test_the_server_rejects_a_dp_reply_without_a_finite_rho(make_cfg, tmp_path):
+    metrics = _run(make_cfg, tmp_path, [*STATS, *DP], _ledgers(tmp_path), {"train.secagg": _nan_rho})
+    (rejected,) = metrics["rejected"]
+    assert rejected["node"] == 102 and "dp_rho: expected a finite number >= 0, got nan" in rejected["reason"]
+    assert set(metrics["dp_rho_spent"]) == {"100", "101"} and metrics["num_clients"] == 2
+    plan = dataclasses.replace(_DP_PLAN, dp_sigma=0.0)
+    assert reply_dp_rho({}, plan) is None  # without DP nothing is asked
+    for bad in ({}, {"dp_rho": -1.0}, {"dp_rho": True}, {"dp_rho": "0.1"}, {"dp_rho": float("inf")}):
+        with pytest.raises(ValueError, match="dp_rho"):
+            reply_dp_rho(bad, _DP_PLAN)
+    assert reply_dp_rho({"dp_rho": 0.25}, _DP_PLAN) == 0.25
