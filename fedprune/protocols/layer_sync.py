@@ -86,6 +86,7 @@ class FederatedOutcome:
     calib_tokens: int = 0  # total calibration tokens of the sites in the last sum
     allocation: Allocated | None = None  # a non-uniform allocation's result, if any
     allocation_sites: tuple[int, ...] = ()  # the sites whose dense statistics entered it
+    dp_rho_spent: dict[int, float] = field(default_factory=dict)  # DP: per site, rho its releases reported
 
     def record(self, blocks_name: str, block: int, removed: dict[str, float]) -> None:
         """Record what a block edit removed (``edit.report()``: fraction by layer)."""
@@ -186,6 +187,7 @@ def layer_sync(
         update, update_kind = edit.encode(), edit.kind
     outcome.calib_tokens = sums.last_tokens
     finish_sites(fed, job)
+    outcome.dp_rho_spent = dict(sums.dp_rho_spent)
     remove_blocks_(job.model, plan.blocks)  # the sites never needed them: removed whole at the end
     return outcome
 

@@ -6,8 +6,10 @@ evaluate, write outputs. The federation comes from a launcher (a Flower simulati
 tokens) whose data entered the final sums; ``sites_per_sum`` lists the sites of every sum where they
 differ (a site that dropped out or whose reply was rejected); ``depth_sites`` the sites whose influence
 sums or depth votes chose the removed blocks and attention sublayers (structured depth pruning);
-``rejected`` every reply left out, with its reason (malformed, or implausible statistics), and
-``robust`` / ``robust_scale`` appear when ``federation.robust`` was on.
+``rejected`` every reply left out, with its reason (malformed, implausible statistics, or a site's
+refusal of the plan), ``robust`` / ``robust_scale`` appear when ``federation.robust`` was on, and with
+DP ``dp_rho_spent`` gives, per site (node id), the zCDP ``rho`` its releases in this run spent, as each
+site priced them (every DP reply the server received, used in a sum or not).
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def _run_federated(
         extra["sites_per_sum"] = [list(sites) for sites in outcome.sites_per_sum]
     if job.federation.robust:  # the rejected sites' statistics failed checks against the median site
         extra.update(robust=True, robust_scale=job.federation.robust_scale)
+    if fed_job.plan is not None and fed_job.plan.dp_sigma > 0:
+        extra["dp_rho_spent"] = {str(node): rho for node, rho in sorted(outcome.dp_rho_spent.items())}
     if outcome.depth_sites is not None:  # structured depth pruning chosen from these sites' data
         extra["depth_sites"] = list(outcome.depth_sites)
     metrics = base_metrics(

@@ -29,6 +29,7 @@ from fedprune.edits import decode_edit
 from fedprune.payload import encode_masks
 from fedprune.protocols.federation import Reply, Request
 from fedprune.protocols.messages import STRUCTURED, BlockTask, MethodSpec, SiteJob
+from fedprune.protocols.site_policy import PolicyError, SitePolicy
 from fedprune.protocols.site_state import dense_blocks, drop_state, load_state, save_state, tokenized_works
 from fedprune.protocols.tasks import Site, reply, site_task
 from fedprune.pruners import get_pruner
@@ -146,7 +147,9 @@ def summed_task(name: str) -> Callable:
     def register(payload: Callable[..., Payload]) -> Callable[..., Payload]:
         PAYLOADS[name] = payload
         site_task(f"train.{name}")(
-            lambda site, request: plain_reply(payload(site, request), SiteJob.from_record(request.config))
+            lambda site, request: plain_reply(
+                payload(_in_the_clear(site, name), request), SiteJob.from_record(request.config)
+            )
         )
         return payload
 
@@ -157,6 +160,14 @@ def clear_tokens(tokens: int, job: SiteJob) -> dict:
     """The token count a reply carries in the clear: none (0) in a secure job, where it travels only
     inside the site's masked vector, so the server learns only the survivors' total."""
     return {"tokens": 0 if job.secure else tokens}
+
+
+def _in_the_clear(site: Site, name: str) -> Site:
+    """The site, unless its policy requires DP (``dp-max-epsilon``): then it never sends a payload in the
+    clear (:class:`~fedprune.protocols.site_policy.PolicyError`)."""
+    if SitePolicy.from_node_config(site.node_config).requires_dp:
+        raise PolicyError(f"site policy refuses to send train.{name} in the clear: dp-max-epsilon is set")
+    return site
 
 
 def plain_reply(payload: Payload, job: SiteJob) -> Reply:

@@ -9,6 +9,13 @@ sends it masked, with its token count as the vector's last word (the server lear
 ``unmask`` answers the server's request. Each instance's secrets stay on this site's
 disk, one file per instance (each message may run in a fresh process), deleted after ``unmask``. Masks
 are never reused across sums.
+
+Before any stage the site checks the plan against its own floors (:mod:`site_policy`, from its node
+config) and refuses with a :class:`~fedprune.protocols.site_policy.PolicyError`. A DP release (``mask``
+of statistics with ``dp_sigma > 0``) is priced by the site itself: ``rho`` of the Gaussian mechanism
+for the sensitivity of what it releases (its ``seq_len``, the number of statistic slots, the plan's
+clip) and the plan's noise std; it must meet the site's ``dp_sigma`` floor and is recorded in the
+site's ledger (:mod:`dp_ledger`) before the noise is even drawn; the reply reports it (``dp_rho``).
 """
 
 from __future__ import annotations
@@ -20,14 +27,20 @@ import tempfile
 
 import numpy as np
 
+from fedprune.allocation_rules import get_allocation_rule
+from fedprune.data.assets import cache_root, resolve_corpus_path
+from fedprune.models import find_blocks, find_prunable_layers
+from fedprune.owl import OwlSpec
+from fedprune.protocols.dp_ledger import BudgetError, DPLedger, data_fingerprint
 from fedprune.protocols.federation import Reply, Request
-from fedprune.protocols.llm_site import PAYLOADS, Payload
-from fedprune.protocols.messages import SiteJob
+from fedprune.protocols.llm_site import PAYLOADS, Payload, site_model
+from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
+from fedprune.protocols.site_policy import PolicyError, SitePolicy, release_rho, release_sensitivity
 from fedprune.protocols.site_state import state_dir
 from fedprune.protocols.tasks import Site, reply, site_task
 from fedprune.secure import SecAggClient
 from fedprune.secure.codec import encode_stats_vector, pack_votes
-from fedprune.secure.dp import site_noise
+from fedprune.secure.dp import composed_sensitivity, site_noise
 from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import (
     advert_to_arrays,
@@ -82,14 +95,92 @@ def _stats_vector(arrays: dict, plan: SecurePlan) -> np.ndarray:
     """Statistics slots (+ this site's share of DP noise) and counts as one vector."""
     if plan.dp_sigma > 0:
         rng = np.random.default_rng()  # OS entropy
-        for key in [k for k in arrays if k.startswith("total.")]:
+        for key in _slots(arrays):
             arrays[key] = arrays[key] + site_noise(arrays[key].shape, plan.dp_sigma, plan.threshold, rng)
     return encode_stats_vector(arrays, plan.value_code(), plan.count_code())
 
 
-def _payload(site: Site, request: Request, plan: SecurePlan) -> tuple[np.ndarray, dict]:
-    """This site's encoded vector (its token count in the last word: only the sum is revealed) and its
-    public metadata arrays."""
+def _slots(arrays: dict) -> list[str]:
+    """The statistic slots of an ``encode_stats`` payload (what DP noise covers)."""
+    return [k for k in arrays if k.startswith("total.")]
+
+
+def site_policy(site: Site) -> SitePolicy:
+    """This site's floors, from its node config."""
+    return SitePolicy.from_node_config(site.node_config)
+
+
+def ledger_of(site: Site, policy: SitePolicy) -> DPLedger:
+    """This site's DP ledger: node config ``dp-ledger``, default ``<cache>/dp_ledger/<site key>.json``."""
+    return DPLedger(policy.ledger or cache_root() / "dp_ledger" / f"{site.key}.json")
+
+
+def site_data_fingerprint(site: Site, job: SiteJob) -> str:
+    """The fingerprint of the works this site draws its windows from (``data-path``, or the corpus)."""
+    node = site.node_config
+    folder = node["data-path"] if "data-path" in node else resolve_corpus_path(job.corpus)
+    return data_fingerprint(folder)
+
+
+def release_kind(config) -> str:
+    """The statistic a ``stats`` release carries: the block task's (``dense``) or the method's; tasks
+    without a DP sensitivity (``influence``) are refused."""
+    task = BlockTask.from_record(config)
+    if task.task == "dense":
+        return task.stat_kind
+    if task.task != "stats":
+        raise PolicyError(f"site policy refuses a DP release of task {task.task!r}: it has no DP sensitivity")
+    return MethodSpec.from_record(config).stat_kind
+
+
+def _sensitivity(plan: SecurePlan, config, slots: int) -> float:
+    """The sensitivity of this release (``slots`` statistics of the task's kind)."""
+    return _kind_sensitivity(plan, SiteJob.from_record(config).seq_len, slots, release_kind(config))
+
+
+def run_sensitivity(plan: SecurePlan, config) -> float:
+    """The L2 sensitivity of all of a run's DP releases composed (``dp.composed_sensitivity``), from this
+    site's own model: one release per block of at most S statistics of the method's kind (S: the most
+    prunable layers in a block), plus, with a non-uniform allocation (OWL), one release of every dense
+    layer's statistics of the rule's kind: the same composition the server calibrates its noise for."""
+    job, method = SiteJob.from_record(config), MethodSpec.from_record(config)
+    blocks_name, blocks = find_blocks(site_model(job))
+    layers = [len(find_prunable_layers(b, job.ignore, f"{blocks_name}.{i}")) for i, b in enumerate(blocks)]
+    kind = method.stat_kind
+    parts = [_kind_sensitivity(plan, job.seq_len, max(layers), kind)] * len(layers)
+    if method.allocation != "uniform":
+        rule = get_allocation_rule(method.allocation, OwlSpec(method.owl_m, method.owl_lambda))
+        parts.append(_kind_sensitivity(plan, job.seq_len, sum(layers), rule.dense_stat_kind))
+    return composed_sensitivity(parts)
+
+
+def _kind_sensitivity(plan: SecurePlan, seq_len: int, slots: int, kind: str) -> float:
+    try:
+        return release_sensitivity(plan, seq_len, slots, kind)
+    except (KeyError, ValueError) as error:
+        raise PolicyError(f"site policy refuses a DP release of {kind!r} statistics: {error}") from None
+
+
+def _check_dp_plan(site: Site, request: Request, plan: SecurePlan, policy: SitePolicy) -> None:
+    """Before any stage of a DP run: the noise meets this site's floor for the whole run's releases."""
+    if policy.requires_dp and plan.dp_sigma > 0:
+        policy.check_sigma(plan, run_sensitivity(plan, request.config), 1)
+
+
+def _charge_release(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> dict:
+    """Price this DP release, check it against the floor and the budget, record it; reply metrics."""
+    policy = site_policy(site)
+    sensitivity = _sensitivity(plan, request.config, len(_slots(arrays)))
+    policy.check_sigma(plan, run_sensitivity(plan, request.config), 1)
+    rho = release_rho(plan, sensitivity)
+    job = SiteJob.from_record(request.config)
+    spent = ledger_of(site, policy).charge(site_data_fingerprint(site, job), rho, policy.budget)
+    return {"dp_rho": rho, "dp_rho_total": spent.rho}
+
+
+def _payload(site: Site, request: Request, plan: SecurePlan) -> tuple[np.ndarray, dict, dict]:
+    """This site's encoded vector (its token count in the last word: only the sum is revealed), its
+    public metadata arrays and its DP metrics."""
     task = str(request.config["secagg.task"])
     if task not in PAYLOADS:
         raise ValueError(f"unknown secure-aggregation task {task!r}; known: {sorted(PAYLOADS)}")
@@ -98,8 +189,13 @@ def _payload(site: Site, request: Request, plan: SecurePlan) -> tuple[np.ndarray
     tokens = plan.count_code().encode(np.array([payload.tokens], dtype=np.int64))  # (TOKEN_WORDS,)
     if payload.kind == "stats":
         arrays = payload.values
-        return np.concatenate([_stats_vector(arrays, plan), tokens]), {"index": arrays["index"]}
-    return np.concatenate([_votes_vector(payload.values, plan), tokens]), {}
+        dp = _charge_release(site, request, plan, arrays) if plan.dp_sigma > 0 else {}  # before any noise
+        return np.concatenate([_stats_vector(arrays, plan), tokens]), {"index": arrays["index"]}, dp
+    if site_policy(site).requires_dp:
+        raise PolicyError(
+            f"site policy refuses to release {payload.kind!r} without DP (dp-max-epsilon is set)"
+        )
+    return np.concatenate([_votes_vector(payload.values, plan), tokens]), {}, {}
 
 
 def _keys(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
@@ -116,7 +212,9 @@ def _share(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Repl
     for k in _instances(request.config):
         path = _client_path(site, request, k)
         client = _load_client(path)
-        shares = client.share_keys(peers_from_arrays(instance_arrays(arrays, k)), plan.threshold)
+        peers = peers_from_arrays(instance_arrays(arrays, k))
+        site_policy(site).check_neighbours(plan, len(peers))
+        shares = client.share_keys(peers, plan.threshold)
         out.update(prefixed(shares_to_arrays(shares, outgoing=True), k))
         _save_client(path, client)
     return reply(out, {"tokens": 0})
@@ -125,16 +223,22 @@ def _share(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Repl
 def _mask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
     path = _client_path(site, request, int(request.config["secagg.instance"]))
     client = _load_client(path)
-    vector, public = _payload(site, request, plan)
+    vector, public, dp = _payload(site, request, plan)
     masked = client.masked_input(vector, shares_from_arrays(client.client_id, arrays, outgoing=False))
     _save_client(path, client)
-    return reply({**masked_to_arrays(masked), **public}, {"tokens": 0})  # tokens: inside the vector
+    return reply({**masked_to_arrays(masked), **public}, {"tokens": 0, **dp})  # tokens: in the vector
 
 
 def _unmask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
     path = _client_path(site, request, int(request.config["secagg.instance"]))
     client = _load_client(path)
-    answer = client.unmask(request_from_arrays(arrays))
+    unmask = request_from_arrays(arrays)
+    unknown = (set(unmask.survivors) | set(unmask.dropped)) - client.neighbours - {client.client_id}
+    if unknown:  # the complete graph: every site in a sum is a neighbour
+        raise PolicyError(
+            f"site policy refuses to unmask: survivors/dropped {sorted(unknown)} are not neighbours"
+        )
+    answer = client.unmask(unmask)
     path.unlink()  # one protocol instance per key pair
     return reply(reply_to_arrays(answer), {"tokens": 0})
 
@@ -148,4 +252,11 @@ def secagg(site: Site, request: Request) -> Reply:
     stage = str(request.config["secagg.stage"])
     if stage not in STAGES:
         raise ValueError(f"unknown secure-aggregation stage {stage!r}; known: {sorted(STAGES)}")
-    return STAGES[stage](site, request, plan, dict(request.routed or {}))
+    policy = site_policy(site)
+    try:
+        policy.check_plan(plan)
+        _check_dp_plan(site, request, plan, policy)
+        return STAGES[stage](site, request, plan, dict(request.routed or {}))
+    except (PolicyError, BudgetError) as error:  # the server sees the same reason as a client error
+        logger.warning("site %s refuses secure-aggregation stage %s: %s", site.key, stage, error)
+        raise

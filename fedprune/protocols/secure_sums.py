@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,7 @@ class SecureSum:
     survivors: frozenset[int]
     public: dict[int, Any]
     tokens: int
+    dp_rho: dict[int, float] = field(default_factory=dict)  # DP: rho each site says its mask reply spent
 
 
 @dataclass
@@ -82,6 +83,17 @@ class PreparedSum:
     instance: int  # the sites keep this instance's secrets under this number
     server: SecAggServer
     inboxes: dict[int, dict[int, EncryptedShare]]  # receiver -> {sender: sealed shares}
+
+
+def reply_dp_rho(metrics: dict, plan: SecurePlan) -> float | None:
+    """The zCDP ``rho`` a site reports for its DP release (``dp_rho``): a finite number >= 0, required
+    when the plan adds noise (``ValueError`` otherwise, so the reply is rejected); None without DP."""
+    if not plan.dp_sigma > 0:
+        return None
+    value = metrics.get("dp_rho")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"dp_rho: expected a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 @contextmanager
@@ -170,18 +182,18 @@ def secure_sum(
     server = prepared.server
     nodes = sorted(node for node in prepared.inboxes if node in fed.nodes)
 
-    def masked(node: int, reply: Reply) -> tuple[Any, MaskedInput]:
+    def masked(node: int, reply: Reply) -> tuple[Any, MaskedInput, float | None]:
         reply_tokens(reply.metrics, config)  # a well-formed count (0: the tokens travel masked)
-        return public(node, reply), masked_from_arrays(node, reply.arrays)
+        return public(node, reply), masked_from_arrays(node, reply.arrays), reply_dp_rho(reply.metrics, plan)
 
     with _stop_on_protocol_error(task):
         inboxes = {node: shares_to_arrays(prepared.inboxes[node], outgoing=False) for node in nodes}
         got = _stage(fed, base, "mask", masked, update, nodes, inboxes)
         number = len(fed.round_seconds) - 1
-        length, accepted = layout({node: meta for node, (meta, _) in got.items()})
+        length, accepted = layout({node: meta for node, (meta, _, _) in got.items()})
         length += TOKEN_WORDS
         inputs = {}
-        for node, (_, message) in sorted(got.items()):
+        for node, (_, message, _) in sorted(got.items()):
             try:
                 if node not in accepted:
                     raise InvalidMessageError(node, "public layout differs from the other sites'")
@@ -210,8 +222,9 @@ def secure_sum(
         logger.warning("secure aggregation left out node %d: %s", node, reason)
     fed.nodes = [node for node in fed.nodes if node in server.survivors]  # dropouts stay dropped
     tokens = summed_tokens(total[-TOKEN_WORDS:], len(server.survivors), plan, task)
-    public_meta = {node: got[node][0] for node in server.survivors}
-    return SecureSum(total[:-TOKEN_WORDS], server.survivors, public_meta, tokens)
+    public_of = {node: got[node][0] for node in server.survivors}
+    spent = {node: rho for node, (_, _, rho) in got.items() if rho is not None}  # sent: spent, used or not
+    return SecureSum(total[:-TOKEN_WORDS], server.survivors, public_of, tokens, spent)
 
 
 def summed_tokens(words: np.ndarray, survivors: int, plan: SecurePlan, task: str) -> int:
@@ -281,9 +294,10 @@ def secure_stats(
     plan: SecurePlan,
     kind: str,
     widths: dict[str, int],
-) -> tuple[dict[str, Stats], frozenset[int], int]:
+) -> tuple[dict[str, Stats], SecureSum]:
     """The survivors' summed statistics of one block, validated like a plain reply (counts at most the
-    summed tokens); the survivors; their total tokens."""
+    summed tokens); the secure sum they came from (its survivors, their total tokens, the ``rho`` each
+    site that sent a DP release reported)."""
     names = sorted(widths)
 
     def public(node: int, reply: Reply) -> tuple[int, ...]:
@@ -308,7 +322,7 @@ def secure_stats(
     arrays["index"] = np.array(index, dtype=np.int64)
     # noisy sums (DP) are post-processed by their kind (clamp at 0 / PSD projection), then validated
     stats = decode_stats(arrays, kind, widths, result.tokens, noisy=plan.dp_sigma > 0)
-    return stats, result.survivors, result.tokens
+    return stats, result
 
 
 def plan_from_job(job: JobConfig, model: torch.nn.Module) -> SecurePlan | None:

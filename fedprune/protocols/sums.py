@@ -65,6 +65,7 @@ class Sums:
         self.fed, self.plan, self.stat_kind = fed, plan, stat_kind
         self.checks = SiteChecks() if checks is None else checks  # of sites' statistics in the clear
         self.last_tokens = 0  # total tokens of the sites in the last sum that counted them
+        self.dp_rho_spent: dict[int, float] = {}  # DP: per site, the rho its releases reported
         if self.checks.robust and not self.in_clear:
             raise ValueError("federation.robust needs the sites' statistics in the clear (privacy=none)")
 
@@ -168,10 +169,12 @@ class SecureSums(Sums):
         kind: str | None = None,
     ) -> StatsSum:
         prepared = self._take(config)  # ``tokens``: 0 in the clear; the sum reveals the total
-        stats, sites, total = secure_stats(
+        stats, result = secure_stats(
             self.fed, prepared, config, update, self.plan, kind or self.stat_kind, widths
         )
-        return self._counted(StatsSum(stats, tuple(sorted(sites)), total))
+        for node, value in result.dp_rho.items():
+            self.dp_rho_spent[node] = self.dp_rho_spent.get(node, 0.0) + value
+        return self._counted(StatsSum(stats, tuple(sorted(result.survivors)), result.tokens))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
         if (

@@ -136,6 +136,11 @@ class SecAggClient:
         client._seed = bytes.fromhex(state["seed"])
         return client
 
+    @property
+    def neighbours(self) -> frozenset[int]:
+        """The neighbours whose keys this client shared with (public ids)."""
+        return frozenset(self._peers)
+
     def _advance(self, expected: str, new: str) -> None:
         if self._stage != expected:
             raise SecAggError(
@@ -270,7 +275,8 @@ class SecAggClient:
 
         Refuses (``SecAggError``) a request that lists a client as both survivor and dropped, lists
         this client as dropped, lists as a survivor a neighbour whose share to this client failed to open,
-        or names fewer than ``threshold`` survivors. Never reveals both shares of one client; reveals
+        or names fewer than ``threshold`` survivors among this client and its neighbours (ids it does
+        not know never count). Never reveals both shares of one client; reveals
         shares only of the clients whose shares it holds.
         """
         self._advance("masked", "unmasked")
@@ -287,9 +293,11 @@ class SecAggClient:
                 f"client {u}: clients {sorted(survivors & self._complaints)} are listed as survivors, "
                 "but their shares to this client failed to open"
             )
-        if len(survivors) < self._threshold:
+        known = survivors & (set(self._peers) | {u})  # ids beyond the neighbourhood cannot make up t
+        if len(known) < self._threshold:
             raise TooFewSurvivorsError(
-                f"client {u}: only {len(survivors)} survivors, need {self._threshold}; refusing to unmask"
+                f"client {u}: only {len(known)} survivors among this client and its neighbours, need "
+                f"{self._threshold}; refusing to unmask"
             )
         seed_shares = {v: share_to_bytes(s[1]) for v, s in self._held.items() if v in survivors}
         key_shares = {v: share_to_bytes(s[0]) for v, s in self._held.items() if v in dropped}
