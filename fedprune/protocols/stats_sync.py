@@ -120,7 +120,8 @@ def check_stats_sync(job: JobConfig) -> None:
 
 
 def run_job(job: JobConfig, out_dir: Path, launch: Launcher) -> dict:
-    return run_federated(job, out_dir, launch, run_stats_sync, NoOptions.from_options(job.protocol))
+    options = NoOptions.from_options(job.protocol)
+    return run_federated(job, out_dir, launch, run_stats_sync, options, checkpointed=True)
 
 
 UNIT = register_protocol(
@@ -137,5 +138,6 @@ UNIT = register_protocol(
         structured=True,
         depth=True,
         allocation=True,
+        resumable=True,
     )
 )

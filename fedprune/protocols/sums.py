@@ -70,6 +70,13 @@ class Sums:
         """Called once before a run's ``count`` sums (``config``: the first sum's)."""
         raise NotImplementedError
 
+    def progress(self) -> dict:
+        """What a checkpoint keeps of these sums (JSON) so that a resumed run continues them."""
+        return {}
+
+    def restore_(self, progress: dict, used: int = 0) -> None:
+        """Continue after a checkpoint's ``progress`` (``used``: the sites' next unused instance)."""
+
     def stats(
         self,
         config: dict,
@@ -145,6 +152,15 @@ class SecureSums(Sums):
         """Agree keys for the next ``count`` sums."""
         self._ready += prepare_sums(self.fed, config, self.plan, self._instances, count)
         self._instances += count
+
+    def progress(self) -> dict:
+        """The next instance number: a resumed run keys fresh instances from there on."""
+        return {"next_instance": self._instances}
+
+    def restore_(self, progress: dict, used: int = 0) -> None:
+        """New instances start after every number the killed run or any site used (never reused)."""
+        self._ready = []
+        self._instances = max(int(progress.get("next_instance", 0)), int(used), self._instances)
 
     def _take(self, config: dict) -> PreparedSum:
         if not self._ready:
