@@ -82,6 +82,12 @@ class Federation:
     bytes_down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     round_seconds: list[float] = field(default_factory=list)
     rejected: list[tuple[int, int, str]] = field(default_factory=list)  # (round, node, reason)
+    site_numbers: dict[int, int] = field(default_factory=dict)  # node -> its site's stable number
+
+    def in_site_order(self, nodes) -> list[int]:
+        """``nodes`` by site number (node id where unknown): a fixed order for sums of floats, the same
+        when a restarted run draws new node ids or replies arrive in another order."""
+        return sorted(nodes, key=lambda node: (self.site_numbers.get(node, node), node))
 
     def round(
         self,

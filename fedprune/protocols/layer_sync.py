@@ -96,7 +96,6 @@ class FederatedOutcome:
     tokens: dict[int, int] = field(default_factory=dict)  # calibration tokens by node
     allocation: Allocated | None = None  # a non-uniform allocation's result, if any
     allocation_sites: tuple[int, ...] = ()  # the sites whose dense statistics entered it
-    sites: dict[int, int] = field(default_factory=dict)  # node -> site number (stable across restarts)
 
     def record(self, blocks_name: str, block: int, removed: dict[str, float]) -> None:
         """Record what a block edit removed (``edit.report()``: fraction by layer)."""
@@ -120,11 +119,9 @@ def task_config(job: FederatedJob, block: BlockTask | None = None) -> dict:
     return {**config, **block.to_record()} if block is not None else config
 
 
-def start_sites(
-    fed: Federation, job: FederatedJob, nodes: list[int] | None = None
-) -> tuple[dict[int, int], dict[int, int]]:
-    """``query.start`` to every site (or ``nodes`` only: no minimum of replies); their token counts and
-    site numbers."""
+def start_sites(fed: Federation, job: FederatedJob, nodes: list[int] | None = None) -> dict[int, int]:
+    """``query.start`` to every site (or ``nodes`` only: no minimum of replies); their token counts (their
+    site numbers go to ``fed.site_numbers``)."""
     config = job.site_job.to_record()
 
     def validate(node: int, reply) -> tuple[int, int]:
@@ -132,7 +129,8 @@ def start_sites(
         return reply_tokens(reply.metrics, config), site
 
     got = fed.round("query.start", config, None, validate, nodes, required=None if nodes is None else 0)
-    return {n: t for n, (t, _) in got.items()}, {n: s for n, (_, s) in got.items()}
+    fed.site_numbers.update({n: s for n, (_, s) in got.items()})
+    return {n: t for n, (t, _) in got.items()}
 
 
 def finish_sites(fed: Federation, job: FederatedJob) -> None:
@@ -181,7 +179,7 @@ def layer_sync(
     sums = job.sums(fed)
     saved = job.checkpoints.saved if job.checkpoints is not None else None
     if saved is None:
-        outcome.tokens, outcome.sites = start_sites(fed, job)
+        outcome.tokens = start_sites(fed, job)
         if job.allocation is not None:
             outcome.allocation, outcome.allocation_sites = dense_allocation(sums, job, outcome.tokens)
         decision = plan_depth(sums, outcome.tokens) if plan_depth is not None else DepthDecision()
@@ -277,22 +275,20 @@ def resume_layer_sync(
     state = saved.state
     restore_outcome_(outcome, state["outcome"])
     restore_federation_(fed, state["federation"])
-    old_sites, alive = dict(outcome.sites), set(state["federation"]["nodes"])
+    old_sites, alive = dict(fed.site_numbers), set(state["federation"]["nodes"])
     status = query_sites(fed, job)
     remap_(fed, outcome, node_mapping(old_sites, {n: s.site for n, s in status.items()}))
     known = {site for node, site in old_sites.items() if node in alive}
     for node in [n for n in fed.nodes if n not in status or status[n].site not in known]:
         fed.reject(len(fed.round_seconds) - 1, node, "not among the checkpoint's sites (dropped before)")
     fed.nodes = [n for n in fed.nodes if n in status and status[n].site in known]
-    outcome.sites.update({n: status[n].site for n in fed.nodes})
+    fed.site_numbers.update({n: status[n].site for n in fed.nodes})
     outcome.tokens.update({n: status[n].tokens for n in fed.nodes if status[n].block >= 0})
     last, blocks = saved.blocks[-1], len(find_blocks(job.model)[1])
     lost = [n for n in fed.nodes if status[n].block not in (last, last + 1)] if last + 1 < blocks else []
     if lost:
         logger.info("resume: %d site(s) lost their state; starting them again from the checkpoint", len(lost))
-        tokens, sites = start_sites(fed, job, lost)
-        outcome.tokens.update(tokens)
-        outcome.sites.update(sites)
+        outcome.tokens.update(start_sites(fed, job, lost))
         for block in saved.blocks[:-1]:
             config = task_config(job, BlockTask(block + 1, kinds[block]))
             nodes = [n for n in lost if n in fed.nodes]

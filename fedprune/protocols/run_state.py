@@ -40,6 +40,7 @@ def federation_state(fed: Federation) -> dict:
         "bytes_down": {str(n): int(b) for n, b in fed.bytes_down.items()},
         "round_seconds": [float(s) for s in fed.round_seconds],
         "rejected": [[int(r), int(n), str(why)] for r, n, why in fed.rejected],
+        "site_numbers": {str(n): int(s) for n, s in fed.site_numbers.items()},
     }
 
 
@@ -55,6 +56,7 @@ def restore_federation_(fed: Federation, state: dict) -> None:
         (r + shift, n, why) for r, n, why in fed.rejected
     ]
     fed.round_seconds = [*state["round_seconds"], *fed.round_seconds]
+    fed.site_numbers = {**_ints(state["site_numbers"]), **fed.site_numbers}
 
 
 def outcome_state(outcome) -> dict:
@@ -65,7 +67,6 @@ def outcome_state(outcome) -> dict:
         "sites_per_sum": [[int(n) for n in sites] for sites in outcome.sites_per_sum],
         "depth_sites": None if outcome.depth_sites is None else [int(n) for n in outcome.depth_sites],
         "tokens": {str(n): int(t) for n, t in outcome.tokens.items()},
-        "sites": {str(n): int(s) for n, s in outcome.sites.items()},
         "allocation": None
         if allocation is None
         else {"sparsity": allocation.allocation.default, "block_sparsity": allocation.block_sparsity}
@@ -80,7 +81,6 @@ def restore_outcome_(outcome, state: dict) -> None:
     outcome.sites_per_sum = [tuple(sites) for sites in state["sites_per_sum"]]
     outcome.depth_sites = None if state["depth_sites"] is None else tuple(state["depth_sites"])
     outcome.tokens = _ints(state["tokens"])
-    outcome.sites = _ints(state["sites"])
     saved = state["allocation"]
     if saved is not None:
         default = Allocation(float(saved["sparsity"]))
@@ -112,7 +112,7 @@ def remap_(fed: Federation, outcome, mapping: dict[int, int]) -> None:
         outcome.depth_sites = tuple(sorted(new(n) for n in outcome.depth_sites))
     outcome.allocation_sites = tuple(sorted(new(n) for n in outcome.allocation_sites))
     outcome.tokens = {new(n): t for n, t in outcome.tokens.items()}
-    outcome.sites = {new(n): s for n, s in outcome.sites.items()}
+    fed.site_numbers = {new(n): s for n, s in fed.site_numbers.items()}
 
 
 @dataclass

@@ -117,7 +117,8 @@ class PlainSums(Sums):
             return stats
 
         got = self.fed.round("train.stats", config, update, validate, screen=self.checks.screen)
-        return StatsSum(aggregate_stats(list(got.values())), tuple(sorted(got)))
+        ordered = [got[node] for node in self.fed.in_site_order(got)]  # float sums: a fixed order
+        return StatsSum(aggregate_stats(ordered), tuple(sorted(got)))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
         return plain_votes(self.fed, task, config, update, shapes)

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from cli.main import job_of
 from fedprune.checkpoint import checkpoint_dir
@@ -20,6 +21,7 @@ from fedprune.protocols.catalog import validate
 from fedprune.protocols.federation import Federation
 from fedprune.protocols.site_state import reserve_instances, secagg_mark
 from fedprune.protocols.tasks import InProcessTransport, Site, in_process_launcher
+from tests.tiny_models import VOCAB, tiny_tokenizer
 
 FED = ["federation.num_clients=3", "federation.min_clients=2", "data.calib_windows=12"]
 SECAGG = ["privacy=secagg", "privacy.threshold=2", "privacy.token_bound=100"]
@@ -31,28 +33,30 @@ class Killed(RuntimeError):
 
 
 class KillingTransport(InProcessTransport):
-    """Runs the site tasks, but kills the coordinator at the first per-block round of block ``block``:
-    before it reaches the sites (``after`` False) or once they have answered it."""
+    """Runs the site tasks (recording ``(task, node)`` in ``log``), but kills the coordinator at the first
+    per-block round of block ``block`` (None: never): before it reaches the sites (``after`` False) or
+    once they have answered it."""
 
-    def __init__(self, sites, block: int, after: bool):
+    def __init__(self, sites, block: int | None, after: bool, log: list):
         super().__init__(sites)
-        self.block, self.after = block, after
+        self.block, self.after, self.log = block, after, log
 
     def exchange(self, task, requests, timeout):
         config = next(iter(requests.values())).config
         hit = task in PER_BLOCK and config.get("block") == self.block and "secagg.first" not in config
         if hit and not self.after:
             raise Killed(f"killed before block {self.block}")
+        self.log += [(task, node) for node in requests]
         responses = super().exchange(task, requests, timeout)
         if hit:
             raise Killed(f"killed during block {self.block}")
         return responses
 
 
-def killing_launcher(block: int, after: bool, num_sites: int = 3):
+def killing_launcher(block: int | None, after: bool = False, log: list | None = None, num_sites: int = 3):
     def launch(server_main) -> None:
         sites = [Site(100 + i, {"partition-id": i, "num-partitions": num_sites}) for i in range(num_sites)]
-        transport = KillingTransport(sites, block, after)
+        transport = KillingTransport(sites, block, after, [] if log is None else log)
         server_main(Federation(transport, transport.node_ids(), 2))
 
     return launch
@@ -107,6 +111,48 @@ def test_stats_sync_resume_equals_uninterrupted(make_cfg, tmp_path, site_cache, 
     )
     assert not checkpoint_dir(out).exists()  # outputs complete: the checkpoint is gone
     assert not list(site_cache.glob(f"{run_key}-*"))  # query.finish: no site state left
+
+
+def _three_block_llama(folder, corpus):
+    """A tiny random-init Llama with 3 decoder blocks and the corpus's tokenizer, as an HF folder."""
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tiny_tokenizer([p.read_text() for p in sorted(corpus.glob("*.txt"))]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("privacy", ["none", "secagg"])
+def test_a_site_that_lost_its_state_is_moved_through_the_finished_blocks(
+    make_cfg, tiny_assets, tmp_path, site_cache, privacy
+):
+    """Three blocks, killed during block 2: sites 0 and 2 hold block 2's inputs; site 1 lost its state and
+    is started again, moved past block 0 (``query.advance``) and past block 1 by the next task."""
+    model = _three_block_llama(tmp_path / "llama3", tiny_assets["corpus"])
+    args = [f"model.path={model}", "pruner=sparsegpt", "protocol=stats_sync", *FED]
+    args += SECAGG if privacy == "secagg" else []
+    _run(make_cfg(*args), tmp_path / "reference")
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        _run(make_cfg(*args), out, killing_launcher(2, after=True))
+    state = json.loads((checkpoint_dir(out) / "state.json").read_text())
+    assert state["blocks"] == [0, 1]
+    shutil.rmtree(site_cache / f"{state['run_key']}-p1")
+    log: list = []
+    _run(make_cfg(*args, "resume=true"), out, killing_launcher(None, log=log))
+    _assert_same_model(tmp_path / "reference", out)
+    assert [node for task, node in log if task in ("query.start", "query.advance")] == [101, 101]
+    assert sorted(node for task, node in log if task == "query.resume") == [100, 101, 102]
 
 
 def test_secagg_resume_keys_fresh_instances(make_cfg, tmp_path, site_cache):
