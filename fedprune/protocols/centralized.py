@@ -94,6 +94,7 @@ def run_centralized(job: JobConfig, out_dir: Path, launch=None) -> dict:
             calib_windows=int(calib_ids.shape[0]),
             **allocation_metrics(report.allocation),
             **clock.metrics(),
+            **({"resumed_after_block": saved.blocks[-1]} if saved is not None else {}),
         )
         model = prep.model if job.save_model else None
         files, config = prep.model_files, prep.config_updates

@@ -119,14 +119,16 @@ def task_config(job: FederatedJob, block: BlockTask | None = None) -> dict:
     return {**config, **block.to_record()} if block is not None else config
 
 
+MAX_NUMBER = 2**62  # bound of a site number or instance number in a reply
+
+
 def start_sites(fed: Federation, job: FederatedJob, nodes: list[int] | None = None) -> dict[int, int]:
     """``query.start`` to every site (or ``nodes`` only: no minimum of replies); their token counts (their
     site numbers go to ``fed.site_numbers``)."""
     config = job.site_job.to_record()
 
     def validate(node: int, reply) -> tuple[int, int]:
-        site = reply_count(reply.metrics, "site", max(job.site_job.num_sites, node))
-        return reply_tokens(reply.metrics, config), site
+        return reply_tokens(reply.metrics, config), reply_count(reply.metrics, "site", MAX_NUMBER)
 
     got = fed.round("query.start", config, None, validate, nodes, required=None if nodes is None else 0)
     fed.site_numbers.update({n: s for n, (_, s) in got.items()})
@@ -173,6 +175,8 @@ def layer_sync(
     at the end. Its sum, if any, is the first entry of ``sites_per_sum`` and ``depth_sites``.
     With a non-uniform allocation (``job.allocation``, e.g. OWL), first one sum of every dense block's
     statistics (:func:`dense_allocation`); each block task then carries its block's sparsity.
+    With ``job.checkpoints``, every finished block is checkpointed, and a checkpoint to resume from
+    replaces the start (:func:`resume_layer_sync`): the loop goes on after its last finished block.
     """
     outcome = FederatedOutcome()
     blocks_name, blocks = find_blocks(job.model)
@@ -248,10 +252,9 @@ def query_sites(fed: Federation, job: FederatedJob) -> dict[int, SiteStatus]:
 
     def validate(node: int, reply) -> SiteStatus:
         metrics = reply.metrics
-        block = reply_count({"block": metrics.get("block", -1) + 1}, "block", blocks + 1) - 1
-        site = reply_count(metrics, "site", max(job.site_job.num_sites, node))
-        tokens = reply_tokens(metrics, config)
-        return SiteStatus(site, block, tokens, reply_count(metrics, "secagg_next", 2**62))
+        block = -1 if metrics.get("block") == -1 else reply_count(metrics, "block", blocks)
+        site, tokens = reply_count(metrics, "site", MAX_NUMBER), reply_tokens(metrics, config)
+        return SiteStatus(site, block, tokens, reply_count(metrics, "secagg_next", MAX_NUMBER))
 
     return fed.round("query.resume", config, None, validate)
 

@@ -138,6 +138,8 @@ def _run_federated(
         extra.update(robust=True, robust_scale=job.federation.robust_scale)
     if outcome.depth_sites is not None:  # structured depth pruning chosen from these sites' data
         extra["depth_sites"] = list(outcome.depth_sites)
+    if checkpoints is not None and checkpoints.saved is not None:  # resume=true: timings from here on
+        extra["resumed_after_block"] = checkpoints.saved.blocks[-1]
     metrics = base_metrics(
         job,
         prep,

@@ -6,8 +6,10 @@ bit-packed masks. Every request's config is a :class:`~fedprune.protocols.messag
 partition of the bundled corpus (``partition-id`` and ``num-partitions`` in its node config, as in
 simulation) or its own folder of ``<work>.txt`` files (``data-path``, as at a real site).
 
-Shared tasks: ``query.start`` (sample the site's windows, embed them, keep block-0 inputs) and
-``query.finish`` (delete the site's state of the run). Each protocol registers its own summed task with
+Shared tasks: ``query.start`` (sample the site's windows, embed them, keep block-0 inputs),
+``query.finish`` (delete the site's state of the run) and, for a resumed run (``resume=true``),
+``query.resume`` (what the site still holds for the run key) and ``query.advance`` (move a restarted
+site's inputs past a checkpointed block edit). Each protocol registers its own summed task with
 :func:`summed_task` (``train.stats`` in ``stats_sync.py``, ``train.masks`` in ``mask_vote_sync.py``,
 ``train.local_prune`` in ``mask_vote.py``): a payload function returning the plain payload and the
 site's tokens; the plain task encodes it, and the secure task (``fedprune/protocols/secure_site.py``)

@@ -3,7 +3,8 @@ SparseGPT Σxxᵀ upper triangle); the server adds them and prunes with the cent
 result equals centralized pruning on the pooled data. Secure aggregation and DP apply.
 
 Site tasks: ``query.start``, ``train.stats`` (or ``train.secagg`` with task ``stats``), ``query.finish``
-(:mod:`fedprune.protocols.llm_site`).
+(:mod:`fedprune.protocols.llm_site`); a resumed run (``resume=true``) also ``query.resume`` and
+``query.advance``. Every finished block is checkpointed (:mod:`fedprune.protocols.run_state`).
 """
 
 from __future__ import annotations

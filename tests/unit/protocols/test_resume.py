@@ -37,13 +37,14 @@ class KillingTransport(InProcessTransport):
     per-block round of block ``block`` (None: never): before it reaches the sites (``after`` False) or
     once they have answered it."""
 
-    def __init__(self, sites, block: int | None, after: bool, log: list):
+    def __init__(self, sites, block: int | None, after: bool, log: list, kill_task: str = ""):
         super().__init__(sites)
-        self.block, self.after, self.log = block, after, log
+        self.block, self.after, self.log, self.kill_task = block, after, log, kill_task
 
     def exchange(self, task, requests, timeout):
         config = next(iter(requests.values())).config
         hit = task in PER_BLOCK and config.get("block") == self.block and "secagg.first" not in config
+        hit = hit or task == self.kill_task
         if hit and not self.after:
             raise Killed(f"killed before block {self.block}")
         self.log += [(task, node) for node in requests]
@@ -53,10 +54,12 @@ class KillingTransport(InProcessTransport):
         return responses
 
 
-def killing_launcher(block: int | None, after: bool = False, log: list | None = None, num_sites: int = 3):
+def killing_launcher(
+    block: int | None, after: bool = False, log: list | None = None, kill_task: str = "", num_sites: int = 3
+):
     def launch(server_main) -> None:
         sites = [Site(100 + i, {"partition-id": i, "num-partitions": num_sites}) for i in range(num_sites)]
-        transport = KillingTransport(sites, block, after, [] if log is None else log)
+        transport = KillingTransport(sites, block, after, [] if log is None else log, kill_task)
         server_main(Federation(transport, transport.node_ids(), 2))
 
     return launch
@@ -86,13 +89,28 @@ def site_cache(tmp_path, monkeypatch):
     return root / "site_state"
 
 
+OWL = ["allocation=owl", "owl.m=2", "owl.lambda=0.2", "sparsity=0.6"]
+
+
 @pytest.mark.parametrize(
-    ("privacy", "after", "lose"),
-    [("none", False, False), ("none", True, True), ("secagg", False, True), ("secagg", True, False)],
-    ids=["none-before", "none-during-site-lost", "secagg-before-site-lost", "secagg-during"],
+    ("privacy", "after", "lose", "recipe"),
+    [
+        ("none", False, False, []),
+        ("none", True, True, []),
+        ("secagg", False, True, []),
+        ("secagg", True, False, []),
+        ("none", True, True, OWL),
+    ],
+    ids=["none-before", "none-during-site-lost", "secagg-before-site-lost", "secagg-during", "owl"],
 )
-def test_stats_sync_resume_equals_uninterrupted(make_cfg, tmp_path, site_cache, privacy, after, lose):
-    args = ["pruner=sparsegpt", "protocol=stats_sync", *FED, *(SECAGG if privacy == "secagg" else [])]
+def test_stats_sync_resume_equals_uninterrupted(make_cfg, tmp_path, site_cache, privacy, after, lose, recipe):
+    args = [
+        "pruner=sparsegpt",
+        "protocol=stats_sync",
+        *FED,
+        *recipe,
+        *(SECAGG if privacy == "secagg" else []),
+    ]
     reference = _run(make_cfg(*args), tmp_path / "reference")
     out = tmp_path / "run"
     with pytest.raises(Killed):
@@ -106,6 +124,8 @@ def test_stats_sync_resume_equals_uninterrupted(make_cfg, tmp_path, site_cache, 
     _assert_same_model(tmp_path / "reference", out)
     assert resumed["ppl_pruned"] == reference["ppl_pruned"]
     assert resumed["num_clients"] == 3 and resumed["calib_tokens"] == reference["calib_tokens"]
+    assert resumed["resumed_after_block"] == 0 and not resumed["rejected"]
+    assert resumed.get("block_sparsity") == reference.get("block_sparsity")
     assert json.loads((out / "sparsity.json").read_text()) == json.loads(
         (tmp_path / "reference" / "sparsity.json").read_text()
     )
@@ -153,6 +173,21 @@ def test_a_site_that_lost_its_state_is_moved_through_the_finished_blocks(
     _assert_same_model(tmp_path / "reference", out)
     assert [node for task, node in log if task in ("query.start", "query.advance")] == [101, 101]
     assert sorted(node for task, node in log if task == "query.resume") == [100, 101, 102]
+
+
+def test_killed_after_the_last_block_resumes_to_the_outputs(make_cfg, tmp_path, site_cache):
+    """Every block finished, killed at ``query.finish``: the resumed run only asks the sites, finishes
+    them and writes the outputs."""
+    args = ["pruner=wanda", "protocol=stats_sync", *FED, *SECAGG]
+    _run(make_cfg(*args), tmp_path / "reference")
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        _run(make_cfg(*args), out, killing_launcher(None, kill_task="query.finish"))
+    log: list = []
+    resumed = _run(make_cfg(*args, "resume=true"), out, killing_launcher(None, log=log))
+    _assert_same_model(tmp_path / "reference", out)
+    assert sorted({task for task, _ in log}) == ["query.finish", "query.resume"]
+    assert resumed["resumed_after_block"] == 1 and resumed["num_clients"] == 3
 
 
 def test_secagg_resume_keys_fresh_instances(make_cfg, tmp_path, site_cache):
