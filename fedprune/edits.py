@@ -137,9 +137,7 @@ def _check_index(name: str, axis: str, index: torch.Tensor, size: int) -> None:
     if axis not in AXES:
         raise PayloadError(f"kept indices of {name}: axis must be one of {AXES}, got {axis!r}")
     if index.dim() != 1 or index.numel() == 0:
-        raise PayloadError(
-            f"kept indices of {name}: need a non-empty 1-D index, got shape {tuple(index.shape)}"
-        )
+        raise PayloadError(f"kept indices of {name}: need a non-empty 1-D index, got shape {tuple(index.shape)}")
     if int(index.min()) < 0 or int(index.max()) >= size:
         raise PayloadError(f"kept indices of {name}: outside [0, {size})")
     if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
@@ -160,9 +158,7 @@ class KeptIndices:
             replace_module_(block, name, shrink_layer(layers[name], axis, index))
 
     def encode(self) -> dict[str, np.ndarray]:
-        return {
-            f"kept.{axis}.{name}": index.to(torch.int64).numpy() for name, (axis, index) in self.kept.items()
-        }
+        return {f"kept.{axis}.{name}": index.to(torch.int64).numpy() for name, (axis, index) in self.kept.items()}
 
     @classmethod
     def decode(cls, arrays: Mapping[str, np.ndarray], shapes: Shapes) -> KeptIndices:
@@ -287,9 +283,7 @@ class StructuredEdit:
         bias_names = [k.partition(".")[2] for k in parts["bias"]]
         unknown = [n for n in [*weight_shapes, *bias_names] if n not in kept]
         if unknown:
-            raise PayloadError(
-                f"structured edit: weights or biases of layers without kept indices: {unknown}"
-            )
+            raise PayloadError(f"structured edit: weights or biases of layers without kept indices: {unknown}")
         weights = decode_weights(parts["weight"], {n: edit.kept_shape(n) for n in weight_shapes})
         biases = {
             n: torch.from_numpy(

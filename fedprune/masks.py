@@ -58,7 +58,9 @@ def _prune_lowest(scores: torch.Tensor, num_pruned: int, dim: int) -> torch.Tens
     return mask.scatter(dim, lowest, False)
 
 
-def select_unstructured(scores: torch.Tensor, sparsity: float, group: str = "layer") -> torch.Tensor:
+def select_unstructured(
+    scores: torch.Tensor, sparsity: float, group: str = "layer"
+) -> torch.Tensor:
     """Keep-mask pruning a fraction ``sparsity`` of the lowest scores within each comparison group.
 
     Parameters
@@ -87,7 +89,9 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _prune_lowest(groups, m - n, dim=2).reshape(scores.shape)
 
 
-def select_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str) -> torch.Tensor:
+def select_mask(
+    scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str
+) -> torch.Tensor:
     """Keep-mask for a pattern: N:M groups, or unstructured within ``group``."""
     if pattern.kind == "nm":
         return select_nm(scores, pattern.n, pattern.m)

@@ -309,7 +309,9 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> float:
 
     logger.info("converting %s to an fp32 Hugging Face folder", gguf_path.name)
     folder, filename = str(gguf_path.parent), gguf_path.name
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=filename, dtype=torch.float32
+    )
     gguf_model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     plain = _dequantized_plain_model(gguf_model)
@@ -346,7 +348,9 @@ def ensure_model(name: str) -> Path:
     """
     asset = MODEL_ASSETS.get(name)
     if asset is None:
-        raise AssetError(f"unknown model asset '{name}'; known bundled models: {sorted(MODEL_ASSETS)}")
+        raise AssetError(
+            f"unknown model asset '{name}'; known bundled models: {sorted(MODEL_ASSETS)}"
+        )
     final = model_dir(name)
     if is_complete(final):
         return final
@@ -370,7 +374,9 @@ def resolve_model_path(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    raise AssetError(f"model path {spec} does not exist; known bundled models: {sorted(MODEL_ASSETS)}")
+    raise AssetError(
+        f"model path {spec} does not exist; known bundled models: {sorted(MODEL_ASSETS)}"
+    )
 
 
 # -------------------------------------------------------------------------------------- corpus
@@ -387,7 +393,9 @@ def _is_work_member(member_name: str, asset: CorpusAsset) -> bool:
     parts = PurePosixPath(member_name).parts
     texts_parts = PurePosixPath(asset.texts_dir).parts
     return (
-        len(parts) == len(texts_parts) + 2 and parts[1:-1] == texts_parts and parts[-1].endswith(asset.suffix)
+        len(parts) == len(texts_parts) + 2
+        and parts[1:-1] == texts_parts
+        and parts[-1].endswith(asset.suffix)
     )
 
 
@@ -447,6 +455,7 @@ def ensure_corpus(name: str) -> Path:
         return _build_atomically(final, lambda tmp: _build_corpus(asset, tmp))
 
 
+
 def resolve_corpus_path(spec: str) -> Path:
     """A corpus folder from a registry name (fetched if needed) or an existing directory of .txt works.
 
@@ -460,8 +469,9 @@ def resolve_corpus_path(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    raise AssetError(f"corpus path {spec} does not exist; known bundled corpora: {sorted(CORPUS_ASSETS)}")
-
+    raise AssetError(
+        f"corpus path {spec} does not exist; known bundled corpora: {sorted(CORPUS_ASSETS)}"
+    )
 
 # ------------------------------------------------------------------------------------------ CLI
 

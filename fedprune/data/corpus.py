@@ -63,7 +63,9 @@ def _without_preamble(text: str) -> str:
     """Drop leading paragraphs such as ``Produced by ...`` or ``This etext was prepared by ...``."""
     paragraphs = re.split(r"\n[ \t]*\n", text.lstrip("\n"))
     first_kept = 0
-    while first_kept < len(paragraphs) and _PREAMBLE_PARAGRAPH.match(paragraphs[first_kept].strip()):
+    while first_kept < len(paragraphs) and _PREAMBLE_PARAGRAPH.match(
+        paragraphs[first_kept].strip()
+    ):
         first_kept += 1
     if first_kept == 0:
         return text

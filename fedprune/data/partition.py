@@ -19,7 +19,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def partition_by_document(doc_names: Sequence[str], num_partitions: int, seed: int) -> list[list[str]]:
+def partition_by_document(
+    doc_names: Sequence[str], num_partitions: int, seed: int
+) -> list[list[str]]:
     """Deal whole documents to partitions after a seeded shuffle.
 
     The names are sorted, shuffled with a local generator seeded with ``seed`` and dealt
@@ -69,7 +71,9 @@ def partition_iid(num_windows: int, num_partitions: int, seed: int) -> list[torc
     if num_partitions < 1:
         raise ValueError(f"need num_partitions >= 1, got {num_partitions}")
     if num_windows < num_partitions:
-        raise ValueError(f"cannot split {num_windows} windows into {num_partitions} non-empty partitions")
+        raise ValueError(
+            f"cannot split {num_windows} windows into {num_partitions} non-empty partitions"
+        )
     generator = torch.Generator().manual_seed(seed)
     permutation = torch.randperm(num_windows, generator=generator)  # (num_windows,)
     return [part.clone() for part in torch.tensor_split(permutation, num_partitions)]

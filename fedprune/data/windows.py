@@ -108,7 +108,8 @@ def eval_windows(
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"need max_windows >= 1 or None, got {max_windows}")
     per_doc = [
-        docs[name][: (docs[name].numel() // seq_len) * seq_len].reshape(-1, seq_len) for name in sorted(docs)
+        docs[name][: (docs[name].numel() // seq_len) * seq_len].reshape(-1, seq_len)
+        for name in sorted(docs)
     ]  # each (windows_in_doc, seq_len)
     rounds = max((chunk.shape[0] for chunk in per_doc), default=0)
     ordered = [chunk[r] for r in range(rounds) for chunk in per_doc if r < chunk.shape[0]]

@@ -64,14 +64,8 @@ class Structure:
     def depth_plan(self, influence: Influence | None, model: nn.Module, pruner: object) -> DepthPlan:
         """The blocks and attention sublayers to remove: least influence (attention: least query-key
         coupling with ``pruner=gatenorm``), attention only among the blocks that stay."""
-        scores = (
-            {}
-            if influence is None
-            else {DEPTH_BLOCKS: influence.blocks, DEPTH_ATTENTION: influence.attention}
-        )
-        return self.choose_depth(
-            lambda kind, count, exclude: lowest(scores[kind].total, count, exclude), model, pruner
-        )
+        scores = {} if influence is None else {DEPTH_BLOCKS: influence.blocks, DEPTH_ATTENTION: influence.attention}
+        return self.choose_depth(lambda kind, count, exclude: lowest(scores[kind].total, count, exclude), model, pruner)
 
     def choose_depth(self, pick: DepthPick, model: nn.Module, pruner: object) -> DepthPlan:
         """The :class:`DepthPlan` with ``pick(kind, count, exclude)`` choosing the removed blocks
@@ -82,9 +76,7 @@ class Structure:
         if DEPTH_ATTENTION in self.data_depth(pruner):
             attention = pick(DEPTH_ATTENTION, self.attention, blocks)
         elif self.attention:
-            attention = lowest(
-                gatenorm_scores(model, self.family, self.shape), self.attention, exclude=blocks
-            )
+            attention = lowest(gatenorm_scores(model, self.family, self.shape), self.attention, exclude=blocks)
         return DepthPlan(tuple(sorted(blocks)), tuple(sorted(attention)))
 
     @property

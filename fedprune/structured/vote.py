@@ -100,10 +100,7 @@ def vote_shapes(structure: Structure, prefix: str = "", attention: bool = True) 
 def abstention(structure: Structure, attention: bool = True) -> dict[str, torch.Tensor]:
     """A vote for no unit of a block, ``(units,)`` zeros per voted coupling: what a one-shot site sends
     for a block it removed itself (adding it changes no unit's rank)."""
-    return {
-        g: torch.zeros(structure.layout[g].units, dtype=torch.int32)
-        for g in voted_couplings(structure, attention)
-    }
+    return {g: torch.zeros(structure.layout[g].units, dtype=torch.int32) for g in voted_couplings(structure, attention)}
 
 
 def vote_masks(votes: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -192,6 +189,4 @@ def voted_depth_plan(
     for kind in structure.data_depth(pruner):
         if kind not in counts or counts[kind].numel() != structure.dense_blocks:
             raise ValueError(f"need {structure.dense_blocks} depth vote counts for {kind!r}")
-    return structure.choose_depth(
-        lambda kind, n, exclude: fewest_votes(counts[kind], n, exclude), model, pruner
-    )
+    return structure.choose_depth(lambda kind, n, exclude: fewest_votes(counts[kind], n, exclude), model, pruner)
