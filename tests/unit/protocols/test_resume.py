@@ -254,6 +254,9 @@ def test_resume_with_a_different_config_names_the_keys(make_cfg, tmp_path, site_
         _run(changed, tmp_path)
     assert "data.calib_windows" in str(error.value) and "sparsity" in str(error.value)
     assert "pruner.name" not in str(error.value)
+    metrics = _run(make_cfg(*args), tmp_path)  # a fresh run in the same folder starts over
+    assert metrics["ppl_pruned"] > 0 and "resumed_after_block" not in metrics
+    assert not checkpoint_dir(tmp_path).exists()
 
 
 @pytest.mark.parametrize(
