@@ -272,6 +272,7 @@ class JobConfig:
     threads: int | None = None  # torch intra-op threads of this process (None: torch's default)
     structured: StructuredSpec = field(default_factory=StructuredSpec)  # pattern=structured only
     allocation: AllocationSpec = field(default_factory=AllocationSpec)
+    resume: bool = False  # continue the killed run in the same output folder from its last checkpoint
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> JobConfig:
@@ -304,6 +305,7 @@ class JobConfig:
             threads=_positive_threads(_get(m, "threads", "", _optional(int), None)),
             structured=StructuredSpec.from_mapping(_section(m, "structured")),
             allocation=AllocationSpec.from_mapping(m.get("allocation"), _section(m, "owl")),
+            resume=_get(m, "resume", "", bool, False),
         )
 
 
@@ -595,3 +597,26 @@ def check_privacy(
         "privacy.delta",
         f"must be in (0, 1), got {privacy.delta}",
     )
+
+
+def check_resume(job: JobConfig, supported: bool, protocols: tuple[str, ...]) -> None:
+    """``resume=true`` against a protocol (``supported``: it writes per-block checkpoints) and the
+    settings a checkpoint cannot continue: structured pruning and offloaded blocks (not checkpointed),
+    and ``secagg_dp`` (a resumed run would release the interrupted block's noisy sums again, a privacy
+    cost the accounting does not count: refused rather than spent silently)."""
+    if not job.resume:
+        return
+    check(
+        supported,
+        "resume",
+        f"resuming a killed run works with protocol {' or '.join(protocols)}, not {job.protocol_name!r} "
+        "(rerun without resume=true)",
+    )
+    check(
+        job.privacy.name != "secagg_dp",
+        "resume",
+        "is refused with privacy=secagg_dp: the interrupted block's noisy sums would be released again, "
+        "uncounted by the DP accounting (rerun afresh without resume=true)",
+    )
+    check(job.pattern != "structured", "resume", "does not support pattern=structured yet")
+    check(not job.model.offload, "resume", "does not support model.offload=true yet")

@@ -38,7 +38,7 @@ from fedprune.offload import (
 )
 from fedprune.outputs import peak_rss_mb, save_model_atomic, write_json_atomic
 from fedprune.pruners import Pruner
-from fedprune.sequential import BlockAccess, PruneReport, ResidentBlocks, prune_model_
+from fedprune.sequential import BlockAccess, BlockCheckpoints, PruneReport, ResidentBlocks, prune_model_
 from fedprune.structured.decide import Structure
 from fedprune.structured.saved import (
     STRUCTURE_FILE,
@@ -230,8 +230,10 @@ def prune_with_job_(
     model: torch.nn.Module,
     calib_ids: torch.Tensor,
     blocks: BlockAccess | None = None,
+    checkpoints: BlockCheckpoints | None = None,
 ) -> PruneReport:
-    """Sequential pruning of ``model`` in place with the job's method (``blocks``: where its blocks live)."""
+    """Sequential pruning of ``model`` in place with the job's method (``blocks``: where its blocks live;
+    ``checkpoints``: where each pruned block is saved, and finished ones restored from)."""
     sparsity = target_sparsity(job)
     return prune_model_(
         model,
@@ -245,6 +247,7 @@ def prune_with_job_(
         blocks=blocks,
         structure=prep.structure,
         allocation=job.allocation.rule(),
+        checkpoints=checkpoints,
     )
 
 

@@ -392,6 +392,19 @@ class PruneReport:
     allocation: Allocated | None = None  # a non-uniform allocation rule's result (OWL), if any
 
 
+class BlockCheckpoints(Protocol):
+    """Where :func:`prune_model_` saves each pruned block and restores the finished ones from (a resumed
+    run): blocks ``0 .. finished - 1`` are restored, not pruned."""
+
+    finished: int
+
+    def restore_(self, index: int, block: nn.Module, report: PruneReport) -> None:
+        """Make ``block`` the checkpointed pruned block ``index``; record its removals in ``report``."""
+
+    def save(self, index: int, block: nn.Module, report: PruneReport) -> None:
+        """Save pruned block ``index`` (``report``: what was removed so far)."""
+
+
 def prune_model_(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -405,6 +418,7 @@ def prune_model_(
     blocks: BlockAccess | None = None,
     structure: Structure | None = None,
     allocation: AllocationRule | None = None,
+    checkpoints: BlockCheckpoints | None = None,
 ) -> PruneReport:
     """Centralized sequential pruning of every decoder block of ``model`` in place.
 
@@ -419,6 +433,8 @@ def prune_model_(
         physically smaller (its :class:`fedprune.edits.StructuredEdit`) before it computes the next inputs.
     allocation : a rule deciding each block's sparsity (default: ``sparsity`` everywhere); one that needs
         statistics of the dense model gets them from one dense pass first (:func:`collect_dense_stats`).
+    checkpoints : each pruned block is saved there; the first ``checkpoints.finished`` blocks are restored
+        from there instead (a resumed run), and the next block's inputs come from the restored blocks.
     """
     check_pruner_supports(pruner, pattern)
     if (pattern.kind == "structured") != (structure is not None):
@@ -448,32 +464,67 @@ def prune_model_(
                 inputs = BlockInputs(inputs.hidden, inputs.kwargs_per_block, index + 1)
             continue
         with held_block(access, index) as block:
-            if index in plan.attention:
-                remove_attention_(block, structure.family)
-            stats = (
-                collect_block_stats(block, inputs, pruner.stat_kind, None, ignore, prefix)
-                if inputs is not None and pruner.stat_kind
-                else {}
-            )
-            if structure is not None:
-                edit = structure.edit(block, stats, pruner, attention=index not in plan.attention)
-                edit.apply_(block)
-                report.edits[index] = edit
-                report.layer_sparsity.update({f"{prefix}.{n}": f for n, f in edit.report().items()})
-                masks = {}
+            if checkpoints is not None and index < checkpoints.finished:
+                checkpoints.restore_(index, block, report)
             else:
-                masks = prune_block_(block, stats, pruner, sparsity, pattern, ignore, prefix)
-                report.ignored_layers += [
-                    f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks
-                ]
-            for name, mask in masks.items():
-                report.layer_sparsity[f"{prefix}.{name}"] = sparsity_of(mask)
-                if keep_masks:
-                    report.masks[f"{index}.{name}"] = mask
+                _prune_one_block_(
+                    block,
+                    index,
+                    prefix,
+                    inputs,
+                    pruner,
+                    sparsity,
+                    pattern,
+                    ignore,
+                    structure,
+                    plan,
+                    report,
+                    keep_masks,
+                )
+                if checkpoints is not None:
+                    checkpoints.save(index, block, report)
             if inputs is not None and index + 1 < len(block_list):
                 inputs = run_block(block, inputs)
     remove_blocks_(model, plan.blocks)
     return report
+
+
+def _prune_one_block_(
+    block: nn.Module,
+    index: int,
+    prefix: str,
+    inputs: BlockInputs | None,
+    pruner: Pruner,
+    sparsity: float | Allocation,
+    pattern: Pattern,
+    ignore: Sequence[str],
+    structure: Structure | None,
+    plan: DepthPlan,
+    report: PruneReport,
+    keep_masks: bool,
+) -> None:
+    """One step of :func:`prune_model_`: block ``index`` pruned in place from its statistics on
+    ``inputs``; what it removed recorded in ``report``."""
+    if index in plan.attention:
+        remove_attention_(block, structure.family)
+    stats = (
+        collect_block_stats(block, inputs, pruner.stat_kind, None, ignore, prefix)
+        if inputs is not None and pruner.stat_kind
+        else {}
+    )
+    if structure is not None:
+        edit = structure.edit(block, stats, pruner, attention=index not in plan.attention)
+        edit.apply_(block)
+        report.edits[index] = edit
+        report.layer_sparsity.update({f"{prefix}.{n}": f for n, f in edit.report().items()})
+        masks = {}
+    else:
+        masks = prune_block_(block, stats, pruner, sparsity, pattern, ignore, prefix)
+        report.ignored_layers += [f"{prefix}.{n}" for n in find_prunable_layers(block) if n not in masks]
+    for name, mask in masks.items():
+        report.layer_sparsity[f"{prefix}.{name}"] = sparsity_of(mask)
+        if keep_masks:
+            report.masks[f"{index}.{name}"] = mask
 
 
 @torch.no_grad()

@@ -82,6 +82,12 @@ class Federation:
     bytes_down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     round_seconds: list[float] = field(default_factory=list)
     rejected: list[tuple[int, int, str]] = field(default_factory=list)  # (round, node, reason)
+    site_numbers: dict[int, int] = field(default_factory=dict)  # node -> its site's stable number
+
+    def in_site_order(self, nodes) -> list[int]:
+        """``nodes`` by site number (node id where unknown): a fixed order for sums of floats, the same
+        when a restarted run draws new node ids or replies arrive in another order."""
+        return sorted(nodes, key=lambda node: (self.site_numbers.get(node, node), node))
 
     def round(
         self,
@@ -92,6 +98,7 @@ class Federation:
         nodes: Iterable[int] | None = None,
         node_arrays: Mapping[int, Arrays] | None = None,
         screen: Callable[[dict[int, T]], Mapping[int, str]] | None = None,
+        required: int | None = None,
     ) -> dict[int, T]:
         """Send ``task`` to each node; return ``{node: validate(node, reply)}`` for the valid replies.
 
@@ -99,7 +106,8 @@ class Federation:
         :class:`PayloadError`, ``ValueError``, ``KeyError`` or ``TypeError``) is logged with its reason
         and left out; a node whose handler raised is dropped for the rest of the run. ``screen(valid)``
         then names the valid replies to leave out too, with their reasons (checks that compare the
-        sites). Raises :class:`FederationError` when fewer than ``min_clients`` valid replies remain.
+        sites). Raises :class:`FederationError` when fewer than ``required`` (default ``min_clients``)
+        valid replies remain.
         ``node_arrays`` adds arrays addressed to one node (secure-aggregation routing).
         """
         start = time.perf_counter()
@@ -134,7 +142,7 @@ class Federation:
         for node in missing:
             self.reject(number, node, "no reply")
         self.round_seconds.append(time.perf_counter() - start)
-        if len(valid) < self.min_clients:
+        if len(valid) < (self.min_clients if required is None else required):
             raise FederationError(
                 f"round {number} ({task}): {len(valid)} valid replies, "
                 f"fewer than federation.min_clients={self.min_clients}; stopping without output"

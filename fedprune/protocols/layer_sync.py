@@ -17,11 +17,21 @@ from tqdm.auto import tqdm
 
 from fedprune.aggregation.site_checks import SiteChecks
 from fedprune.allocation_rules import Allocated, AllocationRule
+from fedprune.checkpoint import restore_block_
 from fedprune.edits import BlockEdit, MaskEdit, WeightEdit
 from fedprune.masks import Pattern
 from fedprune.models import find_blocks, find_prunable_layers, layer_input_features
 from fedprune.protocols.federation import Federation
-from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob, reply_tokens
+from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob, reply_count, reply_tokens
+from fedprune.protocols.run_state import (
+    RunCheckpoints,
+    federation_state,
+    node_mapping,
+    outcome_state,
+    remap_,
+    restore_federation_,
+    restore_outcome_,
+)
 from fedprune.protocols.sums import PRIVACY, Sums
 from fedprune.pruners.base import Pruner
 from fedprune.secure.plan import SecurePlan
@@ -51,6 +61,7 @@ class FederatedJob:
     structure: Structure | None = None  # pattern=structured: the units the server removes per block
     allocation: AllocationRule | None = None  # a non-uniform allocation rule (OWL); None: uniform
     checks: SiteChecks = field(default_factory=SiteChecks)  # of site statistics in the clear (privacy=none)
+    checkpoints: RunCheckpoints | None = None  # per-block checkpoints, and the one to resume (layer_sync)
 
     @property
     def block_access(self) -> BlockAccess:
@@ -105,14 +116,20 @@ def task_config(job: FederatedJob, block: BlockTask | None = None) -> dict:
     return {**config, **block.to_record()} if block is not None else config
 
 
-def start_sites(fed: Federation, job: FederatedJob) -> dict[int, int]:
-    """``query.start`` to every site; their token counts (0 in a secure job: only sums reveal them)."""
-    return fed.round(
-        "query.start",
-        job.site_job.to_record(),
-        None,
-        lambda node, reply: reply_tokens(reply.metrics, job.site_job.to_record()),
-    )
+MAX_NUMBER = 2**62  # bound of a site number or instance number in a reply
+
+
+def start_sites(fed: Federation, job: FederatedJob, nodes: list[int] | None = None) -> dict[int, int]:
+    """``query.start`` to every site (or ``nodes`` only: no minimum of replies); their token counts (0 in a
+    secure job: only sums reveal them; their site numbers go to ``fed.site_numbers``)."""
+    config = job.site_job.to_record()
+
+    def validate(node: int, reply) -> tuple[int, int]:
+        return reply_tokens(reply.metrics, config), reply_count(reply.metrics, "site", MAX_NUMBER)
+
+    got = fed.round("query.start", config, None, validate, nodes, required=None if nodes is None else 0)
+    fed.site_numbers.update({n: s for n, (_, s) in got.items()})
+    return {n: t for n, (t, _) in got.items()}
 
 
 def finish_sites(fed: Federation, job: FederatedJob) -> None:
@@ -155,20 +172,29 @@ def layer_sync(
     at the end. Its sum, if any, is the first entry of ``sites_per_sum`` and ``depth_sites``.
     With a non-uniform allocation (``job.allocation``, e.g. OWL), first one sum of every dense block's
     statistics (:func:`dense_allocation`); each block task then carries its block's sparsity.
+    With ``job.checkpoints``, every finished block is checkpointed, and a checkpoint to resume from
+    replaces the start (:func:`resume_layer_sync`): the loop goes on after its last finished block.
     """
     outcome = FederatedOutcome()
-    outcome.tokens = start_sites(fed, job)
     blocks_name, blocks = find_blocks(job.model)
     sums = job.sums(fed)
-    if job.allocation is not None:
-        outcome.allocation, outcome.allocation_sites = dense_allocation(sums, job, outcome.tokens)
-    decision = plan_depth(sums, outcome.tokens) if plan_depth is not None else DepthDecision()
-    plan, outcome.depth_sites = decision.plan, decision.sites
-    if decision.sites is not None:
-        outcome.sites_per_sum.append(decision.sites)
-    update, update_kind = None, "masks"
+    saved = job.checkpoints.saved if job.checkpoints is not None else None
+    if saved is None:
+        outcome.tokens = start_sites(fed, job)
+        if job.allocation is not None:
+            outcome.allocation, outcome.allocation_sites = dense_allocation(sums, job, outcome.tokens)
+        decision = plan_depth(sums, outcome.tokens) if plan_depth is not None else DepthDecision()
+        plan, outcome.depth_sites = decision.plan, decision.sites
+        if decision.sites is not None:
+            outcome.sites_per_sum.append(decision.sites)
+        update, update_kind, finished, kinds = None, "masks", [], {}
+    else:  # resume=true: no structured depth pruning (refused), so no block is removed
+        plan, finished = DepthPlan(), list(saved.blocks)
+        kinds = {int(b): k for b, k in saved.state["kinds"].items()}
+        update, update_kind = resume_layer_sync(fed, job, sums, outcome, saved, kinds)
     decided = [b for b in range(len(blocks)) if b not in plan.blocks]
-    for block in tqdm(decided, desc=f"federated {label}", disable=not job.progress):
+    todo = [b for b in decided if b not in finished]
+    for block in tqdm(todo, desc=f"federated {label}", disable=not job.progress):
         sparsity = outcome.allocation.block_sparsity[block] if outcome.allocation is not None else None
         task = BlockTask(
             block,
@@ -178,18 +204,100 @@ def layer_sync(
             sparsity=sparsity,
         )
         config = task_config(job, task)
-        if block == decided[0]:
-            sums.prepare(config, len(decided))
-        with held_block(job.block_access, block):
+        if block == todo[0]:
+            sums.prepare(config, len(todo))
+        with held_block(job.block_access, block) as module:
             edit, sites = step(sums, block, config, update, outcome.tokens)
-        outcome.record(blocks_name, block, edit.report())
-        outcome.sites_per_sum.append(sites)
-        update, update_kind = edit.encode(), edit.kind
+            outcome.record(blocks_name, block, edit.report())
+            outcome.sites_per_sum.append(sites)
+            update, update_kind = edit.encode(), edit.kind
+            finished.append(block)
+            kinds[block] = update_kind
+            if job.checkpoints is not None:
+                state = run_state(fed, outcome, sums, kinds)
+                job.checkpoints.save(job.site_job.run_key, finished, module, update, state)
     outcome.calib_tokens = sums.last_tokens
     finish_sites(fed, job)
     outcome.dp_rho_spent = dict(sums.dp_rho_spent)
     remove_blocks_(job.model, plan.blocks)  # the sites never needed them: removed whole at the end
     return outcome
+
+
+def run_state(fed: Federation, outcome: FederatedOutcome, sums: Sums, kinds: dict[int, str]) -> dict:
+    """What a checkpoint keeps of a layer-synchronous run besides the blocks (JSON)."""
+    return {
+        "kinds": {str(b): k for b, k in kinds.items()},
+        "outcome": outcome_state(outcome),
+        "federation": federation_state(fed),
+        "sums": sums.progress(),
+    }
+
+
+@dataclass(frozen=True)
+class SiteStatus:
+    """What a site holds for a resumed run: its number, the block its inputs are of (-1: nothing), its
+    tokens and its next unused secure-aggregation instance."""
+
+    site: int
+    block: int
+    tokens: int
+    secagg_next: int
+
+
+def query_sites(fed: Federation, job: FederatedJob) -> dict[int, SiteStatus]:
+    """``query.resume`` to every connected site: what each still holds for the run key."""
+    config = job.site_job.to_record()
+    blocks = len(find_blocks(job.model)[1])
+
+    def validate(node: int, reply) -> SiteStatus:
+        metrics = reply.metrics
+        block = -1 if metrics.get("block") == -1 else reply_count(metrics, "block", blocks)
+        site, tokens = reply_count(metrics, "site", MAX_NUMBER), reply_tokens(metrics, config)
+        return SiteStatus(site, block, tokens, reply_count(metrics, "secagg_next", MAX_NUMBER))
+
+    return fed.round("query.resume", config, None, validate)
+
+
+def resume_layer_sync(
+    fed: Federation,
+    job: FederatedJob,
+    sums: Sums,
+    outcome: FederatedOutcome,
+    saved,
+    kinds: dict[int, str],
+) -> tuple[dict, str]:
+    """Continue a killed run from its checkpoint ``saved``: the server's finished blocks restored, its
+    outcome and counters under this run's node ids, dropped sites left out, and every site ready for the
+    next block: one that still holds its inputs keeps them; one that lost them is started again and
+    moved through the checkpointed edits of the finished blocks. Returns the last finished block's edit
+    (the next task carries it) and its kind."""
+    for block in saved.blocks:
+        with held_block(job.block_access, block) as module:
+            restore_block_(module, saved.tensors(block))
+    state = saved.state
+    restore_outcome_(outcome, state["outcome"])
+    restore_federation_(fed, state["federation"])
+    old_sites, alive = dict(fed.site_numbers), set(state["federation"]["nodes"])
+    status = query_sites(fed, job)
+    remap_(fed, outcome, node_mapping(old_sites, {n: s.site for n, s in status.items()}))
+    known = {site for node, site in old_sites.items() if node in alive}
+    for node in [n for n in fed.nodes if n not in status or status[n].site not in known]:
+        fed.reject(len(fed.round_seconds) - 1, node, "not among the checkpoint's sites (dropped before)")
+    fed.nodes = [n for n in fed.nodes if n in status and status[n].site in known]
+    fed.site_numbers.update({n: status[n].site for n in fed.nodes})
+    outcome.tokens.update({n: status[n].tokens for n in fed.nodes if status[n].block >= 0})
+    last, blocks = saved.blocks[-1], len(find_blocks(job.model)[1])
+    lost = [n for n in fed.nodes if status[n].block not in (last, last + 1)] if last + 1 < blocks else []
+    if lost:
+        logger.info("resume: %d site(s) lost their state; starting them again from the checkpoint", len(lost))
+        outcome.tokens.update(start_sites(fed, job, lost))
+        for block in saved.blocks[:-1]:
+            config = task_config(job, BlockTask(block + 1, kinds[block]))
+            nodes = [n for n in lost if n in fed.nodes]
+            fed.round("query.advance", config, saved.edit_arrays(block), lambda n, r: None, nodes, required=0)
+    sums.restore_(state["sums"], max((s.secagg_next for s in status.values()), default=0))
+    logger.info("resumed after block %d with %d site(s)", last, len(fed.nodes))
+    return saved.edit_arrays(last), kinds[last]
 
 
 def dense_allocation(

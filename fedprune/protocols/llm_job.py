@@ -19,7 +19,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from fedprune import checkpoint
 from fedprune.aggregation.site_checks import SiteChecks
+from fedprune.checkpoint import Checkpoint
 from fedprune.config import JobConfig, check
 from fedprune.job import (
     Prepared,
@@ -31,10 +33,11 @@ from fedprune.job import (
     write_outputs,
 )
 from fedprune.outputs import save_tensors_atomic
-from fedprune.protocols.centralized import check_llm
+from fedprune.protocols.centralized import check_llm, resumable
 from fedprune.protocols.federation import Federation, Launcher
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome
 from fedprune.protocols.messages import MethodSpec, SiteJob
+from fedprune.protocols.run_state import RunCheckpoints
 from fedprune.protocols.secure_sums import plan_from_job
 from fedprune.sequential import BlockAccess
 from fedprune.timing import StepClock
@@ -56,15 +59,32 @@ def check_federated_llm(job: JobConfig) -> None:
 
 
 def run_federated(
-    job: JobConfig, out_dir: Path, launch: Launcher, routine: ServerRoutine, options: object
+    job: JobConfig,
+    out_dir: Path,
+    launch: Launcher,
+    routine: ServerRoutine,
+    options: object,
+    checkpointed: bool = False,
 ) -> dict:
-    """Prune the model with ``routine`` over the federation that ``launch`` provides."""
+    """Prune the model with ``routine`` over the federation that ``launch`` provides; with
+    ``checkpointed`` (a resumable protocol) every block is checkpointed, and ``resume=true`` continues
+    from the checkpoint."""
+    saved = checkpoint.begin(out_dir, job)
+    checkpoints = RunCheckpoints(out_dir, job, saved) if checkpointed and resumable(job) else None
     prep = prepare(job)
     blocks = prep.pruning_blocks(out_dir)
     try:
-        return _run_federated(job, out_dir, launch, routine, options, prep, blocks)
+        metrics = _run_federated(job, out_dir, launch, routine, options, prep, blocks, checkpoints)
     finally:
         discard_(blocks)
+    checkpoint.clear(out_dir)  # outputs complete: nothing left to resume
+    return metrics
+
+
+def run_key(saved: Checkpoint | None) -> str:
+    """The key the sites keep this run's state under: the checkpoint's when resuming (so sites that kept
+    their state continue), else a fresh one (a new run never meets a killed run's site state)."""
+    return saved.run_key if saved is not None else uuid.uuid4().hex[:12]
 
 
 def _run_federated(
@@ -75,6 +95,7 @@ def _run_federated(
     options: object,
     prep: Prepared,
     blocks: BlockAccess,
+    checkpoints: RunCheckpoints | None = None,
 ) -> dict:
     """:func:`run_federated` once the job is prepared; the server decides the blocks through ``blocks``."""
     fed_job = FederatedJob(
@@ -82,7 +103,7 @@ def _run_federated(
         pruner=prep.pruner,
         method=MethodSpec.from_job(job, prep.pruner),
         pattern=prep.pattern,
-        site_job=SiteJob.from_job(job, uuid.uuid4().hex[:12]),
+        site_job=SiteJob.from_job(job, run_key(checkpoints.saved if checkpoints is not None else None)),
         options=options,
         seed=job.seed,
         progress=job.progress,
@@ -92,6 +113,7 @@ def _run_federated(
         structure=prep.structure,
         allocation=job.allocation.rule(),
         checks=SiteChecks(job.federation.robust, job.federation.robust_scale),
+        checkpoints=checkpoints,
     )
     result: dict = {}
 
@@ -120,6 +142,8 @@ def _run_federated(
         extra["dp_rho_spent"] = {str(node): rho for node, rho in sorted(outcome.dp_rho_spent.items())}
     if outcome.depth_sites is not None:  # structured depth pruning chosen from these sites' data
         extra["depth_sites"] = list(outcome.depth_sites)
+    if checkpoints is not None and checkpoints.saved is not None:  # resume=true: timings from here on
+        extra["resumed_after_block"] = checkpoints.saved.blocks[-1]
     metrics = base_metrics(
         job,
         prep,

@@ -6,8 +6,10 @@ bit-packed masks. Every request's config is a :class:`~fedprune.protocols.messag
 partition of the bundled corpus (``partition-id`` and ``num-partitions`` in its node config, as in
 simulation) or its own folder of ``<work>.txt`` files (``data-path``, as at a real site).
 
-Shared tasks: ``query.start`` (sample the site's windows, embed them, keep block-0 inputs) and
-``query.finish`` (delete the site's state of the run). Each protocol registers its own summed task with
+Shared tasks: ``query.start`` (sample the site's windows, embed them, keep block-0 inputs),
+``query.finish`` (delete the site's state of the run) and, for a resumed run (``resume=true``),
+``query.resume`` (what the site still holds for the run key) and ``query.advance`` (move a restarted
+site's inputs past a checkpointed block edit). Each protocol registers its own summed task with
 :func:`summed_task` (``train.stats`` in ``stats_sync.py``, ``train.masks`` in ``mask_vote_sync.py``,
 ``train.local_prune`` in ``mask_vote.py``): a payload function returning the plain payload and the
 site's tokens; the plain task encodes it, and the secure task (``fedprune/protocols/secure_site.py``)
@@ -30,7 +32,14 @@ from fedprune.payload import encode_masks
 from fedprune.protocols.federation import Reply, Request
 from fedprune.protocols.messages import STRUCTURED, BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.site_policy import PolicyError, SitePolicy
-from fedprune.protocols.site_state import dense_blocks, drop_state, load_state, save_state, tokenized_works
+from fedprune.protocols.site_state import (
+    dense_blocks,
+    drop_state,
+    load_state,
+    save_state,
+    secagg_mark,
+    tokenized_works,
+)
 from fedprune.protocols.tasks import Site, reply, site_task
 from fedprune.pruners import get_pruner
 from fedprune.sequential import BlockAccess, held_block
@@ -105,9 +114,10 @@ def site_structure(method: MethodSpec, model: torch.nn.Module) -> Structure | No
 def apply_update_(
     blocks: BlockAccess, state: SiteState, task: BlockTask, update: dict | None, ignore=()
 ) -> None:
-    """Move past the previous block if the request carries its globally pruned version, then past the
-    removed blocks before ``task.block`` (structured depth pruning)."""
-    if update:
+    """Move past the previous block if the request carries its globally pruned version (unless the site
+    already moved past it: a resumed run sends the edit again), then past the removed blocks before
+    ``task.block`` (structured depth pruning)."""
+    if update and state.block <= task.previous:  # past it already: a resumed run re-sends that edit
         block = task.previous
         edit = decode_edit(task.update_kind, update, block_layer_shapes(blocks.model, block, ignore))
         advance_site_(blocks.model, state, block, edit, blocks, block in task.removed_attention)
@@ -176,10 +186,43 @@ def plain_reply(payload: Payload, job: SiteJob) -> Reply:
     return reply(arrays, clear_tokens(payload.tokens, job))
 
 
+def site_number(site: Site) -> int:
+    """The site's stable number across runs (its ``partition-id``; node ids change when a run restarts)."""
+    node = site.node_config
+    return int(node["partition-id"]) if "partition-id" in node else int(site.node_id)
+
+
 @site_task("query.start")
 def start(site: Site, request: Request) -> Reply:
     job = SiteJob.from_record(request.config)
     state = start_site(site_model(job), calibration_ids(job, site), job.batch_size)
+    save_state(job.run_key, site.key, state)
+    return reply(None, {**clear_tokens(state.tokens, job), "site": site_number(site)})
+
+
+@site_task("query.resume")
+def resume(site: Site, request: Request) -> Reply:
+    """A resumed run asks what this site still holds for the run key: the block its inputs are of
+    (-1: nothing, it must be started again), its tokens, and its next unused secure-aggregation instance."""
+    job = SiteJob.from_record(request.config)
+    try:
+        state = load_state(job.run_key, site.key)
+        block, tokens = state.block, state.tokens
+    except (RuntimeError, OSError, EOFError, KeyError) as error:
+        logger.info("no usable state for run %s at site %s: %s", job.run_key, site.key, error)
+        block, tokens = -1, 0
+    metrics = {**clear_tokens(tokens, job), "block": block, "site": site_number(site)}
+    return reply(None, {**metrics, "secagg_next": secagg_mark(job.run_key, site.key)})
+
+
+@site_task("query.advance")
+def advance(site: Site, request: Request) -> Reply:
+    """Move a restarted site's inputs past the checkpointed block edit the request carries (a resumed run
+    replays the finished blocks to a site that lost its state)."""
+    job, task = SiteJob.from_record(request.config), BlockTask.from_record(request.config)
+    blocks = site_blocks(job)
+    state = load_state(job.run_key, site.key)
+    apply_update_(blocks, state, task, request.update, job.ignore)
     save_state(job.run_key, site.key, state)
     return reply(None, clear_tokens(state.tokens, job))
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fedprune.config import ConfigError, JobConfig, check, check_offload, check_privacy
+from fedprune.config import ConfigError, JobConfig, check, check_offload, check_privacy, check_resume
 from fedprune.protocols.federation import Launcher
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class ProtocolUnit:
     structured: bool = False  # works with pattern=structured (whole units removed)
     depth: bool = False  # and with structured.blocks / structured.attention (whole blocks, sublayers)
     allocation: bool = False  # works with a non-uniform allocation (allocation=owl)
+    resumable: bool = False  # writes per-block checkpoints; resume=true continues a killed run
 
 
 PROTOCOLS: dict[str, ProtocolUnit] = {}
@@ -80,6 +81,7 @@ def validate(job: JobConfig) -> ProtocolUnit:
     dp = tuple(name for name, u in PROTOCOLS.items() if u.dp)
     check_privacy(job, unit.secure, unit.dp, secure, dp)
     check_offload(job, unit.offload, tuple(name for name, u in PROTOCOLS.items() if u.offload))
+    check_resume(job, unit.resumable, tuple(name for name, u in PROTOCOLS.items() if u.resumable))
     check(
         job.pattern != "structured" or unit.structured,
         "pattern",

@@ -36,7 +36,7 @@ from fedprune.protocols.federation import Reply, Request
 from fedprune.protocols.llm_site import PAYLOADS, Payload, site_model
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob
 from fedprune.protocols.site_policy import PolicyError, SitePolicy, release_rho, release_sensitivity
-from fedprune.protocols.site_state import state_dir
+from fedprune.protocols.site_state import reserve_instances, state_dir
 from fedprune.protocols.tasks import Site, reply, site_task
 from fedprune.secure import SecAggClient
 from fedprune.secure.codec import encode_stats_vector, pack_votes
@@ -199,6 +199,8 @@ def _payload(site: Site, request: Request, plan: SecurePlan) -> tuple[np.ndarray
 
 
 def _keys(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
+    instances = _instances(request.config)  # refused if any number was keyed here before (a resumed run)
+    reserve_instances(SiteJob.from_record(request.config).run_key, site.key, instances.start, len(instances))
     out = {}
     for k in _instances(request.config):
         client = SecAggClient(int(site.node_id), plan.modulus_bits)

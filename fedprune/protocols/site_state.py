@@ -10,6 +10,7 @@ documents (a simulated process serves many sites of the same corpus: tokenize it
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -104,3 +105,29 @@ def load_state(run_key: str, site_key: str) -> SiteState:
 def drop_state(run_key: str, site_key: str) -> None:
     """Delete a site's state for a run."""
     shutil.rmtree(state_dir(run_key, site_key), ignore_errors=True)
+
+
+_SECAGG_LEDGER = "secagg_next.json"
+
+
+def secagg_mark(run_key: str, site_key: str) -> int:
+    """The first secure-aggregation instance number this site has not keyed yet in this run (0 if none)."""
+    path = state_dir(run_key, site_key) / _SECAGG_LEDGER
+    return int(json.loads(path.read_text())["next"]) if path.exists() else 0
+
+
+def reserve_instances(run_key: str, site_key: str, first: int, count: int) -> None:
+    """Record that instances ``first .. first + count - 1`` get keys here; refuse a number this site
+    already keyed (used, or deleted after its ``unmask``): an instance never runs twice with new keys."""
+    mark = secagg_mark(run_key, site_key)
+    if first < mark:
+        raise ValueError(
+            f"secure-aggregation instance {first} was already keyed at this site (next unused: {mark}); "
+            "an instance number is never reused"
+        )
+    folder = state_dir(run_key, site_key)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"next": first + count}, handle)
+    os.replace(tmp, folder / _SECAGG_LEDGER)

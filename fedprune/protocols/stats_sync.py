@@ -3,7 +3,8 @@ SparseGPT Σxxᵀ upper triangle); the server adds them and prunes with the cent
 result equals centralized pruning on the pooled data. Secure aggregation and DP apply.
 
 Site tasks: ``query.start``, ``train.stats`` (or ``train.secagg`` with task ``stats``), ``query.finish``
-(:mod:`fedprune.protocols.llm_site`).
+(:mod:`fedprune.protocols.llm_site`); a resumed run (``resume=true``) also ``query.resume`` and
+``query.advance``. Every finished block is checkpointed (:mod:`fedprune.protocols.run_state`).
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def check_stats_sync(job: JobConfig) -> None:
 
 
 def run_job(job: JobConfig, out_dir: Path, launch: Launcher) -> dict:
-    return run_federated(job, out_dir, launch, run_stats_sync, NoOptions.from_options(job.protocol))
+    options = NoOptions.from_options(job.protocol)
+    return run_federated(job, out_dir, launch, run_stats_sync, options, checkpointed=True)
 
 
 UNIT = register_protocol(
@@ -137,5 +139,6 @@ UNIT = register_protocol(
         structured=True,
         depth=True,
         allocation=True,
+        resumable=True,
     )
 )

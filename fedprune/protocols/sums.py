@@ -78,6 +78,14 @@ class Sums:
         self.last_tokens = summed.tokens
         return summed
 
+    def progress(self) -> dict:
+        """What a checkpoint keeps of these sums (JSON) so that a resumed run continues them."""
+        return {"last_tokens": self.last_tokens}
+
+    def restore_(self, progress: dict, used: int = 0) -> None:
+        """Continue after a checkpoint's ``progress`` (``used``: the sites' next unused instance)."""
+        self.last_tokens = int(progress.get("last_tokens", 0))
+
     def stats(
         self,
         config: dict,
@@ -118,8 +126,9 @@ class PlainSums(Sums):
             return stats
 
         got = self.fed.round("train.stats", config, update, validate, screen=self.checks.screen)
+        ordered = [got[node] for node in self.fed.in_site_order(got)]  # float sums: a fixed order
         total = sum(tokens[n] for n in got)
-        return self._counted(StatsSum(aggregate_stats(list(got.values())), tuple(sorted(got)), total))
+        return self._counted(StatsSum(aggregate_stats(ordered), tuple(sorted(got)), total))
 
     def votes(self, task: str, config: dict, update: dict | None, shapes: dict) -> VoteSum:
         return self._counted(plain_votes(self.fed, task, config, update, shapes))
@@ -154,6 +163,16 @@ class SecureSums(Sums):
         """Agree keys for the next ``count`` sums."""
         self._ready += prepare_sums(self.fed, config, self.plan, self._instances, count)
         self._instances += count
+
+    def progress(self) -> dict:
+        """The next instance number: a resumed run keys fresh instances from there on."""
+        return {**super().progress(), "next_instance": self._instances}
+
+    def restore_(self, progress: dict, used: int = 0) -> None:
+        """New instances start after every number the killed run or any site used (never reused)."""
+        super().restore_(progress, used)
+        self._ready = []
+        self._instances = max(int(progress.get("next_instance", 0)), int(used), self._instances)
 
     def _take(self, config: dict) -> PreparedSum:
         if not self._ready:
