@@ -80,6 +80,7 @@ def run_secure_sum(
     run: str = "run",
     instance: int = 0,
     router: Router = _honest,
+    transcript: list[ReceivedMessage] | None = None,
 ) -> SecureSumResult:
     """Securely sum encoded client vectors (uint64 residues mod 2^k) by routing protocol messages.
 
@@ -99,9 +100,10 @@ def run_secure_sum(
     run, instance : what the signatures are bound to.
     router : ``(round, receiver, message) -> message`` delivered (rounds ``peer_keys``, ``shares``,
         ``request``, ``signatures``); default: deliver as the server sent it.
+    transcript : a list to record the server's received messages in (kept when the run raises).
     """
     length = _vector_length(client_vectors, vector_length)
-    transcript: list[ReceivedMessage] = []
+    transcript = [] if transcript is None else transcript
     aborted: dict[int, str] = {}
     if identities is not None and roster is None:
         roster = frozenset(identity_public(key) for key in identities.values())

@@ -139,8 +139,9 @@ def load_roster(path: str | os.PathLike) -> Roster:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise IdentityError(f"roster {path} is not JSON: {error}") from error
+    entries = _roster_entries(data, path)
     try:
-        keys = [bytes.fromhex(v) for v in _roster_entries(data, path)]
+        keys = [bytes.fromhex(v) for v in entries]
     except ValueError as error:
         raise IdentityError(f"roster {path} holds a key that is not hex") from error
     try:
