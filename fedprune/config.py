@@ -164,6 +164,7 @@ class PrivacySpec:
     token_bound: float = 1.0
     epsilon: float | None = None
     delta: float | None = None
+    roster: str | None = None  # JSON file of the sites' identity public keys (None: unauthenticated)
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> PrivacySpec:
@@ -181,6 +182,7 @@ class PrivacySpec:
             token_bound=_get(m, "token_bound", "privacy", float, 1.0),
             epsilon=_get(m, "epsilon", "privacy", _optional(float), None),
             delta=_get(m, "delta", "privacy", _optional(float), None),
+            roster=_get(m, "roster", "privacy", _optional(str), None),
         )
 
 

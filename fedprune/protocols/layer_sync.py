@@ -24,6 +24,7 @@ from fedprune.protocols.federation import Federation
 from fedprune.protocols.messages import BlockTask, MethodSpec, SiteJob, reply_tokens
 from fedprune.protocols.sums import PRIVACY, Sums
 from fedprune.pruners.base import Pruner
+from fedprune.secure.identity import Roster
 from fedprune.secure.plan import SecurePlan
 from fedprune.sequential import BlockAccess, ResidentBlocks, allocate, held_block
 from fedprune.stats import split_model_stats
@@ -51,6 +52,7 @@ class FederatedJob:
     structure: Structure | None = None  # pattern=structured: the units the server removes per block
     allocation: AllocationRule | None = None  # a non-uniform allocation rule (OWL); None: uniform
     checks: SiteChecks = field(default_factory=SiteChecks)  # of site statistics in the clear (privacy=none)
+    roster: Roster | None = None  # the sites' identity public keys: authenticated secure aggregation
 
     @property
     def block_access(self) -> BlockAccess:
@@ -68,7 +70,7 @@ class FederatedJob:
 
     def sums(self, fed: Federation) -> Sums:
         """This run's way of summing the sites' payloads."""
-        return PRIVACY[self.privacy](fed, self.plan, self.pruner.stat_kind, self.checks)
+        return PRIVACY[self.privacy](fed, self.plan, self.pruner.stat_kind, self.checks, self.roster)
 
 
 @dataclass

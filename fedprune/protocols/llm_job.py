@@ -33,7 +33,7 @@ from fedprune.protocols.centralized import check_llm
 from fedprune.protocols.federation import Federation, Launcher
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome
 from fedprune.protocols.messages import MethodSpec, SiteJob
-from fedprune.protocols.secure_sums import plan_from_job
+from fedprune.protocols.secure_sums import plan_from_job, roster_from_job
 from fedprune.sequential import BlockAccess
 from fedprune.timing import StepClock
 
@@ -90,6 +90,7 @@ def _run_federated(
         structure=prep.structure,
         allocation=job.allocation.rule(),
         checks=SiteChecks(job.federation.robust, job.federation.robust_scale),
+        roster=roster_from_job(job),
     )
     result: dict = {}
 

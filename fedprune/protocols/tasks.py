@@ -89,10 +89,12 @@ def in_process_launcher(
     num_sites: int, min_clients: int, tasks: Mapping[str, SiteTask] | None = None
 ) -> Launcher:
     """A launcher that runs ``server_main(federation)`` with ``num_sites`` simulated sites in this process
-    (site i holds partition i of ``num_sites``, as in a Flower simulation)."""
+    (site i holds partition i of ``num_sites``, as in a Flower simulation). The sites have no identities:
+    they run secure aggregation unauthenticated (``secagg-unauthenticated``; see ``secure_site``)."""
 
     def launch(server_main) -> None:
-        sites = [Site(100 + i, {"partition-id": i, "num-partitions": num_sites}) for i in range(num_sites)]
+        node = {"num-partitions": num_sites, "secagg-unauthenticated": True}
+        sites = [Site(100 + i, {"partition-id": i, **node}) for i in range(num_sites)]
         transport = InProcessTransport(sites, tasks)
         server_main(Federation(transport, transport.node_ids(), min_clients))
 
