@@ -543,6 +543,21 @@ def check_offload(job: JobConfig, supported: bool, protocols: tuple[str, ...]) -
     )
 
 
+def _check_roster(path: str, sites: int) -> None:
+    """``privacy.roster``: a readable roster with at least one identity per site."""
+    from fedprune.secure.identity import IdentityError, load_roster
+
+    try:
+        roster = load_roster(path)
+    except IdentityError as error:
+        raise ConfigError(f"config key 'privacy.roster': {error}") from error
+    check(
+        len(roster) >= sites,
+        "privacy.roster",
+        f"lists {len(roster)} identities for federation.num_clients={sites} sites",
+    )
+
+
 def check_privacy(
     job: JobConfig, secure: bool, dp: bool, secure_protocols: tuple[str, ...], dp_protocols: tuple[str, ...]
 ) -> None:
@@ -585,6 +600,8 @@ def check_privacy(
         "privacy.value_words",
         f"must be one of {VALUE_WORDS}, got {privacy.value_words!r}",
     )
+    if privacy.roster is not None:
+        _check_roster(privacy.roster, sites)
     if privacy.name != "secagg_dp":
         return
     check(

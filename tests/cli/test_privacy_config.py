@@ -60,3 +60,22 @@ def test_secagg_default_sends_a_word_and_a_half_per_statistic(make_cfg):
             job_of(make_cfg(*FED, "privacy=secagg", f"privacy.value_words={words}")), tiny_model("llama")
         )
         assert other.value_code().words_per_value == words
+
+
+def test_a_roster_must_be_a_readable_roster_of_every_site(make_cfg, tmp_path):
+    from fedprune.secure.identity import identity_public, new_identity, save_roster
+
+    with pytest.raises(ConfigError, match="'privacy.roster': roster file .* does not exist"):
+        validate(
+            make_cfg(*FED, "protocol=stats_sync", "privacy=secagg", f"privacy.roster={tmp_path / 'no.json'}")
+        )
+    small = save_roster([identity_public(new_identity())], tmp_path / "one.json")
+    with pytest.raises(ConfigError, match="lists 1 identities"):
+        validate(make_cfg(*FED, "protocol=stats_sync", "privacy=secagg", f"privacy.roster={small}"))
+
+
+def test_flwr_run_needs_a_roster_for_secure_aggregation(make_cfg):
+    from server.server_app import check_federated
+
+    with pytest.raises(ConfigError, match="'privacy.roster'.*identity-key=PATH roster=PATH"):
+        check_federated(job_of(make_cfg(*FED, "protocol=stats_sync", "privacy=secagg")))
