@@ -6,15 +6,14 @@ once (:func:`prepare_sums`): ``keys`` (every site sends fresh public keys for ea
 ``share`` (the server routes each site its neighbours' keys; sites send sealed Shamir shares). Then
 each sum takes two rounds (:func:`secure_sum`): ``mask`` (the site gets the shares addressed to it and
 the block's update, computes and encodes its payload, sends it masked with the public slot layout)
-and ``unmask`` (survivors send the shares that remove the masks). With a roster (``privacy.roster``: the
-sites' pinned identity public keys) every advert is signed and checked by the server and by every
-site, and a ``consistency`` round runs between ``mask`` and ``unmask``: each survivor signs the survivor
-set, and a site unmasks only with ``threshold`` valid signatures of the set it was told (three rounds
-per sum). Every round goes through
-``Federation.round`` (bytes counted, malformed replies rejected); a site that fails any round is a
-SecAgg dropout and stays out of the federation (later instances recover its pairwise masks as a
-dropout's), and so is a site whose sealed share a neighbour could not open (the neighbour names it in
-its ``mask`` reply). The maths is ``fedprune.secure`` (pure).
+and ``unmask`` (survivors send the shares that remove the masks). With a roster (``privacy.roster``:
+the sites' pinned identity public keys) every advert is signed and checked by the server and by every
+site, and a third round, ``consistency``, runs between ``mask`` and ``unmask``: each survivor signs the
+survivor set, and a site unmasks only with ``threshold`` valid signatures of the set it was told.
+Every round goes through ``Federation.round`` (bytes counted, malformed replies rejected); a site that
+fails any round is a SecAgg dropout and stays out of the federation (later instances recover its
+pairwise masks as a dropout's), and so is a site whose sealed share a neighbour could not open (the
+neighbour names it in its ``mask`` reply). The maths is ``fedprune.secure`` (pure).
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 A ``SecAggClient`` runs one protocol instance for one vector, one step per server round, in order:
 ``advertise_keys`` -> ``share_keys`` -> ``masked_input`` -> (with a roster: ``check_consistency``) ->
-``unmask``. Each step may run once: a mask
-seed reused for a second vector would leak the difference of the two vectors, and answering a second
-unmask request could reveal both secrets of one client.
+``unmask``. Each step may run once: a mask seed reused for a second vector would leak the difference of
+the two vectors, and answering a second unmask request could reveal both secrets of one client.
 
 Pairwise-mask sign convention: client u adds ``+PRG(s_uv)`` if ``u < v`` and ``-PRG(s_uv)`` if ``u > v``,
 so the pairwise masks of two surviving neighbours cancel in the sum.
