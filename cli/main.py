@@ -38,9 +38,10 @@ def run(cfg: DictConfig, out_dir: Path, client_app=None) -> dict:
     unit = validate_job(job)
     launch = None
     if unit.federated:
-        from cli.simulation import simulation_launcher  # imports flwr (and Ray) only when needed
+        from cli.simulation import simulation_launcher, with_site_identities  # flwr (and Ray) when needed
 
-        launch = simulation_launcher(job.federation, client_app)
+        job, identities = with_site_identities(job, out_dir)
+        launch = simulation_launcher(job.federation, client_app, identities)
     metrics = unit.run(job, out_dir, launch)
     print(unit.summary(metrics))
     print(f"  outputs            {out_dir}")

@@ -164,6 +164,7 @@ class PrivacySpec:
     token_bound: float = 1.0
     epsilon: float | None = None
     delta: float | None = None
+    roster: str | None = None  # JSON file of the sites' identity public keys (None: unauthenticated)
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> PrivacySpec:
@@ -181,6 +182,7 @@ class PrivacySpec:
             token_bound=_get(m, "token_bound", "privacy", float, 1.0),
             epsilon=_get(m, "epsilon", "privacy", _optional(float), None),
             delta=_get(m, "delta", "privacy", _optional(float), None),
+            roster=_get(m, "roster", "privacy", _optional(str), None),
         )
 
 
@@ -537,6 +539,21 @@ def check_offload(job: JobConfig, supported: bool, protocols: tuple[str, ...]) -
     )
 
 
+def _check_roster(path: str, sites: int) -> None:
+    """``privacy.roster``: a readable roster with at least one identity per site."""
+    from fedprune.secure.identity import IdentityError, load_roster
+
+    try:
+        roster = load_roster(path)
+    except IdentityError as error:
+        raise ConfigError(f"config key 'privacy.roster': {error}") from error
+    check(
+        len(roster) >= sites,
+        "privacy.roster",
+        f"lists {len(roster)} identities for federation.num_clients={sites} sites",
+    )
+
+
 def check_privacy(
     job: JobConfig, secure: bool, dp: bool, secure_protocols: tuple[str, ...], dp_protocols: tuple[str, ...]
 ) -> None:
@@ -579,6 +596,8 @@ def check_privacy(
         "privacy.value_words",
         f"must be one of {VALUE_WORDS}, got {privacy.value_words!r}",
     )
+    if privacy.roster is not None:
+        _check_roster(privacy.roster, sites)
     if privacy.name != "secagg_dp":
         return
     check(

@@ -85,8 +85,15 @@ def job_of(cfg: DictConfig) -> JobConfig:
 
 
 def check_federated(job: JobConfig) -> ProtocolUnit:
-    """The CLI's checks, and a protocol that runs over a federation; its unit."""
+    """The CLI's checks, a protocol that runs over a federation, and for secure aggregation the sites'
+    roster (real sites refuse unauthenticated secure aggregation); its unit."""
     unit = validate(job)
+    if job.privacy.name != "none" and job.privacy.roster is None:
+        raise ConfigError(
+            f"config key 'privacy.roster': privacy={job.privacy.name} under flwr run needs the roster of the "
+            "sites' identity public keys (a JSON list; each site: `python -m fedprune.secure.identity new "
+            "PATH`, and node config identity-key=PATH roster=PATH)"
+        )
     if not unit.federated:
         from fedprune.protocols.catalog import PROTOCOLS
 

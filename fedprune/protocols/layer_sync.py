@@ -34,6 +34,7 @@ from fedprune.protocols.run_state import (
 )
 from fedprune.protocols.sums import PRIVACY, Sums
 from fedprune.pruners.base import Pruner
+from fedprune.secure.identity import Roster
 from fedprune.secure.plan import SecurePlan
 from fedprune.sequential import BlockAccess, ResidentBlocks, allocate, held_block
 from fedprune.stats import split_model_stats
@@ -62,6 +63,7 @@ class FederatedJob:
     allocation: AllocationRule | None = None  # a non-uniform allocation rule (OWL); None: uniform
     checks: SiteChecks = field(default_factory=SiteChecks)  # of site statistics in the clear (privacy=none)
     checkpoints: RunCheckpoints | None = None  # per-block checkpoints, and the one to resume (layer_sync)
+    roster: Roster | None = None  # the sites' identity public keys: authenticated secure aggregation
 
     @property
     def block_access(self) -> BlockAccess:
@@ -79,7 +81,7 @@ class FederatedJob:
 
     def sums(self, fed: Federation) -> Sums:
         """This run's way of summing the sites' payloads."""
-        return PRIVACY[self.privacy](fed, self.plan, self.pruner.stat_kind, self.checks)
+        return PRIVACY[self.privacy](fed, self.plan, self.pruner.stat_kind, self.checks, self.roster)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from fedprune.protocols.federation import Federation, Launcher
 from fedprune.protocols.layer_sync import FederatedJob, FederatedOutcome
 from fedprune.protocols.messages import MethodSpec, SiteJob
 from fedprune.protocols.run_state import RunCheckpoints
-from fedprune.protocols.secure_sums import plan_from_job
+from fedprune.protocols.secure_sums import plan_from_job, roster_from_job
 from fedprune.sequential import BlockAccess
 from fedprune.timing import StepClock
 
@@ -114,6 +114,7 @@ def _run_federated(
         allocation=job.allocation.rule(),
         checks=SiteChecks(job.federation.robust, job.federation.robust_scale),
         checkpoints=checkpoints,
+        roster=roster_from_job(job),
     )
     result: dict = {}
 

@@ -6,9 +6,9 @@ Each secure sum is one protocol instance (a number) with fresh keys; ``secagg.st
 plain payload of ``secagg.task`` (any entry of :data:`fedprune.protocols.llm_site.PAYLOADS`), encodes it
 as one uint64 vector with the public codes of the plan, adds its share of DP noise (``secagg_dp``) and
 sends it masked, with its token count as the vector's last word (the server learns only the total);
-``unmask`` answers the server's request. Each instance's secrets stay on this site's
-disk, one file per instance (each message may run in a fresh process), deleted after ``unmask``. Masks
-are never reused across sums.
+``consistency`` (authenticated runs) signs the survivor set; ``unmask`` answers the server's request.
+Each instance's secrets stay on this site's disk, one file per instance (each message may run in a
+fresh process), deleted after ``unmask``. Masks are never reused across sums.
 
 Before any stage the site checks the plan against its own floors (:mod:`site_policy`, from its node
 config) and refuses with a :class:`~fedprune.protocols.site_policy.PolicyError`. A DP release (``mask``
@@ -16,6 +16,15 @@ of statistics with ``dp_sigma > 0``) is priced by the site itself: ``rho`` of th
 for the sensitivity of what it releases (its ``seq_len``, the number of statistic slots, the plan's
 clip) and the plan's noise std; it must meet the site's ``dp_sigma`` floor and is recorded in the
 site's ledger (:mod:`dp_ledger`) before the noise is even drawn; the reply reports it (``dp_rho``).
+
+Identity: a site signs its adverts and survivor sets with its long-term Ed25519 identity and checks
+its neighbours' against the roster (``fedprune.secure.identity``). It finds them in its node config,
+``identity-key=<path> roster=<path>`` (a real deployment), or else, in a Flower simulation, in the
+folder named by the environment variable ``FEDPRUNE_SECAGG_IDENTITIES`` (``site-<partition-id>.key``
+and ``roster.json``, written by the launcher). A site without either refuses secure aggregation, unless
+its node config says ``secagg-unauthenticated=true`` (the in-process test sites) and the server runs
+unauthenticated; a site with an identity never takes part in an unauthenticated run (the server would
+otherwise only have to claim one to route keys unchecked).
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ import json
 import logging
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedprune.allocation_rules import get_allocation_rule
 from fedprune.data.assets import cache_root, resolve_corpus_path
@@ -41,6 +52,15 @@ from fedprune.protocols.tasks import Site, reply, site_task
 from fedprune.secure import SecAggClient
 from fedprune.secure.codec import encode_stats_vector, pack_votes
 from fedprune.secure.dp import composed_sensitivity, site_noise
+from fedprune.secure.identity import (
+    Roster,
+    identity_public,
+    load_identity,
+    load_roster,
+    new_identity,
+    save_identity,
+    save_roster,
+)
 from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import (
     advert_to_arrays,
@@ -52,9 +72,69 @@ from fedprune.secure.wire import (
     request_from_arrays,
     shares_from_arrays,
     shares_to_arrays,
+    signature_to_arrays,
+    signatures_from_arrays,
 )
 
 logger = logging.getLogger(__name__)
+
+IDENTITY_ENV = "FEDPRUNE_SECAGG_IDENTITIES"  # simulation: the folder of the sites' identities
+IDENTITY_KEY, ROSTER_KEY = "identity-key", "roster"  # node-config keys of a real site
+UNAUTHENTICATED_KEY = "secagg-unauthenticated"  # node config: may run without identities (tests)
+
+Credentials = tuple[Ed25519PrivateKey, Roster]
+
+
+def simulated_identity_path(folder: str | os.PathLike, partition: int) -> Path:
+    """Where a simulated site's identity lies in the launcher's identity folder."""
+    return Path(folder) / f"site-{int(partition)}.key"
+
+
+def simulated_roster_path(folder: str | os.PathLike) -> Path:
+    """The roster in the launcher's identity folder."""
+    return Path(folder) / "roster.json"
+
+
+def provision_simulated_identities(folder: str | os.PathLike, num_sites: int) -> Path:
+    """A fresh identity per simulated site (``site-<i>.key``, mode 0600) and their roster in ``folder``;
+    the roster's path. The launcher points the sites at ``folder`` with :data:`IDENTITY_ENV`."""
+    identities = [new_identity() for _ in range(num_sites)]
+    for i, identity in enumerate(identities):
+        save_identity(identity, simulated_identity_path(folder, i))
+    return save_roster([identity_public(k) for k in identities], simulated_roster_path(folder))
+
+
+def _configured(site: Site) -> Credentials | None:
+    """The site's identity and roster from its node config or the simulation's folder; ``None``: none."""
+    node = site.node_config
+    if IDENTITY_KEY in node or ROSTER_KEY in node:
+        missing = [key for key in (IDENTITY_KEY, ROSTER_KEY) if key not in node]
+        if missing:
+            raise RuntimeError(f"node config key {missing[0]!r} is missing (secure aggregation needs both)")
+        return load_identity(node[IDENTITY_KEY]), load_roster(node[ROSTER_KEY])
+    folder = os.environ.get(IDENTITY_ENV)
+    if folder and "partition-id" in node:
+        path = simulated_identity_path(folder, node["partition-id"])
+        return load_identity(path), load_roster(simulated_roster_path(folder))
+    return None
+
+
+def site_credentials(site: Site, authenticated: bool) -> Credentials | None:
+    """This site's identity and roster for a run the server says is ``authenticated`` (or not); see
+    the module docstring for when that is an error."""
+    credentials = _configured(site)
+    if credentials is not None and not authenticated:
+        raise RuntimeError(
+            "this site has a secure-aggregation identity and refuses an unauthenticated run "
+            "(the server needs privacy.roster)"
+        )
+    allowed = site.node_config.get(UNAUTHENTICATED_KEY) in (True, "true")
+    if credentials is None and (authenticated or not allowed):
+        raise RuntimeError(
+            f"privacy=secagg needs this site's identity: set node config '{IDENTITY_KEY}=<path>' and "
+            f"'{ROSTER_KEY}=<path>' (make one with `python -m fedprune.secure.identity new PATH`)"
+        )
+    return credentials
 
 
 def _client_path(site: Site, request: Request, instance: int):
@@ -75,10 +155,11 @@ def _save_client(path, client: SecAggClient) -> None:
     os.replace(tmp, path)
 
 
-def _load_client(path) -> SecAggClient:
+def _load_client(path, credentials: Credentials | None) -> SecAggClient:
     if not path.exists():
         raise RuntimeError(f"no secure-aggregation state {path.name} at this site: 'keys' never arrived")
-    return SecAggClient.from_state(json.loads(path.read_text()))
+    identity, roster = (None, None) if credentials is None else credentials
+    return SecAggClient.from_state(json.loads(path.read_text()), identity=identity, roster=roster)
 
 
 def _votes_vector(masks: dict, plan: SecurePlan) -> np.ndarray:
@@ -198,22 +279,25 @@ def _payload(site: Site, request: Request, plan: SecurePlan) -> tuple[np.ndarray
     return np.concatenate([_votes_vector(payload.values, plan), tokens]), {}, {}
 
 
-def _keys(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
+def _keys(site: Site, request: Request, plan: SecurePlan, arrays: dict, creds: Credentials | None) -> Reply:
     instances = _instances(request.config)  # refused if any number was keyed here before (a resumed run)
-    reserve_instances(SiteJob.from_record(request.config).run_key, site.key, instances.start, len(instances))
+    run = SiteJob.from_record(request.config).run_key
+    reserve_instances(run, site.key, instances.start, len(instances))
     out = {}
-    for k in _instances(request.config):
-        client = SecAggClient(int(site.node_id), plan.modulus_bits)
+    identity, roster = (None, None) if creds is None else creds
+    for k in instances:
+        auth = dict(identity=identity, roster=roster, run=run, instance=k)
+        client = SecAggClient(int(site.node_id), plan.modulus_bits, **auth)
         out.update(prefixed(advert_to_arrays(client.advertise_keys()), k))
         _save_client(_client_path(site, request, k), client)
     return reply(out, {"tokens": 0})
 
 
-def _share(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
+def _share(site: Site, request: Request, plan: SecurePlan, arrays: dict, creds: Credentials | None) -> Reply:
     out = {}
     for k in _instances(request.config):
         path = _client_path(site, request, k)
-        client = _load_client(path)
+        client = _load_client(path, creds)
         peers = peers_from_arrays(instance_arrays(arrays, k))
         site_policy(site).check_neighbours(plan, len(peers))
         shares = client.share_keys(peers, plan.threshold)
@@ -222,30 +306,43 @@ def _share(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Repl
     return reply(out, {"tokens": 0})
 
 
-def _mask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
+def _mask(site: Site, request: Request, plan: SecurePlan, arrays: dict, creds: Credentials | None) -> Reply:
     path = _client_path(site, request, int(request.config["secagg.instance"]))
-    client = _load_client(path)
+    client = _load_client(path, creds)
     vector, public, dp = _payload(site, request, plan)
     masked = client.masked_input(vector, shares_from_arrays(client.client_id, arrays, outgoing=False))
     _save_client(path, client)
     return reply({**masked_to_arrays(masked), **public}, {"tokens": 0, **dp})  # tokens: in the vector
 
 
-def _unmask(site: Site, request: Request, plan: SecurePlan, arrays: dict) -> Reply:
+def _consistency(
+    site: Site, request: Request, plan: SecurePlan, arrays: dict, creds: Credentials | None
+) -> Reply:
     path = _client_path(site, request, int(request.config["secagg.instance"]))
-    client = _load_client(path)
+    client = _load_client(path, creds)
+    signature = client.check_consistency(request_from_arrays(arrays))
+    _save_client(path, client)
+    return reply(signature_to_arrays(signature), {"tokens": 0})
+
+
+def _unmask(site: Site, request: Request, plan: SecurePlan, arrays: dict, creds: Credentials | None) -> Reply:
+    path = _client_path(site, request, int(request.config["secagg.instance"]))
+    client = _load_client(path, creds)
     unmask = request_from_arrays(arrays)
     unknown = (set(unmask.survivors) | set(unmask.dropped)) - client.neighbours - {client.client_id}
     if unknown:  # the complete graph: every site in a sum is a neighbour
         raise PolicyError(
             f"site policy refuses to unmask: survivors/dropped {sorted(unknown)} are not neighbours"
         )
-    answer = client.unmask(unmask)
-    path.unlink()  # one protocol instance per key pair
+    signatures = signatures_from_arrays(arrays) if client.authenticated else None
+    try:
+        answer = client.unmask(unmask, signatures)
+    finally:
+        path.unlink()  # one protocol instance per key pair; a refused unmask ends the instance too
     return reply(reply_to_arrays(answer), {"tokens": 0})
 
 
-STAGES = {"keys": _keys, "share": _share, "mask": _mask, "unmask": _unmask}
+STAGES = {"keys": _keys, "share": _share, "mask": _mask, "consistency": _consistency, "unmask": _unmask}
 
 
 @site_task("train.secagg")
@@ -258,7 +355,8 @@ def secagg(site: Site, request: Request) -> Reply:
     try:
         policy.check_plan(plan)
         _check_dp_plan(site, request, plan, policy)
-        return STAGES[stage](site, request, plan, dict(request.routed or {}))
+        credentials = site_credentials(site, bool(request.config.get("secagg.authenticated", False)))
+        return STAGES[stage](site, request, plan, dict(request.routed or {}), credentials)
     except (PolicyError, BudgetError) as error:  # the server sees the same reason as a client error
         logger.warning("site %s refuses secure-aggregation stage %s: %s", site.key, stage, error)
         raise

@@ -1,4 +1,4 @@
-"""Secure aggregation over a :class:`Federation`: key agreement for all sums first, then two rounds per sum.
+"""Secure aggregation over a :class:`Federation`: key agreement for all sums first, then rounds per sum.
 
 Each secure sum is one independent protocol instance with its own fresh keys (``fedprune.secure``).
 The instances' first two steps do not depend on the payload, so they run for all the run's sums at
@@ -6,11 +6,14 @@ once (:func:`prepare_sums`): ``keys`` (every site sends fresh public keys for ea
 ``share`` (the server routes each site its neighbours' keys; sites send sealed Shamir shares). Then
 each sum takes two rounds (:func:`secure_sum`): ``mask`` (the site gets the shares addressed to it and
 the block's update, computes and encodes its payload, sends it masked with the public slot layout)
-and ``unmask`` (survivors send the shares that remove the masks). Every round goes through
-``Federation.round`` (bytes counted, malformed replies rejected); a site that fails any round is a
-SecAgg dropout and stays out of the federation (later instances recover its pairwise masks as a
-dropout's), and so is a site whose sealed share a neighbour could not open (the neighbour names it in
-its ``mask`` reply). The maths is ``fedprune.secure`` (pure).
+and ``unmask`` (survivors send the shares that remove the masks). With a roster (``privacy.roster``:
+the sites' pinned identity public keys) every advert is signed and checked by the server and by every
+site, and a third round, ``consistency``, runs between ``mask`` and ``unmask``: each survivor signs the
+survivor set, and a site unmasks only with ``threshold`` valid signatures of the set it was told.
+Every round goes through ``Federation.round`` (bytes counted, malformed replies rejected); a site that
+fails any round is a SecAgg dropout and stays out of the federation (later instances recover its
+pairwise masks as a dropout's), and so is a site whose sealed share a neighbour could not open (the
+neighbour names it in its ``mask`` reply). The maths is ``fedprune.secure`` (pure).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from fedprune.config import JobConfig
 from fedprune.payload import PayloadError, decode_stats
 from fedprune.protocols.federation import Federation, FederationError, Reply
-from fedprune.protocols.messages import reply_tokens
+from fedprune.protocols.messages import SiteJob, reply_tokens
 from fedprune.secure import InvalidMessageError, MaskedInput, SecAggError, SecAggServer, validate_masked_input
 from fedprune.secure.codec import (
     decode_stats_vector,
@@ -37,6 +40,7 @@ from fedprune.secure.codec import (
     stats_vector_length,
     unpack_counts,
 )
+from fedprune.secure.identity import Roster, load_roster
 from fedprune.secure.messages import EncryptedShare, KeyAdvert
 from fedprune.secure.plan import SecurePlan
 from fedprune.secure.wire import (
@@ -49,6 +53,8 @@ from fedprune.secure.wire import (
     request_to_arrays,
     shares_from_arrays,
     shares_to_arrays,
+    signature_from_arrays,
+    signatures_to_arrays,
 )
 from fedprune.stats import Stats
 
@@ -120,16 +126,29 @@ def _stage(
     return fed.round(MESSAGE_TYPE, {**base, "secagg.stage": stage}, update, parse, nodes, node_arrays)
 
 
+def _auth_config(roster: Roster | None) -> dict:
+    """Tells the sites whether adverts are signed (a site with an identity refuses unsigned runs)."""
+    return {"secagg.authenticated": roster is not None}
+
+
 def prepare_sums(
-    fed: Federation, config: dict, plan: SecurePlan, first: int, count: int
+    fed: Federation, config: dict, plan: SecurePlan, first: int, count: int, roster: Roster | None = None
 ) -> list[PreparedSum]:
     """Key agreement for instances ``first .. first + count - 1`` in two rounds (``keys``, ``share``).
 
-    A site whose keys or shares are malformed for any instance is left out of all of them and of the
-    federation. Raises :class:`SecureAggregationError` when fewer than ``plan.threshold`` sites remain.
+    A site whose keys or shares are malformed for any instance (with ``roster``: an advert not signed by
+    a roster identity of its own) is left out of all of them and of the federation. Raises
+    :class:`SecureAggregationError` when fewer than ``plan.threshold`` sites remain.
     """
     instances = range(first, first + count)
-    base = {**config, **plan.to_config(), "secagg.first": first, "secagg.count": count}
+    base = {
+        **config,
+        **plan.to_config(),
+        **_auth_config(roster),
+        "secagg.first": first,
+        "secagg.count": count,
+    }
+    auth = {} if roster is None else {"roster": roster, "run": SiteJob.from_record(config).run_key}
 
     def adverts(node: int, reply: Reply) -> dict[int, KeyAdvert]:
         arrays = reply.arrays
@@ -141,7 +160,10 @@ def prepare_sums(
 
     with _stop_on_protocol_error("key agreement"):
         got = _stage(fed, base, "keys", adverts)
-        servers = {k: SecAggServer(None, plan.threshold, None, plan.modulus_bits) for k in instances}
+        servers = {
+            k: SecAggServer(None, plan.threshold, None, plan.modulus_bits, **auth, instance=k)
+            for k in instances
+        }
         peers = {k: servers[k].collect_keys({node: got[node][k] for node in got}) for k in instances}
         nodes = sorted(set.intersection(*(set(p) for p in peers.values())))
         node_arrays = {
@@ -176,10 +198,17 @@ def secure_sum(
     the public payload length and the sites whose metadata agree with it (the others are left out). Each
     vector carries :data:`TOKEN_WORDS` more: the site's token count, so only the survivors' total tokens
     are revealed (checked against the public bound ``plan.max_tokens`` per survivor).
-    Raises :class:`SecureAggregationError` when fewer than ``plan.threshold`` sites remain.
+    Authenticated (the server has a roster): ``mask``, ``consistency``, ``unmask``. Raises
+    :class:`SecureAggregationError` when fewer than ``plan.threshold`` sites remain.
     """
-    base = {**config, **plan.to_config(), "secagg.task": task, "secagg.instance": prepared.instance}
     server = prepared.server
+    base = {
+        **config,
+        **plan.to_config(),
+        **_auth_config(server.roster),
+        "secagg.task": task,
+        "secagg.instance": prepared.instance,
+    }
     nodes = sorted(node for node in prepared.inboxes if node in fed.nodes)
 
     def masked(node: int, reply: Reply) -> tuple[Any, MaskedInput, float | None]:
@@ -208,6 +237,8 @@ def secure_sum(
             fed.reject(number, node, server.rejected[node])
         survivors = sorted(request.survivors)
         requests = {node: request_to_arrays(request) for node in survivors}
+        if server.roster is not None:
+            survivors, requests = _consistency(fed, base, server, survivors, requests)
         replies = _stage(
             fed,
             base,
@@ -237,6 +268,35 @@ def summed_tokens(words: np.ndarray, survivors: int, plan: SecurePlan, task: str
             f"{survivors} x {plan.max_tokens}] (a site sent a corrupt count); stopping without output"
         )
     return tokens
+
+
+def _consistency(
+    fed: Federation, base: dict, server: SecAggServer, survivors: list[int], requests: dict[int, dict]
+) -> tuple[list[int], dict[int, dict]]:
+    """The consistency round: survivors sign the survivor set; the signers, and their unmask requests
+    (the survivor set and every valid signature)."""
+    signed = _stage(
+        fed,
+        base,
+        "consistency",
+        lambda node, reply: signature_from_arrays(node, reply.arrays),
+        None,
+        survivors,
+        requests,
+    )
+    before = set(server.rejected)
+    forwarded = server.collect_signatures(signed)
+    for node in sorted(set(server.rejected) - before):
+        fed.reject(len(fed.round_seconds) - 1, node, server.rejected[node])
+    signatures = signatures_to_arrays(forwarded)
+    signers = sorted(forwarded)
+    return signers, {node: {**requests[node], **signatures} for node in signers}
+
+
+def roster_from_job(job: JobConfig) -> Roster | None:
+    """The pinned identity public keys of the run's sites (``privacy.roster``), or ``None``."""
+    path = job.privacy.roster
+    return None if path is None or job.privacy.name == "none" else load_roster(path)
 
 
 def _fixed_length(length: int) -> Callable[[dict[int, Any]], tuple[int, set[int]]]:

@@ -21,6 +21,7 @@ from fedprune.payload import decode_masks, decode_stats
 from fedprune.protocols.federation import Federation, Reply
 from fedprune.protocols.messages import reply_tokens
 from fedprune.protocols.secure_sums import PreparedSum, prepare_sums, secure_stats, secure_vote_counts
+from fedprune.secure.identity import Roster
 from fedprune.secure.plan import SecurePlan
 from fedprune.stats import Stats
 
@@ -61,8 +62,9 @@ class Sums:
         plan: SecurePlan | None,
         stat_kind: str | None,
         checks: SiteChecks | None = None,
+        roster: Roster | None = None,
     ):
-        self.fed, self.plan, self.stat_kind = fed, plan, stat_kind
+        self.fed, self.plan, self.stat_kind, self.roster = fed, plan, stat_kind, roster
         self.checks = SiteChecks() if checks is None else checks  # of sites' statistics in the clear
         self.last_tokens = 0  # total tokens of the sites in the last sum that counted them
         self.dp_rho_spent: dict[int, float] = {}  # DP: per site, the rho its releases reported
@@ -150,7 +152,8 @@ def plain_votes(fed: Federation, task: str, config: dict, update: dict | None, s
 
 class SecureSums(Sums):
     """``privacy=secagg`` / ``secagg_dp``: every sum is a secure-aggregation instance whose keys were
-    agreed beforehand (``prepare``: two rounds for all of a run's sums)."""
+    agreed beforehand (``prepare``: two rounds for all of a run's sums); with a ``roster`` (the sites'
+    identity public keys), adverts are signed and every sum has a consistency round."""
 
     def __init__(self, *args, **kwargs) -> None:  # Sums' arguments; the plan is required here
         super().__init__(*args, **kwargs)
@@ -161,7 +164,7 @@ class SecureSums(Sums):
 
     def prepare(self, config: dict, count: int) -> None:
         """Agree keys for the next ``count`` sums."""
-        self._ready += prepare_sums(self.fed, config, self.plan, self._instances, count)
+        self._ready += prepare_sums(self.fed, config, self.plan, self._instances, count, self.roster)
         self._instances += count
 
     def progress(self) -> dict:

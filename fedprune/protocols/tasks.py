@@ -93,16 +93,16 @@ def in_process_launcher(
 ) -> Launcher:
     """A launcher that runs ``server_main(federation)`` with ``num_sites`` simulated sites in this process
     (site i holds partition i of ``num_sites``, as in a Flower simulation); ``node_config``: more node
-    config keys for every site, or ``i -> keys`` for site i (a site's policy, :mod:`site_policy`)."""
+    config keys for every site, or ``i -> keys`` for site i (a site's policy, :mod:`site_policy`). The
+    sites have no identities: they run secure aggregation unauthenticated (``secagg-unauthenticated``;
+    see ``secure_site``)."""
 
     def extra(i: int) -> Mapping:
         return node_config(i) if callable(node_config) else node_config or {}
 
     def launch(server_main) -> None:
-        sites = [
-            Site(100 + i, {"partition-id": i, "num-partitions": num_sites, **extra(i)})
-            for i in range(num_sites)
-        ]
+        node = {"num-partitions": num_sites, "secagg-unauthenticated": True}
+        sites = [Site(100 + i, {"partition-id": i, **node, **extra(i)}) for i in range(num_sites)]
         transport = InProcessTransport(sites, tasks)
         server_main(Federation(transport, transport.node_ids(), min_clients))
 

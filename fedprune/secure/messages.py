@@ -6,8 +6,12 @@ so a transport (e.g. Flower records) can carry them without pickling objects.
 Message flow (server S, clients u):
   1. u -> S ``KeyAdvert``;             S -> u  ``{v: KeyAdvert}`` of u's neighbours
   2. u -> S ``{v: EncryptedShare}``;   S -> u  ``{v: EncryptedShare}`` addressed to u
-  3. u -> S ``MaskedInput``;           S -> u  ``UnmaskRequest``
+  3. u -> S ``MaskedInput``;           S -> u  ``UnmaskRequest`` (the survivor set U3)
+  (with a roster) u -> S ``SurvivorSignature``; S -> u ``{v: SurvivorSignature}`` of the signers
   4. u -> S ``UnmaskReply``;           S computes the sum.
+
+With a roster (``identity``), key adverts carry the sender's long-term Ed25519 public key and its
+signature; the consistency round between 3 and 4 has every survivor sign the survivor set it was told.
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ class InvalidMessageError(SecAggError):
 
 @dataclass(frozen=True)
 class KeyAdvert:
-    """Round 1, client -> server: the two X25519 public keys of ``client``."""
+    """Round 1, client -> server: the two X25519 public keys of ``client``, and (authenticated runs) its
+    identity public key with its signature of the advert (``identity.sign_advert``); empty otherwise."""
 
     client: int
     enc_public: bytes  # c_u^PK, for encrypting shares between clients
     mask_public: bytes  # s_u^PK, for pairwise mask agreement
+    identity: bytes = b""  # Ed25519 public key, an entry of the roster
+    signature: bytes = b""  # over (run, instance, client, enc_public, mask_public)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,15 @@ class UnmaskRequest:
 
 
 @dataclass(frozen=True)
+class SurvivorSignature:
+    """Consistency round, client -> server -> survivors: ``client``'s signature of the survivor set it
+    was told (``identity.sign_survivors``)."""
+
+    client: int
+    signature: bytes
+
+
+@dataclass(frozen=True)
 class UnmaskReply:
     """Round 4, client -> server: shares of ``b_v`` for survivors v and of ``s_v^SK`` for dropped v."""
 
@@ -89,7 +105,10 @@ class UnmaskReply:
 def message_nbytes(message: object) -> int:
     """Payload size in bytes (ids count 8 bytes each; no transport framing)."""
     if isinstance(message, KeyAdvert):
-        return ID_BYTES + len(message.enc_public) + len(message.mask_public)
+        keys = (message.enc_public, message.mask_public, message.identity, message.signature)
+        return ID_BYTES + sum(len(key) for key in keys)
+    if isinstance(message, SurvivorSignature):
+        return ID_BYTES + len(message.signature)
     if isinstance(message, EncryptedShare):
         return 2 * ID_BYTES + len(message.ciphertext)
     if isinstance(message, MaskedInput):

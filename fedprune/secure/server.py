@@ -11,11 +11,19 @@ Complaints: a client whose share to a neighbour u fails to open is named in u's 
 mask with it. Every client so named is dropped (its input, if any, discarded), and its pairwise masks
 are removed only for the survivors that masked with it. A complaint naming anything but a neighbour
 that shared keys with the complainer invalidates the complainer's message.
+
+With a roster (the pinned identity public keys of all sites; ``identity``), an advert is accepted only
+if it is signed by a roster identity that no other advert uses, and a consistency round runs between
+the masked inputs and the unmasking: each survivor signs the survivor set, the server checks and
+forwards the signatures, and only the signers are asked to unmask (``collect_signatures``). The clients
+check the same signatures themselves; the server's checks only keep a faulty client from stopping the
+others. The authenticated protocol uses the complete graph: one survivor set is signed by all.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -24,12 +32,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedprune.secure.client import mask_sign, share_point
 from fedprune.secure.encoding import check_modulus_bits, modulus_mask, reduce_
 from fedprune.secure.graph import Graph, check_graph, complete_graph, restrict
+from fedprune.secure.identity import Roster, verify_advert, verify_survivors
 from fedprune.secure.messages import (
     EncryptedShare,
     InvalidMessageError,
     KeyAdvert,
     MaskedInput,
     SecAggError,
+    SurvivorSignature,
     TooFewSurvivorsError,
     UnmaskReply,
     UnmaskRequest,
@@ -78,7 +88,8 @@ class SecAggServer:
     ``neighbours`` is the public communication graph (``graph.ring_graph`` for SecAgg+); ``None`` means
     the complete graph over the clients that advertise keys (Bonawitz et al.; fine for ~16 clients).
     Methods must be called in order, once each; every client rejected along the way is recorded in
-    ``rejected`` with the reason.
+    ``rejected`` with the reason. ``roster``: authenticate instance ``(run, instance)`` (see the module
+    docstring; adds :meth:`collect_signatures` between the masked inputs and the unmasking).
     """
 
     def __init__(
@@ -87,9 +98,17 @@ class SecAggServer:
         threshold: int,
         neighbours: Mapping[int, Collection[int]] | None = None,
         modulus_bits: int = 64,
+        *,
+        roster: Roster | None = None,
+        run: str = "",
+        instance: int = 0,
     ):
         if (vector_length is not None and vector_length < 0) or threshold < 2:
             raise ValueError("vector_length must be >= 0 (or None) and threshold >= 2")
+        if roster is not None and neighbours is not None:
+            raise ValueError("authenticated secure aggregation uses the complete graph (neighbours=None)")
+        self.roster, self.run, self.instance = roster, str(run), int(instance)
+        self.signers: frozenset[int] = frozenset()  # U4: survivors that signed the survivor set
         self.vector_length = None if vector_length is None else int(vector_length)
         self.threshold = int(threshold)
         self.modulus_bits = check_modulus_bits(modulus_bits)
@@ -131,6 +150,7 @@ class SecAggServer:
                 continue
             seen.update((advert.enc_public, advert.mask_public))
             self.adverts[client] = advert
+        self._reject_shared_identities()
         self._require(self.adverts, "key advertisement")
         spec = complete_graph(self.adverts) if self._graph_spec is None else self._graph_spec
         self.graph = restrict(spec, self.adverts)
@@ -156,6 +176,32 @@ class SecAggServer:
                 raise InvalidMessageError(client, "public key repeats another key")
             if not is_usable_public_key(key):  # else every neighbour's key agreement would fail
                 raise InvalidMessageError(client, "public key is a low-order X25519 point")
+        if self.roster is None:
+            return
+        if not isinstance(advert.identity, bytes) or advert.identity not in self.roster:
+            raise InvalidMessageError(client, "identity is not in the roster")
+        ok = verify_advert(
+            advert.identity,
+            advert.signature,
+            self.run,
+            self.instance,
+            client,
+            advert.enc_public,
+            advert.mask_public,
+        )
+        if not ok:
+            raise InvalidMessageError(client, "key advert signature is not valid")
+
+    def _reject_shared_identities(self) -> None:
+        """Every advert whose identity another accepted advert also uses is rejected (one is an impostor,
+        or one site joined twice)."""
+        if self.roster is None:
+            return
+        uses = Counter(advert.identity for advert in self.adverts.values())
+        for client, advert in sorted(self.adverts.items()):
+            if uses[advert.identity] > 1:
+                self._reject(InvalidMessageError(client, "identity is used by another client too"))
+                del self.adverts[client]
 
     def route_shares(
         self, shares: Mapping[int, Mapping[int, EncryptedShare]]
@@ -196,7 +242,7 @@ class SecAggServer:
         valid complaint names (see the module docstring). ``vector_length`` fixes the
         length here when the server was built without one (keys agreed before the inputs existed).
         """
-        self._advance("masked", "unmask")
+        self._advance("masked", "unmask" if self.roster is None else "consistency")
         if vector_length is not None:
             if self.vector_length is not None and self.vector_length != vector_length:
                 raise SecAggError(f"server: vector length {vector_length} != {self.vector_length}")
@@ -245,6 +291,31 @@ class SecAggServer:
     def _masked_with(self, v: int) -> frozenset[int]:
         """The survivors that added a pairwise mask for ``v``: its neighbours that opened its share."""
         return (self.graph[v] & self.survivors) - self._accusers(v)
+
+    def collect_signatures(self, signatures: Mapping[int, SurvivorSignature]) -> dict[int, SurvivorSignature]:
+        """Consistency round: accept the survivors' signatures of the survivor set; return the valid
+        ones (``{signer: signature}``), which go to every signer with the unmask request."""
+        self._advance("consistency", "unmask")
+        accepted = {}
+        for client, message in sorted(signatures.items()):
+            try:
+                self._check_signature(client, message)
+            except InvalidMessageError as error:
+                self._reject(error)
+                continue
+            accepted[client] = message
+        self.signers = frozenset(accepted)
+        self._require(self.signers, "the consistency round")
+        return accepted
+
+    def _check_signature(self, client: int, message: object) -> None:
+        if client not in self.survivors:
+            raise InvalidMessageError(client, "signed the survivor set but is not a survivor")
+        if not isinstance(message, SurvivorSignature) or message.client != client:
+            raise InvalidMessageError(client, "message is not this client's SurvivorSignature")
+        identity = self.adverts[client].identity
+        if not verify_survivors(identity, message.signature, self.run, self.instance, self.survivors):
+            raise InvalidMessageError(client, "signature of the survivor set is not valid")
 
     def reconstruct_sum(self, replies: Mapping[int, UnmaskReply]) -> np.ndarray:
         """Round 4: from the survivors' unmask replies, the sum Σ_{u in survivors} x_u mod 2^k (uint64).
@@ -295,6 +366,8 @@ class SecAggServer:
     def _check_reply(self, holder: int, reply: object) -> tuple[dict[int, int], dict[int, int]]:
         if holder not in self.survivors:
             raise InvalidMessageError(holder, "sent an unmask reply but is not a survivor")
+        if self.roster is not None and holder not in self.signers:
+            raise InvalidMessageError(holder, "sent an unmask reply but did not sign the survivor set")
         if not isinstance(reply, UnmaskReply) or reply.client != holder:
             raise InvalidMessageError(holder, "message is not this client's UnmaskReply")
         may_hold = self.graph[holder] | {holder}

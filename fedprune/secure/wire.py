@@ -12,7 +12,14 @@ import logging
 
 import numpy as np
 
-from fedprune.secure.messages import EncryptedShare, KeyAdvert, MaskedInput, UnmaskReply, UnmaskRequest
+from fedprune.secure.messages import (
+    EncryptedShare,
+    KeyAdvert,
+    MaskedInput,
+    SurvivorSignature,
+    UnmaskReply,
+    UnmaskRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,31 +70,61 @@ def instance_arrays(arrays: dict[str, np.ndarray], instance: int) -> dict[str, n
     return {key[len(head) :]: value for key, value in arrays.items() if key.startswith(head)}
 
 
+_ADVERT_FIELDS = ("enc", "mask", "identity", "signature")  # KeyAdvert's byte fields, in order
+
+
+def _optional_bytes(arrays: dict[str, np.ndarray], key: str) -> bytes:
+    """``_bytes``, or empty when absent (an unauthenticated advert has no identity nor signature)."""
+    return _bytes(arrays, key) if key in arrays else b""
+
+
+def _advert_fields(advert: KeyAdvert) -> tuple[bytes, ...]:
+    return advert.enc_public, advert.mask_public, advert.identity, advert.signature
+
+
 def advert_to_arrays(advert: KeyAdvert) -> dict[str, np.ndarray]:
-    """A client's own key advert."""
-    return {"enc": _u8(advert.enc_public), "mask": _u8(advert.mask_public)}
+    """A client's own key advert (with its identity and signature when it has them)."""
+    fields = zip(_ADVERT_FIELDS, _advert_fields(advert), strict=True)
+    return {key: _u8(data) for key, data in fields if data or key in ("enc", "mask")}
 
 
 def advert_from_arrays(client: int, arrays: dict[str, np.ndarray]) -> KeyAdvert:
     """Inverse of :func:`advert_to_arrays`."""
-    return KeyAdvert(client, _bytes(arrays, "enc"), _bytes(arrays, "mask"))
+    return KeyAdvert(
+        client,
+        _bytes(arrays, "enc"),
+        _bytes(arrays, "mask"),
+        _optional_bytes(arrays, "identity"),
+        _optional_bytes(arrays, "signature"),
+    )
 
 
 def peers_to_arrays(adverts: dict[int, KeyAdvert]) -> dict[str, np.ndarray]:
     """The neighbours' adverts routed to one client."""
     out = {}
     for v, advert in adverts.items():
-        out[f"enc.{v}"] = _u8(advert.enc_public)
-        out[f"mask.{v}"] = _u8(advert.mask_public)
+        for key, data in zip(_ADVERT_FIELDS, _advert_fields(advert), strict=True):
+            if data or key in ("enc", "mask"):
+                out[f"{key}.{v}"] = _u8(data)
     return out
 
 
 def peers_from_arrays(arrays: dict[str, np.ndarray]) -> dict[int, KeyAdvert]:
     """Inverse of :func:`peers_to_arrays`."""
     enc, mask = _ids(arrays, "enc"), _ids(arrays, "mask")
-    if set(enc) != set(mask):
+    identity, signature = _ids(arrays, "identity"), _ids(arrays, "signature")
+    if set(enc) != set(mask) or not set(identity) | set(signature) <= set(enc):
         raise ValueError("every neighbour needs both public keys")
-    return {v: KeyAdvert(v, _bytes(arrays, enc[v]), _bytes(arrays, mask[v])) for v in enc}
+
+    def optional(keys: dict[int, str], v: int) -> bytes:
+        return _bytes(arrays, keys[v]) if v in keys else b""
+
+    return {
+        v: KeyAdvert(
+            v, _bytes(arrays, enc[v]), _bytes(arrays, mask[v]), optional(identity, v), optional(signature, v)
+        )
+        for v in enc
+    }
 
 
 def shares_to_arrays(shares: dict[int, EncryptedShare], outgoing: bool) -> dict[str, np.ndarray]:
@@ -136,3 +173,23 @@ def reply_from_arrays(client: int, arrays: dict[str, np.ndarray]) -> UnmaskReply
     seeds = {v: _bytes(arrays, k) for v, k in _ids(arrays, "seed").items()}
     keys = {v: _bytes(arrays, k) for v, k in _ids(arrays, "key").items()}
     return UnmaskReply(client, seeds, keys)
+
+
+def signature_to_arrays(signature: SurvivorSignature) -> dict[str, np.ndarray]:
+    """A survivor's signature of the survivor set."""
+    return {"signature": _u8(signature.signature)}
+
+
+def signature_from_arrays(client: int, arrays: dict[str, np.ndarray]) -> SurvivorSignature:
+    """Inverse of :func:`signature_to_arrays`."""
+    return SurvivorSignature(client, _bytes(arrays, "signature"))
+
+
+def signatures_to_arrays(signatures: dict[int, SurvivorSignature]) -> dict[str, np.ndarray]:
+    """The signers' signatures forwarded to each signer (keyed by signer)."""
+    return {f"signature.{v}": _u8(s.signature) for v, s in signatures.items()}
+
+
+def signatures_from_arrays(arrays: dict[str, np.ndarray]) -> dict[int, SurvivorSignature]:
+    """Inverse of :func:`signatures_to_arrays`."""
+    return {v: SurvivorSignature(v, _bytes(arrays, k)) for v, k in _ids(arrays, "signature").items()}

@@ -73,3 +73,22 @@ def test_owl_with_dp_counts_the_dense_release(make_cfg):
     assert owl.dp_epsilon == pytest.approx(4.0)
     # releases 2 blocks x 7 slots, plus the dense one of 14: twice the squared sensitivity
     assert owl.dp_sigma == pytest.approx(uniform.dp_sigma * math.sqrt((2 * 7 + 14) / (2 * 7)))
+
+
+def test_a_roster_must_be_a_readable_roster_of_every_site(make_cfg, tmp_path):
+    from fedprune.secure.identity import identity_public, new_identity, save_roster
+
+    with pytest.raises(ConfigError, match="'privacy.roster': roster file .* does not exist"):
+        validate(
+            make_cfg(*FED, "protocol=stats_sync", "privacy=secagg", f"privacy.roster={tmp_path / 'no.json'}")
+        )
+    small = save_roster([identity_public(new_identity())], tmp_path / "one.json")
+    with pytest.raises(ConfigError, match="lists 1 identities"):
+        validate(make_cfg(*FED, "protocol=stats_sync", "privacy=secagg", f"privacy.roster={small}"))
+
+
+def test_flwr_run_needs_a_roster_for_secure_aggregation(make_cfg):
+    from server.server_app import check_federated
+
+    with pytest.raises(ConfigError, match="'privacy.roster'.*identity-key=PATH roster=PATH"):
+        check_federated(job_of(make_cfg(*FED, "protocol=stats_sync", "privacy=secagg")))

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cli.main import run
+from fedprune.protocols.secure_site import provision_simulated_identities, simulated_identity_path
 from server.server_app import split_overrides
 
 pytestmark = [
@@ -63,6 +64,7 @@ class Deployment:
     root: Path
     cli_env: dict[str, str]
     site_caches: list[Path]
+    roster: Path  # the sites' identity public keys (each SuperNode has its identity in its node config)
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -207,7 +209,10 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
-    deployment = Deployment(root, _base_env(cli_home), [root / f"site{i}_cache" for i in range(NUM_SITES)])
+    identities = root / "identities"
+    roster = provision_simulated_identities(identities, NUM_SITES)  # site-<i>.key, as each site would make
+    caches = [root / f"site{i}_cache" for i in range(NUM_SITES)]
+    deployment = Deployment(root, _base_env(cli_home), caches, roster)
     try:
         deployment.start(
             "superlink",
@@ -236,7 +241,8 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
                     "--port",
                     str(_free_port()),
                     "--node-config",
-                    f"partition-id={site} num-partitions={NUM_SITES}",
+                    f"partition-id={site} num-partitions={NUM_SITES} "
+                    f'identity-key="{simulated_identity_path(identities, site)}" roster="{roster}"',
                 ],
                 env,
             )
@@ -316,6 +322,20 @@ def test_stats_sync_job_runs_and_equals_centralized(deployment, tiny_assets, mak
     expected, got = _prunable_weights(tmp_path / "central" / "model"), _prunable_weights(out_dir / "model")
     for name in expected:
         assert torch.equal(expected[name] == 0, got[name] == 0), name
+
+
+def test_secagg_runs_authenticated_with_identities_from_node_config(deployment, tiny_assets, tmp_path):
+    overrides = [*_overrides(tiny_assets), "privacy=secagg", "privacy.token_bound=100"]
+    _, output = deployment.flwr_run(overrides, tmp_path / "no_roster")
+    assert "config key 'privacy.roster'" in output, output[-3000:]  # the server refuses to run unsigned
+    out_dir = tmp_path / "secagg"
+    code, output = deployment.flwr_run([*overrides, f"privacy.roster={deployment.roster}"], out_dir)
+    assert code == 0 and (out_dir / "metrics.json").exists(), f"{output[-3000:]}\n{deployment.logs()}"
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    # start, keys + share for both blocks, mask + consistency + unmask per block, finish
+    assert metrics["privacy"] == "secagg" and metrics["rounds"] == 1 + 2 + 3 * 2 + 1
+    assert metrics["num_clients"] == NUM_SITES and metrics["rejected"] == []
+    assert math.isfinite(metrics["ppl_pruned"])
 
 
 def test_bad_config_fails_fast_with_the_key_named(deployment, tiny_assets, tmp_path):

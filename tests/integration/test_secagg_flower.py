@@ -1,7 +1,8 @@
 """Secure aggregation in real Flower simulations (3 sites, tiny Llama with 2 blocks).
 
 Every message the server receives is recorded (a grid wrapper in the ServerApp's process) and checked
-against each site's plain payload from a ``privacy=none`` run of the same job.
+against each site's plain payload from a ``privacy=none`` run of the same job. Secure runs are
+authenticated as through the CLI: the launcher makes one identity per site and the roster.
 """
 
 import numpy as np
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import fedprune.protocols.llm_site as real
 import fedprune.protocols.secure_site as real_secagg
 from cli.main import job_of
-from cli.simulation import simulation_launcher
+from cli.simulation import simulation_launcher, with_site_identities
 from clients.client_app import build_app
 from fedprune.protocols.catalog import SITE_TASKS, validate
 from fedprune.protocols.federation import FederationError
@@ -29,9 +30,9 @@ SECAGG = ["privacy=secagg", "privacy.threshold=2", "privacy.token_bound=100"]
 
 
 def _run(cfg, out_dir, app=None, log=None):
-    job = job_of(cfg)
+    job, identities = with_site_identities(job_of(cfg), out_dir)
     unit = validate(job)
-    launch = simulation_launcher(job.federation, app)
+    launch = simulation_launcher(job.federation, app, identities)
     if log is not None:
         inner = launch
 
@@ -68,8 +69,10 @@ def test_server_sees_only_masked_stats_and_result_equals_plain(make_cfg, tmp_pat
     plain = _run(plain_cfg, tmp_path / "plain", log=plain_log)
     secure = _run(secure_cfg, tmp_path / "secure", log=secure_log)
     assert secure["privacy"] == "secagg" and plain["privacy"] == "none"
-    # start, key agreement for both blocks (keys, share), mask + unmask per block, finish
-    assert secure["rounds"] == 1 + 2 + 2 * 2 + 1 and not secure["rejected"]
+    # start, key agreement for both blocks (keys, share), mask + consistency + unmask per block, finish
+    assert secure["rounds"] == 1 + 2 + 3 * 2 + 1 and not secure["rejected"]
+    signatures = [r for _, _, r in secure_log if set(r.arrays) == {"signature"}]
+    assert len(signatures) == 3 * 2 and all(r.arrays["signature"].size == 64 for r in signatures)
     _assert_same_masks(tmp_path / "plain" / "model", tmp_path / "secure" / "model")
     assert secure["ppl_pruned"] == pytest.approx(plain["ppl_pruned"], rel=1e-5)
 
@@ -112,7 +115,7 @@ def test_mask_vote_one_shot_secagg_equals_plain(make_cfg, tmp_path):
     args = ["pruner=wanda", "protocol=mask_vote", "protocol.group=row", *FED]
     _run(make_cfg(*args), tmp_path / "plain")
     secure = _run(make_cfg(*args, *SECAGG), tmp_path / "secure")
-    assert secure["rounds"] == 4 and secure["num_clients"] == 3  # keys, share, mask, unmask
+    assert secure["rounds"] == 5 and secure["num_clients"] == 3  # keys, share, mask, consistency, unmask
     expected, got = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "secure" / "model")
     for name in expected:
         assert torch.equal(expected[name], got[name]), name

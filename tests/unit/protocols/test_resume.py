@@ -23,6 +23,7 @@ from fedprune.protocols.site_state import reserve_instances, secagg_mark
 from fedprune.protocols.tasks import InProcessTransport, Site, in_process_launcher
 from tests.tiny_models import VOCAB, tiny_tokenizer
 
+UNAUTHENTICATED = {"secagg-unauthenticated": True}  # in-process sites have no identities
 FED = ["federation.num_clients=3", "federation.min_clients=2", "data.calib_windows=12"]
 SECAGG = ["privacy=secagg", "privacy.threshold=2", "privacy.token_bound=100"]
 PER_BLOCK = ("train.stats", "train.secagg")
@@ -58,7 +59,10 @@ def killing_launcher(
     block: int | None, after: bool = False, log: list | None = None, kill_task: str = "", num_sites: int = 3
 ):
     def launch(server_main) -> None:
-        sites = [Site(100 + i, {"partition-id": i, "num-partitions": num_sites}) for i in range(num_sites)]
+        sites = [
+            Site(100 + i, {"partition-id": i, "num-partitions": num_sites, **UNAUTHENTICATED})
+            for i in range(num_sites)
+        ]
         transport = KillingTransport(sites, block, after, [] if log is None else log, kill_task)
         server_main(Federation(transport, transport.node_ids(), 2))
 
@@ -214,7 +218,7 @@ def test_secagg_resume_keys_fresh_instances(make_cfg, tmp_path, site_cache):
             return super().exchange(task, requests, timeout)
 
     def launch(server_main):
-        sites = [Site(100 + i, {"partition-id": i, "num-partitions": 3}) for i in range(3)]
+        sites = [Site(100 + i, {"partition-id": i, "num-partitions": 3, **UNAUTHENTICATED}) for i in range(3)]
         transport = Recording(sites)
         server_main(Federation(transport, transport.node_ids(), 2))
 
