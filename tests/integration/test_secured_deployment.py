@@ -36,7 +36,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from cli.main import run
