@@ -140,7 +140,7 @@ class Secured:
         self.sites[name] = process
         return process
 
-    def flwr_run(self, overrides: list[str], out_dir: Path, on_output=None) -> tuple[int, str]:
+    def flwr_run(self, overrides: list[str], out_dir: Path) -> tuple[int, str]:
         run_config = f'overrides="{" ".join(overrides)}" out-dir="{out_dir}"'
         return self.cli("run", str(ROOT), "--stream", "--run-config", run_config, timeout=JOB_TIMEOUT_S)
 
