@@ -65,8 +65,12 @@ class FlowerTransport:
             for node, request in requests.items()
         ]
         out = []
-        for message in self.grid.send_and_receive(messages, timeout=timeout):
-            node = message.metadata.src_node_id
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        # a reply belongs to the node its request went to (the grid sets each request's id on push): an
+        # error reply for a dead node comes from the SuperLink (its own node id), not from the node
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        for message in replies:
+            node = asked.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
             if message.has_error():
                 out.append(Response(node, None, message.error.reason, 0))
                 continue
