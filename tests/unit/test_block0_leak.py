@@ -11,6 +11,10 @@ from tests.tiny_models import VOCAB, tiny_model
 
 def test_the_block0_gram_reveals_the_token_histogram():
     model = tiny_model("llama")
+    with torch.no_grad():  # explicit embeddings: independent of any weight-init state other tests leave
+        model.model.embed_tokens.weight.copy_(
+            torch.randn(VOCAB, 32, generator=torch.Generator().manual_seed(2))
+        )
     ids = torch.randint(3, VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))  # a site's windows
     stats = site_block_stats(model, start_site(model, ids, batch_size=3), 0, "hessian")
     (name,) = [n for n in stats if n.endswith("q_proj")]
