@@ -50,17 +50,23 @@ def parse_pattern(spec: str) -> Pattern:
 
 def _prune_lowest(scores: torch.Tensor, num_pruned: int, dim: int) -> torch.Tensor:
     """Keep-mask pruning the ``num_pruned`` lowest scores along ``dim`` (stable tie-break)."""
-    mask = torch.ones_like(scores, dtype=torch.bool)
     if num_pruned <= 0:
-        return mask
+        return torch.ones_like(scores, dtype=torch.bool)
+    # Fast path (no tie at the threshold, no NaN): keep what is above the num_pruned-th lowest score.
+    # It is exactly the mask of the stable sort below, which handles ties by index.
+    threshold = torch.topk(scores, num_pruned, dim=dim, largest=False, sorted=False).values.amax(
+        dim, keepdim=True
+    )
+    keep = scores > threshold
+    if bool((keep.sum(dim) == scores.shape[dim] - num_pruned).all()):
+        return keep
+    mask = torch.ones_like(scores, dtype=torch.bool)
     order = torch.argsort(scores, dim=dim, stable=True)
     lowest = order.narrow(dim, 0, num_pruned)
     return mask.scatter(dim, lowest, False)
 
 
-def select_unstructured(
-    scores: torch.Tensor, sparsity: float, group: str = "layer"
-) -> torch.Tensor:
+def select_unstructured(scores: torch.Tensor, sparsity: float, group: str = "layer") -> torch.Tensor:
     """Keep-mask pruning a fraction ``sparsity`` of the lowest scores within each comparison group.
 
     Parameters
@@ -89,9 +95,7 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _prune_lowest(groups, m - n, dim=2).reshape(scores.shape)
 
 
-def select_mask(
-    scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str
-) -> torch.Tensor:
+def select_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str) -> torch.Tensor:
     """Keep-mask for a pattern: N:M groups, or unstructured within ``group``."""
     if pattern.kind == "nm":
         return select_nm(scores, pattern.n, pattern.m)

@@ -89,3 +89,25 @@ def test_unpack_rejects_wrong_length():
 
 def test_sparsity_of():
     assert sparsity_of(torch.tensor([True, False, False, False])) == pytest.approx(0.75)
+
+
+def _sorted_reference(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Keep-mask per row by a Python sort of (score, index): lowest first, ties by lower index, NaN last."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    for r, row in enumerate(scores.tolist()):
+        order = sorted(range(len(row)), key=lambda j: (row[j] != row[j], row[j], j))
+        keep[r, order[:num_pruned]] = False
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "nan"])
+def test_row_masks_match_a_sort_of_scores_and_indices(kind):
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(40, 24, generator=gen, dtype=torch.float64)
+    if kind == "ties":  # few distinct values: ties at the threshold in most rows
+        scores = torch.randint(0, 4, (40, 24), generator=gen).double()
+    if kind == "nan":
+        scores[::3, ::5] = float("nan")
+    for sparsity in (0.25, 0.5, 0.75):
+        keep = select_unstructured(scores, sparsity, "row")
+        assert torch.equal(keep, _sorted_reference(scores, int(24 * sparsity))), (kind, sparsity)
