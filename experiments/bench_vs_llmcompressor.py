@@ -367,8 +367,10 @@ def run_child(python: Path, kind: str, spec: dict, work: Path, name: str, fedpru
     return result
 
 
-def draw_windows(windows: list[int], seq_len: int, eval_windows: int | None, work: Path) -> dict:
-    """Calibration windows per size (fedprune's sampler, seed 0, as bench_prune.py) and eval windows."""
+def draw_windows(
+    windows: list[int], seq_len: int, eval_windows: int | None, work: Path, seed: int = 0
+) -> dict:
+    """Calibration windows per size (fedprune's sampler, ``seed``; 0 as bench_prune.py) and eval windows."""
     import torch
 
     from fedprune.data.assets import ensure_corpus, ensure_model
@@ -383,7 +385,7 @@ def draw_windows(windows: list[int], seq_len: int, eval_windows: int | None, wor
     paths = {}
     for n in windows:
         paths[n] = work / f"calib_{n}x{seq_len}.pt"
-        torch.save(sample_windows(calib_docs, n, seq_len, seed=0), paths[n])
+        torch.save(sample_windows(calib_docs, n, seq_len, seed=seed), paths[n])
     eval_ids = cut_eval_windows(tokenize_works(tokenizer, held_out), seq_len, eval_windows)
     torch.save(eval_ids, work / "eval.pt")
     return {
@@ -481,7 +483,7 @@ def write_report(args, command: str, data: dict, dense: dict, rows: list[dict], 
         f"Made by `{command}` at commit `{data['commit']}` on {time.strftime('%Y-%m-%d')}, "
         f"{args.threads} thread(s) per child (`torch.set_num_threads`, OMP/MKL/OpenBLAS variables), "
         f"micro-batch {args.batch_size}, calibration windows of {args.seq_len} tokens (fedprune's sampler, "
-        f"seed 0, from the calibration works), perplexity on {data['eval_windows']} held-out windows of "
+        f"seed {args.seed}, from the calibration works), perplexity on {data['eval_windows']} held-out windows of "
         f"{args.seq_len} ({', '.join(data['held_out'])}).",
         "",
         f"- fedprune's venv: torch {versions['fedprune']['torch']}, transformers {versions['fedprune']['transformers']}",
@@ -540,6 +542,7 @@ def main() -> None:
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampler")
     parser.add_argument("--torch", default=TORCH_PIN, help="torch pin of llm-compressor's venv")
     parser.add_argument(
         "--quick", action="store_true", help="--windows 4 --seq-len 128 --eval-windows 4, *_quick files"
@@ -570,7 +573,7 @@ def main() -> None:
     llmc_python = ensure_llmc_venv(cache_dir(), LLMC_VERSION, args.torch)
     work = Path(tempfile.mkdtemp(prefix="bench_vs_llmc_", dir=cache_dir()))
     try:
-        data = draw_windows(args.windows, args.seq_len, args.eval_windows or None, work)
+        data = draw_windows(args.windows, args.seq_len, args.eval_windows or None, work, args.seed)
         data["commit"] = git_commit()
         dense, rows = build_rows(args, data, llmc_python, work)
     finally:
