@@ -218,6 +218,48 @@ class StructuredSpec:
 
 
 @dataclass(frozen=True)
+class SpeedSpec:
+    """``speed``: with ``measure``, the job times CPU prefill and greedy decode (:mod:`fedprune.speed`) of
+    the dense model before pruning and of the pruned model after, on the first held-out window, and
+    reports both in metrics.json. ``prefill_len`` (null: ``data.seq_len``) and ``prompt_len`` tokens,
+    ``new_tokens`` generated, median of ``repeats`` timed runs after a warm-up."""
+
+    measure: bool = False
+    repeats: int = 3
+    prefill_len: int | None = None
+    prompt_len: int = 128
+    new_tokens: int = 64
+
+    @classmethod
+    def from_mapping(cls, m: Mapping) -> SpeedSpec:
+        spec = cls(
+            measure=_get(m, "measure", "speed", bool, False),
+            repeats=_get(m, "repeats", "speed", int, 3),
+            prefill_len=_get(m, "prefill_len", "speed", _optional(int), None),
+            prompt_len=_get(m, "prompt_len", "speed", int, 128),
+            new_tokens=_get(m, "new_tokens", "speed", int, 64),
+        )
+        check(spec.repeats >= 1, "speed.repeats", f"must be >= 1, got {spec.repeats}")
+        check(
+            spec.prefill_len is None or spec.prefill_len >= 1,
+            "speed.prefill_len",
+            f"must be >= 1 or null, got {spec.prefill_len}",
+        )
+        check(spec.prompt_len >= 1, "speed.prompt_len", f"must be >= 1, got {spec.prompt_len}")
+        check(spec.new_tokens >= 1, "speed.new_tokens", f"must be >= 1, got {spec.new_tokens}")
+        return spec
+
+    def settings(self, seq_len: int) -> dict:
+        """How the figures are taken, as metrics.json reports them."""
+        return {
+            "repeats": self.repeats,
+            "prefill_len": self.prefill_len or seq_len,
+            "prompt_len": self.prompt_len,
+            "new_tokens": self.new_tokens,
+        }
+
+
+@dataclass(frozen=True)
 class AllocationSpec:
     """``allocation`` (how each layer's sparsity is decided: ``uniform`` or ``owl``) and ``owl``'s
     parameters (``owl.m``: outlier threshold, times a block's mean score; ``owl.lambda``: spread)."""
@@ -275,6 +317,7 @@ class JobConfig:
     structured: StructuredSpec = field(default_factory=StructuredSpec)  # pattern=structured only
     allocation: AllocationSpec = field(default_factory=AllocationSpec)
     resume: bool = False  # continue the killed run in the same output folder from its last checkpoint
+    speed: SpeedSpec = field(default_factory=SpeedSpec)  # CPU prefill / decode speed, dense and pruned
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> JobConfig:
@@ -308,6 +351,7 @@ class JobConfig:
             structured=StructuredSpec.from_mapping(_section(m, "structured")),
             allocation=AllocationSpec.from_mapping(m.get("allocation"), _section(m, "owl")),
             resume=_get(m, "resume", "", bool, False),
+            speed=SpeedSpec.from_mapping(_section(m, "speed")),
         )
 
 
@@ -410,6 +454,7 @@ def check_llm_job(job: JobConfig) -> None:
     )
     check(job.batch_size >= 1, "batch_size", f"must be >= 1, got {job.batch_size}")
     check(job.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {job.eval_batch_size}")
+    check_speed(job)
     check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")
     check_allocation(job, pruner, pattern)
 
@@ -439,6 +484,25 @@ def check_allocation(job: JobConfig, pruner, pattern) -> None:
         "sparsity",
         f"allocation {name!r} needs a sparsity <= {MAX_SPARSITY}, got {target_sparsity(job)}",
     )
+
+
+def check_speed(job: JobConfig) -> None:
+    """``speed.measure``: windows that fit the held-out windows (``data.seq_len`` tokens), a model in memory."""
+    speed = job.speed
+    if not speed.measure:
+        return
+    seq_len = job.data.seq_len
+    check(
+        (speed.prefill_len or seq_len) <= seq_len,
+        "speed.prefill_len",
+        f"{speed.prefill_len} exceeds data.seq_len={seq_len} (the held-out windows' length)",
+    )
+    check(
+        speed.prompt_len <= seq_len,
+        "speed.prompt_len",
+        f"{speed.prompt_len} exceeds data.seq_len={seq_len} (the held-out windows' length)",
+    )
+    check(not job.model.offload, "speed.measure", "does not work with model.offload=true (blocks on disk)")
 
 
 def check_structured_job(job: JobConfig) -> None:

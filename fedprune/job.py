@@ -39,6 +39,7 @@ from fedprune.offload import (
 from fedprune.outputs import peak_rss_mb, save_model_atomic, write_json_atomic
 from fedprune.pruners import Pruner
 from fedprune.sequential import BlockAccess, BlockCheckpoints, PruneReport, ResidentBlocks, prune_model_
+from fedprune.speed import SpeedFigures, measure_speed, speed_metrics
 from fedprune.structured.decide import Structure
 from fedprune.structured.saved import (
     STRUCTURE_FILE,
@@ -153,6 +154,17 @@ def summary_table(metrics: dict) -> str:
         ),
         ("perplexity dense", f"{metrics['ppl_dense']:.3f}"),
         ("perplexity pruned", f"{metrics['ppl_pruned']:.3f}"),
+        *(
+            [
+                (
+                    "speed pruned / dense",
+                    f"prefill {metrics['speed']['prefill_speedup']:.2f}x, "
+                    f"decode {metrics['speed']['decode_speedup']:.2f}x",
+                )
+            ]
+            if "speed" in metrics
+            else []
+        ),
         ("tokens calib / eval", f"{metrics['calib_tokens']} / {metrics['eval_tokens']}"),
     ]
     if metrics.get("num_clients"):
@@ -185,6 +197,7 @@ class Prepared:
     structure: Structure | None = None  # pattern=structured: the units removed from every block
     params_dense: int = 0
     loads_with_from_pretrained: bool = True  # after pruned_: the saved folder needs no fedprune.load_pruned
+    speed_dense: SpeedFigures | None = None  # speed.measure: the dense model's, taken before pruning
 
     def evaluate(self, job: JobConfig, label: str) -> Perplexity:
         """Held-out perplexity of the model as it is now."""
@@ -276,7 +289,30 @@ def prepare(job: JobConfig) -> Prepared:
     data = load_run_data(job, tokenizer)
     dense = evaluate(job, model, data.eval_ids, "dense", source)
     return Prepared(
-        pruner, pattern, model, tokenizer, data, dense, start, source, structure, parameter_count(model)
+        pruner,
+        pattern,
+        model,
+        tokenizer,
+        data,
+        dense,
+        start,
+        source,
+        structure,
+        parameter_count(model),
+        speed_dense=model_speed(job, model, data.eval_ids, "dense"),
+    )
+
+
+def model_speed(
+    job: JobConfig, model: torch.nn.Module, eval_ids: torch.Tensor, label: str
+) -> SpeedFigures | None:
+    """``speed.measure``: the model's prefill / decode speed (:mod:`fedprune.speed`), else None."""
+    spec = job.speed
+    if not spec.measure:
+        return None
+    logger.info("measuring %s speed (%d timed runs each)", label, spec.repeats)
+    return measure_speed(
+        model, eval_ids, spec.prefill_len or job.data.seq_len, spec.prompt_len, spec.new_tokens, spec.repeats
     )
 
 
@@ -324,6 +360,7 @@ def base_metrics(job: JobConfig, prep: Prepared, ppl_pruned: float, calib_tokens
     all decoder-block parameters (norms and biases are never pruned)."""
     blocks = None if prep.source is None else offloaded_blocks(prep.model, prep.source)
     report = sparsity_report(prep.model, job.ignore, blocks)
+    pruned_speed = model_speed(job, prep.model, prep.data.eval_ids, "pruned") if prep.speed_dense else None
     metrics = {
         "model": job.model.name,
         "dtype": job.model.dtype,
@@ -345,5 +382,7 @@ def base_metrics(job: JobConfig, prep: Prepared, ppl_pruned: float, calib_tokens
         **(structured_metrics(prep) if prep.structure is not None else {}),
         **extra,
     }
+    if pruned_speed is not None:
+        metrics["speed"] = speed_metrics(prep.speed_dense, pruned_speed, job.speed.settings(job.data.seq_len))
     metrics.update(wall_s=time.perf_counter() - prep.start, peak_rss_mb=peak_rss_mb(), seed=job.seed)
     return metrics

@@ -63,11 +63,15 @@ def test_run_writes_metrics_sparsity_and_loadable_model(make_cfg, tiny_assets, t
         ("pattern=5:4", "pattern"),
         ("model.path=/does/not/exist", "model.path"),
         ("data.path=/does/not/exist", "data.path"),
+        ("speed.measure=true speed.repeats=0", "speed.repeats"),
+        ("speed.measure=true speed.prompt_len=17", "speed.prompt_len"),
+        ("speed.measure=true speed.prefill_len=32", "speed.prefill_len"),
+        ("speed.measure=true speed.prompt_len=5 model.offload=true", "speed.measure"),
     ],
 )
 def test_bad_config_names_the_key(make_cfg, override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
-        validate(make_cfg(override))
+        validate(make_cfg(*override.split()))
 
 
 def test_cli_bad_config_fails_before_loading(tmp_path):
@@ -102,3 +106,24 @@ def test_local_reports_every_site(make_cfg, tmp_path):
     assert len(metrics["ppl_per_client"]) == 2
     assert metrics["ppl_pruned"] == pytest.approx(sum(metrics["ppl_per_client"]) / 2)
     assert metrics["calib_tokens"] == 8 * 16
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ["pattern=unstructured"],
+        ["pattern=structured", "structured.ffn=0.5", "structured.heads=0.5", "structured.attention=1"],
+    ],
+)
+def test_speed_measure_reports_dense_and_pruned_figures(make_cfg, tmp_path, shape):
+    speed = ["speed.measure=true", "speed.repeats=1", "speed.prompt_len=5", "speed.new_tokens=3"]
+    metrics = run(make_cfg(*shape, *speed), tmp_path)
+    figures = json.loads((tmp_path / "metrics.json").read_text())["speed"]
+    assert figures == metrics["speed"]
+    assert figures["prefill_len"] == 16 and figures["prompt_len"] == 5 and figures["new_tokens"] == 3
+    for model in ("dense", "pruned"):
+        assert figures[model]["prefill_tok_s"] > 0 and figures[model]["decode_tok_s"] > 0
+    assert figures["decode_speedup"] == pytest.approx(
+        figures["pruned"]["decode_tok_s"] / figures["dense"]["decode_tok_s"]
+    )
+    assert "speed" not in run(make_cfg(*shape), tmp_path / "off")  # off by default
