@@ -122,6 +122,7 @@ def validate_hidenseek(job: JobConfig) -> None:
     """Checks of ``protocol=hidenseek`` and the ``federation`` group (no model or corpus involved)."""
     HideNseekOptions.from_options(job.protocol)
     check_sites(job.federation)
+    check(not job.speed.measure, "speed.measure", "times text generation: not with protocol=hidenseek")
 
 
 def prune_at_init(model: torch.nn.Module, method: str, density: float, iterations: int, seed: int):

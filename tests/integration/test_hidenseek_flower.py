@@ -138,6 +138,7 @@ def test_late_site_gets_current_signs_and_malformed_reply_is_left_out():
         ("protocol.variant=signs", "protocol.variant"),
         ("protocol.prune=snip", "protocol.prune"),
         ("federation.min_clients=4", "federation.min_clients"),
+        ("speed.measure=true", "speed.measure"),
     ],
 )
 def test_bad_hidenseek_config_names_the_key(override, key, tmp_path):
