@@ -455,6 +455,7 @@ def check_llm_job(job: JobConfig) -> None:
     check(job.batch_size >= 1, "batch_size", f"must be >= 1, got {job.batch_size}")
     check(job.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {job.eval_batch_size}")
     check_speed(job)
+    check_linear_backend()
     check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")
     check_allocation(job, pruner, pattern)
 
@@ -484,6 +485,16 @@ def check_allocation(job: JobConfig, pruner, pattern) -> None:
         "sparsity",
         f"allocation {name!r} needs a sparsity <= {MAX_SPARSITY}, got {target_sparsity(job)}",
     )
+
+
+def check_linear_backend() -> None:
+    """A bad ``FEDPRUNE_LINEAR`` (the block passes' float32 linear backend) fails before any work."""
+    from fedprune.cpu_linear import linear_backend
+
+    try:
+        linear_backend()
+    except ValueError as error:
+        raise ConfigError(f"environment variable {error}") from None
 
 
 def check_speed(job: JobConfig) -> None:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from fedprune.allocation import Allocation, as_allocation, qualified
 from fedprune.allocation_rules import Allocated, AllocationRule, allocated
+from fedprune.cpu_linear import onednn_linears
 from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import (
     apply_weights_,
@@ -259,7 +260,8 @@ def _block_output(output: object) -> torch.Tensor:
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """Run ``block`` (block ``inputs.block``) on every micro-batch: the inputs of the next block, with its
     own keyword arguments (after the last block: its outputs)."""
-    hidden = [_block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)]
+    with onednn_linears(block):
+        hidden = [_block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)]
     return BlockInputs(hidden=hidden, kwargs_per_block=inputs.kwargs_per_block, block=inputs.block + 1)
 
 
@@ -311,18 +313,19 @@ def collect_block_stats(
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
-    try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
-            seen.clear()
-            try:
-                block(h, **kw)
-            except _StopForward:
-                pass
-            if not last:
-                last.append(order[-1] if _called_once_each(order, layers) else "")
-    finally:
-        for handle in handles:
-            handle.remove()
+    with onednn_linears(block):
+        try:
+            for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
+                seen.clear()
+                try:
+                    block(h, **kw)
+                except _StopForward:
+                    pass
+                if not last:
+                    last.append(order[-1] if _called_once_each(order, layers) else "")
+        finally:
+            for handle in handles:
+                handle.remove()
     seen.clear()
     return _shared_inputs(collected, owner, [name for name in layers if name in owner])
 
