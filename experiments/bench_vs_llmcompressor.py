@@ -190,6 +190,7 @@ def worker_fedprune(spec: dict) -> dict:
     import torch
 
     set_threads(spec["threads"])
+    from fedprune.cpu_linear import linear_backend, onednn_available
     from fedprune.data.assets import ensure_model
     from fedprune.masks import parse_pattern
     from fedprune.models import load_causal_lm
@@ -212,7 +213,13 @@ def worker_fedprune(spec: dict) -> dict:
         ids,
         spec["batch_size"],
     )
-    return {"rss_before_model_mb": rss_before_model, **measured, **evaluate_model(model, spec)}
+    linears = "oneDNN" if linear_backend() == "onednn" and onednn_available() else "torch (MKL)"
+    return {
+        "rss_before_model_mb": rss_before_model,
+        "block_pass_linears": linears,
+        **measured,
+        **evaluate_model(model, spec),
+    }
 
 
 def worker_llmc(spec: dict) -> dict:
@@ -486,7 +493,9 @@ def write_report(args, command: str, data: dict, dense: dict, rows: list[dict], 
         f"seed {args.seed}, from the calibration works), perplexity on {data['eval_windows']} held-out windows of "
         f"{args.seq_len} ({', '.join(data['held_out'])}).",
         "",
-        f"- fedprune's venv: torch {versions['fedprune']['torch']}, transformers {versions['fedprune']['transformers']}",
+        f"- fedprune's venv: torch {versions['fedprune']['torch']}, transformers {versions['fedprune']['transformers']}; "
+        f"float32 linears of its block passes: {versions['fedprune'].get('block_pass_linears', 'torch (MKL)')} "
+        "(`fedprune.cpu_linear`, `FEDPRUNE_LINEAR`)",
         f"- llm-compressor's venv: llmcompressor {versions['llmc'].get('llmcompressor')}, torch "
         f"{versions['llmc']['torch']}, transformers {versions['llmc']['transformers']}",
         "- Every measurement is its own child process. Prune time: fedprune `prune_model_`; llm-compressor "

@@ -47,8 +47,8 @@ from fedprune.models import (
 )
 from fedprune.pruners.base import Pruner, PruneResult, check_pruner_supports
 from fedprune.secure.dp import clip_tokens
-from fedprune.stat_kinds import StatKind, at_least_float32
-from fedprune.stats import BlockStats, Stats, add_stats, batch_stats
+from fedprune.stat_kinds import StatKind, at_least_float32, get_stat_kind
+from fedprune.stats import BlockStats, Stats, token_count
 from fedprune.structured.decide import DepthPlan, Structure
 from fedprune.structured.depth import (
     Influence,
@@ -286,7 +286,9 @@ def collect_block_stats(
     if stat_kind is None:
         return BlockStats({})
     layers = find_prunable_layers(block, ignore, block_prefix)
-    collected: dict[str, Stats] = {}
+    spec = get_stat_kind(stat_kind)
+    totals: dict[str, torch.Tensor] = {}  # by first layer of a group: the running sum (spec.accumulate_)
+    counts: dict[str, int] = {}
     owner: dict[str, str] = {}  # layer -> first layer seen with the same input tensor
     order: list[str] = []  # call order of the prunable layers in the first micro-batch
     # set after micro-batch 1: the layer after whose input the block may stop ("" = run whole block)
@@ -305,8 +307,9 @@ def collect_block_stats(
             if first == name:
                 seen[id(x)] = (x, name)
                 x32 = at_least_float32(x)  # clipped in float32: a bfloat16 rounding could exceed the bound
-                part = batch_stats(stat_kind, x32 if token_bound is None else clip_tokens(x32, token_bound))
-                collected[name] = add_stats(collected[name], part) if name in collected else part
+                x32 = x32 if token_bound is None else clip_tokens(x32, token_bound)
+                totals[name] = spec.accumulate_(totals.get(name), x32)
+                counts[name] = counts.get(name, 0) + token_count(x32)
             if last and name == last[0]:
                 raise _StopForward
 
@@ -327,6 +330,7 @@ def collect_block_stats(
             for handle in handles:
                 handle.remove()
     seen.clear()
+    collected = {name: Stats(spec.name, spec.finish_(total), counts[name]) for name, total in totals.items()}
     return _shared_inputs(collected, owner, [name for name in layers if name in owner])
 
 

@@ -56,16 +56,34 @@ def gram_sum(x: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
     one batched product over the windows per strip (about half the multiply-adds of the full product,
     in a few large GEMMs: small per-tile products scale badly with threads on a busy machine).
     """
+    n = x.shape[-1]
+    return gram_mirror_(gram_upper_add_(torch.zeros(n, n, dtype=torch.float64), x, tile), tile)
+
+
+def gram_upper_add_(total: torch.Tensor, x: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
+    """Add Σ over tokens of x xᵀ to ``total`` ``(in, in)`` float64 in place, on and above the diagonal
+    strips only (rows ``i..i+tile``, columns ``i..in``; the rest is left as it was); returns ``total``.
+    Several calls, then one :func:`gram_mirror_`, equal the sum of their :func:`gram_sum` bit for bit."""
     xw = _as_windows(x.detach())  # (windows, tokens, in)
     n = xw.shape[-1]
-    out = torch.empty(n, n, dtype=torch.float64)
+    if tuple(total.shape) != (n, n) or total.dtype != torch.float64:
+        raise ValueError(
+            f"a Gram sum of width {n} needs a float64 ({n}, {n}) total, got {tuple(total.shape)}"
+        )
     for i in range(0, n, tile):
         rows = xw[:, :, i : i + tile].transpose(1, 2)  # (windows, strip, tokens)
-        strip = torch.bmm(rows, xw[:, :, i:]).double().sum(dim=0)  # (strip, in - i): columns i..n
-        width = rows.shape[1]
-        out[i : i + width, i:] = strip
-        out[i + width :, i : i + width] = strip[:, width:].t()
-    return out
+        total[i : i + rows.shape[1], i:] += torch.bmm(rows, xw[:, :, i:]).double().sum(dim=0)  # cols i..n
+    return total
+
+
+def gram_mirror_(total: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
+    """Fill what :func:`gram_upper_add_` leaves (below the diagonal strips) from its transpose; returns
+    ``total``."""
+    n = total.shape[0]
+    for i in range(0, n, tile):
+        width = min(tile, n - i)
+        total[i + width :, i : i + width] = total[i : i + width, i + width :].t()
+    return total
 
 
 def triu_of(matrix: torch.Tensor) -> torch.Tensor:
@@ -111,6 +129,17 @@ class StatKind(ABC):
     @abstractmethod
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the tokens of ``x`` ``(..., tokens, in)``: float64 of :meth:`shape` ``(in)``."""
+
+    def accumulate_(self, total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """``total`` (``None``: nothing yet) plus the sum over the tokens of ``x``, in place where possible;
+        after the last call :meth:`finish_` makes it the sum. Equal to adding :meth:`compute` of each ``x``
+        bit for bit, without a new sum per batch."""
+        part = self.compute(x)
+        return part if total is None else total.add_(part)
+
+    def finish_(self, total: torch.Tensor) -> torch.Tensor:
+        """The sum that :meth:`accumulate_` calls built (here ``total`` itself)."""
+        return total
 
     @abstractmethod
     def shape(self, in_features: int) -> tuple[int, ...]:
@@ -208,6 +237,14 @@ class HessianKind(StatKind):
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         return gram_sum(x)  # (in, in)
+
+    def accumulate_(self, total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The upper strips only (:func:`gram_upper_add_`); :meth:`finish_` mirrors them once."""
+        n = x.shape[-1]
+        return gram_upper_add_(torch.zeros(n, n, dtype=torch.float64) if total is None else total, x)
+
+    def finish_(self, total: torch.Tensor) -> torch.Tensor:
+        return gram_mirror_(total)
 
     def shape(self, in_features: int) -> tuple[int, ...]:
         return (in_features, in_features)
@@ -319,6 +356,12 @@ class MomentsKind(StatKind):
         return torch.stack([total[0], torch.from_numpy(np.maximum(total[1].numpy(), 0.0))])
 
 
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    """Layer inputs as windows with a constant 1 appended: ``(windows, tokens, in + 1)``."""
+    xw = _as_windows(x.detach())  # (windows, tokens, in)
+    return torch.cat([xw, xw.new_ones(*xw.shape[:-1], 1)], dim=-1)
+
+
 class AffineHessianKind(HessianKind):
     """Σ_t [x_t; 1][x_t; 1]ᵀ: the Gram matrix of the inputs with a constant 1 appended, ``(in+1, in+1)``,
     so it holds Σxxᵀ, Σx and the count (an affine least-squares fit: weights and a bias); on the wire its
@@ -327,8 +370,10 @@ class AffineHessianKind(HessianKind):
     name = "affine_hessian"
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        xw = _as_windows(x.detach())  # (windows, tokens, in)
-        return gram_sum(torch.cat([xw, xw.new_ones(*xw.shape[:-1], 1)], dim=-1))  # (in+1, in+1)
+        return gram_sum(_with_ones(x))  # (in+1, in+1)
+
+    def accumulate_(self, total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        return super().accumulate_(total, _with_ones(x))
 
     def shape(self, in_features: int) -> tuple[int, ...]:
         return (in_features + 1, in_features + 1)

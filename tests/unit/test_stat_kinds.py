@@ -11,12 +11,14 @@ from fedprune.secure.codec import slot_sizes
 from fedprune.secure.dp import clip_tokens, psd_project, window_sensitivity
 from fedprune.stat_kinds import (
     AFFINE_HESSIAN,
+    GRAM_TILE,
     HESSIAN,
     MOMENTS,
     SQ_NORM,
     STAT_KINDS,
     StatKind,
     get_stat_kind,
+    gram_upper_add_,
     moment_sums,
 )
 from fedprune.stats import batch_stats, empty_stats, gram_sum, sq_norm_sum
@@ -60,6 +62,32 @@ def test_compute_is_bit_identical_to_the_stat_functions(shape):
     assert torch.equal(SQ_NORM.compute(x), sq_norm_sum(x))
     assert torch.equal(HESSIAN.compute(x), gram_sum(x))
     assert SQ_NORM.shape(6) == (6,) and HESSIAN.shape(6) == (6, 6)
+
+
+@pytest.mark.parametrize("kind", [SQ_NORM, HESSIAN, MOMENTS, AFFINE_HESSIAN], ids=lambda k: k.name)
+@pytest.mark.parametrize("width", [8, GRAM_TILE + 44])  # one strip; two, the second narrower
+def test_accumulate_equals_adding_computed_sums_bit_for_bit(kind, width):
+    """Running sums in place (upper strips, mirrored once) == Σ of compute per batch, as torch.equal."""
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(w, 5, width, generator=gen) * 3 for w in (2, 1, 3)]  # (windows, tokens, in)
+    total = None
+    for x in batches:
+        total = kind.accumulate_(total, x)
+    total = kind.finish_(total)
+    expected = kind.compute(batches[0])
+    for x in batches[1:]:
+        expected = expected + kind.compute(x)
+    assert total.dtype == torch.float64 and torch.equal(total, expected)
+    if kind.name.endswith("hessian"):
+        flat = torch.cat([b.reshape(-1, width) for b in batches]).double()  # (tokens, in)
+        if kind is AFFINE_HESSIAN:
+            flat = torch.cat([flat, torch.ones(len(flat), 1, dtype=torch.float64)], dim=1)
+        torch.testing.assert_close(total, flat.T @ flat, rtol=1e-5, atol=1e-4)  # a direct product
+
+
+def test_gram_upper_add_refuses_a_total_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="float64 \\(4, 4\\) total"):
+        gram_upper_add_(torch.zeros(3, 3, dtype=torch.float64), torch.randn(2, 4))
 
 
 def test_wire_layout_against_numpy_upper_triangle():
