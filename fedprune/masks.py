@@ -53,17 +53,21 @@ def _prune_lowest(scores: torch.Tensor, num_pruned: int, dim: int) -> torch.Tens
     if num_pruned <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     # Fast path (no tie at the threshold, no NaN): keep what is above the num_pruned-th lowest score.
-    # It is exactly the mask of the stable sort below, which handles ties by index.
+    # It is exactly the mask of the stable sort, which handles ties by index; only the slices along
+    # ``dim`` where the fast path keeps the wrong count (a tie or a NaN) are sorted.
     threshold = torch.topk(scores, num_pruned, dim=dim, largest=False, sorted=False).values.amax(
         dim, keepdim=True
     )
     keep = scores > threshold
-    if bool((keep.sum(dim) == scores.shape[dim] - num_pruned).all()):
+    wrong = keep.sum(dim) != scores.shape[dim] - num_pruned  # (slices,) in the other dims' shape
+    if not bool(wrong.any()):
         return keep
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    order = torch.argsort(scores, dim=dim, stable=True)
-    lowest = order.narrow(dim, 0, num_pruned)
-    return mask.scatter(dim, lowest, False)
+    keep_last = keep.movedim(dim, -1)  # a view: writing it writes ``keep``
+    tied = scores.movedim(dim, -1)[wrong]  # (tied slices, length)
+    order = torch.argsort(tied, dim=1, stable=True)
+    sorted_keep = torch.ones_like(tied, dtype=torch.bool).scatter(1, order[:, :num_pruned], False)
+    keep_last[wrong] = sorted_keep
+    return keep
 
 
 def select_unstructured(scores: torch.Tensor, sparsity: float, group: str = "layer") -> torch.Tensor:

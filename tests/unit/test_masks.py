@@ -111,3 +111,17 @@ def test_row_masks_match_a_sort_of_scores_and_indices(kind):
     for sparsity in (0.25, 0.5, 0.75):
         keep = select_unstructured(scores, sparsity, "row")
         assert torch.equal(keep, _sorted_reference(scores, int(24 * sparsity))), (kind, sparsity)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "nan"])
+def test_nm_and_column_masks_match_a_sort_of_scores_and_indices(kind):
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.rand(12, 32, generator=gen, dtype=torch.float64)
+    if kind == "ties":  # few distinct values: most groups of 4 hold a tie
+        scores = torch.randint(0, 3, (12, 32), generator=gen).double()
+    if kind == "nan":
+        scores[::2, ::3] = float("nan")
+    groups = scores.reshape(-1, 4)  # every 4 consecutive inputs of a row, one group per line
+    assert torch.equal(select_nm(scores, 2, 4), _sorted_reference(groups, 2).reshape(12, 32)), kind
+    column = _sorted_reference(scores.T.contiguous(), 6).T
+    assert torch.equal(select_unstructured(scores, 0.5, "column"), column), kind
