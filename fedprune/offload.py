@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -173,6 +174,17 @@ def _load_outside_blocks_(model: nn.Module, source: TensorSource) -> None:
         raise ValueError(f"model.offload: tensors {missing} are neither in the checkpoint nor tied to one")
 
 
+def release_outside_(model: nn.Module, source: TensorSource) -> None:
+    """Put every tensor outside the blocks that ``source`` holds, and any slot sharing one (tied), on
+    ``meta`` (shape and dtype kept; :func:`_load_outside_blocks_` reads them again)."""
+    slots = list(_outside_blocks(model))
+    released = {id(tensor) for name, _, _, tensor, _ in slots if name in source.files}
+    for _, owner, attr, tensor, is_param in slots:
+        if id(tensor) in released and not tensor.is_meta:
+            _set_(owner, attr, torch.empty_like(tensor, device="meta"), tensor, is_param)
+    trim_heap()
+
+
 def load_offloaded(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, TensorSource]:
     """The causal LM at ``path`` (eval mode, no hub access) with its decoder blocks on ``meta``, and where
     its tensors are."""
@@ -300,6 +312,16 @@ class OffloadedBlocks:
         """Block ``index`` materialised into a copy of its meta module (the model is untouched)."""
         prefix, block = _block(self.model, index)
         return _fill_(copy.deepcopy(block), self.source, prefix)
+
+    @contextmanager
+    def outside_idle(self) -> Iterator[None]:
+        """The checkpoint's tensors outside the blocks (embeddings, final norm, ``lm_head``; tied ones too)
+        on ``meta`` for the ``with`` body, read again after it (errors included): only blocks run there."""
+        release_outside_(self.model, self.source)
+        try:
+            yield
+        finally:
+            _load_outside_blocks_(self.model, self.source)
 
 
 def _final_forwards(count: int, final: list[torch.Tensor], current: list[int]) -> list:

@@ -25,7 +25,7 @@ import copy
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,7 +64,8 @@ logger = logging.getLogger(__name__)
 class BlockAccess(Protocol):
     """Where the decoder blocks of ``model`` live: ``load(i)`` makes block i usable (in the model's own
     block list) and returns it; ``unload(i, block, save)`` is called once its step is done (``save``:
-    the step succeeded, its weights are final); ``copy(i)`` is a private copy of block i."""
+    the step succeeded, its weights are final); ``copy(i)`` is a private copy of block i;
+    ``outside_idle()`` is a context in which only blocks run, so the weights outside them may be set aside."""
 
     model: nn.Module
 
@@ -73,6 +74,8 @@ class BlockAccess(Protocol):
     def unload(self, index: int, block: nn.Module, save: bool) -> None: ...
 
     def copy(self, index: int) -> nn.Module: ...
+
+    def outside_idle(self) -> AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -89,6 +92,9 @@ class ResidentBlocks:
 
     def copy(self, index: int) -> nn.Module:
         return copy.deepcopy(self.load(index))
+
+    def outside_idle(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
 
 @contextmanager
@@ -464,34 +470,35 @@ def prune_model_(
         influence = collect_influence(access, inputs, structure.family) if influence_needed else None
         plan = structure.depth_plan(influence, model, pruner)
         report.depth = plan
-    for index in tqdm(range(len(block_list)), desc=f"pruning ({pruner.name})", disable=not progress):
-        prefix = f"{blocks_name}.{index}"
-        if index in plan.blocks:  # removed: the next block gets this block's inputs
-            if inputs is not None:
-                inputs = BlockInputs(inputs.hidden, inputs.kwargs_per_block, index + 1)
-            continue
-        with held_block(access, index) as block:
-            if checkpoints is not None and index < checkpoints.finished:
-                checkpoints.restore_(index, block, report)
-            else:
-                _prune_one_block_(
-                    block,
-                    index,
-                    prefix,
-                    inputs,
-                    pruner,
-                    sparsity,
-                    pattern,
-                    ignore,
-                    structure,
-                    plan,
-                    report,
-                    keep_masks,
-                )
-                if checkpoints is not None:
-                    checkpoints.save(index, block, report)
-            if inputs is not None and index + 1 < len(block_list):
-                inputs = run_block(block, inputs)
+    with access.outside_idle():  # only blocks run: embeddings and head may be set aside
+        for index in tqdm(range(len(block_list)), desc=f"pruning ({pruner.name})", disable=not progress):
+            prefix = f"{blocks_name}.{index}"
+            if index in plan.blocks:  # removed: the next block gets this block's inputs
+                if inputs is not None:
+                    inputs = BlockInputs(inputs.hidden, inputs.kwargs_per_block, index + 1)
+                continue
+            with held_block(access, index) as block:
+                if checkpoints is not None and index < checkpoints.finished:
+                    checkpoints.restore_(index, block, report)
+                else:
+                    _prune_one_block_(
+                        block,
+                        index,
+                        prefix,
+                        inputs,
+                        pruner,
+                        sparsity,
+                        pattern,
+                        ignore,
+                        structure,
+                        plan,
+                        report,
+                        keep_masks,
+                    )
+                    if checkpoints is not None:
+                        checkpoints.save(index, block, report)
+                if inputs is not None and index + 1 < len(block_list):
+                    inputs = run_block(block, inputs)
     remove_blocks_(model, plan.blocks)
     return report
 

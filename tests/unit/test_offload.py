@@ -38,16 +38,24 @@ def _block_params_on_meta(model) -> bool:
     return all(p.is_meta for p in blocks.parameters())
 
 
+def _outside_params(model) -> dict:
+    blocks_name, _ = find_blocks(model)
+    return {n: p for n, p in model.named_parameters() if not n.startswith(f"{blocks_name}.")}
+
+
 class CountingBlocks(OffloadedBlocks):
-    """Offloaded blocks that record how many blocks were materialised at once."""
+    """Offloaded blocks that record how many blocks were materialised at once, and whether every weight
+    outside the blocks was set aside whenever a block was."""
 
     most = 0
+    outside_live = False
 
     def load(self, index):
         block = super().load(index)
         _, blocks = find_blocks(self.model)
         live = sum(not all(p.is_meta for p in b.parameters()) for b in blocks)
         self.most = max(self.most, live)
+        self.outside_live |= not all(p.is_meta for p in _outside_params(self.model).values())
         return block
 
 
@@ -71,6 +79,9 @@ def test_offloaded_pruning_saves_the_in_memory_weights(tmp_path, arch, pruner):
 
     model, _, blocks, report = _prune_offloaded(folder, tmp_path / "out", get_pruner(pruner), ids)
     assert blocks.most == 1 and _block_params_on_meta(model)
+    assert not blocks.outside_live  # embeddings and head on meta during the block loop, read back after it
+    for name, param in _outside_params(model).items():
+        assert torch.equal(param, expected.get_parameter(name)), name
     assert report.layer_sparsity == expected_report.layer_sparsity
     assert report.calib_tokens == expected_report.calib_tokens
     assert not (tmp_path / "out").exists()  # only the temporary folder until commit
@@ -97,6 +108,7 @@ def test_tied_embeddings_are_saved_once_and_stay_tied(tmp_path):
     assert model.lm_head.weight is model.transformer.wte.weight
     blocks = OffloadedBlocks(model, source, BlockSaver(model, tmp_path / "out"))
     prune_model_(model, ids, get_pruner("wanda"), 0.5, parse_pattern("unstructured"), 4, False, blocks=blocks)
+    assert model.lm_head.weight is model.transformer.wte.weight and not model.lm_head.weight.is_meta
     blocks.saver.finish()
     names = json.loads((blocks.saver.commit() / INDEX_FILE).read_text())["weight_map"]
     assert "transformer.wte.weight" in names and "lm_head.weight" not in names
@@ -157,3 +169,30 @@ def test_a_folder_without_safetensors_is_refused(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_offloaded(folder)
+
+
+def test_weights_outside_the_blocks_are_read_back_after_a_failed_block(tmp_path):
+    folder, ids = _save(tmp_path, "llama"), random_windows(4, 12)
+    model, source = load_offloaded(folder)
+    wanda = get_pruner("wanda")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("pruner failed")
+
+    wanda.prune = fail
+    with pytest.raises(RuntimeError, match="pruner failed"):
+        prune_model_(
+            model,
+            ids,
+            wanda,
+            0.5,
+            parse_pattern("unstructured"),
+            4,
+            False,
+            blocks=OffloadedBlocks(model, source),
+        )
+    dense = load_causal_lm(folder)
+    outside = _outside_params(model)
+    assert outside and not any(p.is_meta for p in outside.values())
+    for name, param in outside.items():
+        assert torch.equal(param, dense.get_parameter(name)), name
