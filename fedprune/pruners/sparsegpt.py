@@ -53,8 +53,8 @@ def lower_triangular_inverse(lower: torch.Tensor, base: int = 128) -> torch.Tens
     """L⁻¹ of a lower triangular ``(n, n)`` matrix, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]].
 
     Matrix products instead of one triangular solve against the identity (which treats the identity as
-    dense): two thirds of its multiply-adds (n³/3 vs n³/2), in GEMMs, 2.5x faster at n = 1536 on one
-    thread. Blocks of at most ``base`` rows are solved directly.
+    dense): two thirds of its multiply-adds (n³/3 vs n³/2), in GEMMs, 2.1-2.5x faster at n = 1536 on one
+    thread (``experiments/probes/sparsegpt_factor.py``). Blocks of at most ``base`` rows are solved directly.
     """
     n = lower.shape[0]
     if n <= base:
@@ -83,8 +83,8 @@ def lowest_per_column(scores: torch.Tensor, count: int) -> torch.Tensor:
     ``count`` rows of a stable ascending sort (NaN last).
 
     For the few rows of an N:M group, a rank from all pairwise comparisons, ``(m, m, cols)``, is cheaper
-    than a sort along the short dimension (53 vs 68 µs for 4 x 576 on one thread, mask included); a NaN
-    falls back to the sort.
+    than a sort along the short dimension (44-53 vs 64-68 µs for 4 x 576 on one thread, mask included,
+    ``experiments/probes/sparsegpt_factor.py``); a NaN falls back to the sort.
     """
     m = scores.shape[0]
     if torch.isnan(scores).any():
