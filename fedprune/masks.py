@@ -48,7 +48,7 @@ def parse_pattern(spec: str) -> Pattern:
     return Pattern("nm", n, m)
 
 
-def _prune_lowest(scores: torch.Tensor, num_pruned: int, dim: int) -> torch.Tensor:
+def prune_lowest(scores: torch.Tensor, num_pruned: int, dim: int) -> torch.Tensor:
     """Keep-mask pruning the ``num_pruned`` lowest scores along ``dim`` (stable tie-break)."""
     if num_pruned <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
@@ -82,11 +82,11 @@ def select_unstructured(scores: torch.Tensor, sparsity: float, group: str = "lay
     check_sparsity(sparsity)
     if group == "layer":
         flat = scores.reshape(1, -1)
-        return _prune_lowest(flat, int(flat.shape[1] * sparsity), dim=1).reshape(scores.shape)
+        return prune_lowest(flat, int(flat.shape[1] * sparsity), dim=1).reshape(scores.shape)
     if group == "row":
-        return _prune_lowest(scores, int(scores.shape[1] * sparsity), dim=1)
+        return prune_lowest(scores, int(scores.shape[1] * sparsity), dim=1)
     if group == "column":
-        return _prune_lowest(scores, int(scores.shape[0] * sparsity), dim=0)
+        return prune_lowest(scores, int(scores.shape[0] * sparsity), dim=0)
     raise ValueError(f"unknown comparison group {group!r}; known: {GROUPS}")
 
 
@@ -96,7 +96,7 @@ def select_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if in_features % m:
         raise ValueError(f"{n}:{m} needs in_features divisible by {m}, got {in_features}")
     groups = scores.reshape(out_features, in_features // m, m)
-    return _prune_lowest(groups, m - n, dim=2).reshape(scores.shape)
+    return prune_lowest(groups, m - n, dim=2).reshape(scores.shape)
 
 
 def select_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str) -> torch.Tensor:

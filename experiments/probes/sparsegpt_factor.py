@@ -2,7 +2,7 @@
 
 - L⁻¹ of the Cholesky factor: ``solve_triangular(L, I)`` vs :func:`lower_triangular_inverse` (by halves),
   at SmolLM2's input widths 576 and 1536, with the largest difference and the share of float32-equal entries;
-- one 2:4 group's mask: stable ``argsort`` + scatter vs :func:`lowest_per_column` (4 x 576).
+- one 2:4 group's mask: stable ``argsort`` + scatter vs :func:`fedprune.masks.prune_lowest` (4 x 576).
 
 python experiments/probes/sparsegpt_factor.py
 """
@@ -15,11 +15,8 @@ import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fedprune.pruners.sparsegpt import (  # noqa: E402  (after sys.path)
-    damped_hessian,
-    lower_triangular_inverse,
-    lowest_per_column,
-)
+from fedprune.masks import prune_lowest  # noqa: E402  (after sys.path)
+from fedprune.pruners.sparsegpt import damped_hessian, lower_triangular_inverse  # noqa: E402
 
 
 def per_call(fn, repeats: int) -> float:
@@ -50,5 +47,5 @@ for n in (576, 1536):
     )
 scores = torch.randn(4, 576)
 old = per_call(lambda: sorted_mask(scores, 2), 3000)
-new = per_call(lambda: lowest_per_column(scores, 2), 3000)
-print(f"2:4 group mask 4x576: sort {old * 1e6:.0f} us, pairwise ranks {new * 1e6:.0f} us")
+new = per_call(lambda: ~prune_lowest(scores, 2, dim=0), 3000)
+print(f"2:4 group mask 4x576: sort {old * 1e6:.0f} us, top-k threshold {new * 1e6:.0f} us")

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from fedprune.masks import Pattern
+from fedprune.masks import Pattern, prune_lowest
 from fedprune.pruners.base import LastStatsCache, PruneResult, register_pruner, require_stats
 from fedprune.stat_kinds import HESSIAN
 from fedprune.stats import Stats
@@ -78,28 +78,10 @@ def _block_mask_unstructured(w_block: torch.Tensor, d_block: torch.Tensor, spars
     return mask.reshape(saliency.shape)
 
 
-def lowest_per_column(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask ``(m, cols)`` of the ``count`` lowest scores of each column, ties to the lower row: the first
-    ``count`` rows of a stable ascending sort (NaN last).
-
-    For the few rows of an N:M group, a rank from all pairwise comparisons, ``(m, m, cols)``, is cheaper
-    than a sort along the short dimension (44-53 vs 64-68 µs for 4 x 576 on one thread, mask included,
-    ``experiments/probes/sparsegpt_factor.py``); a NaN falls back to the sort.
-    """
-    m = scores.shape[0]
-    if torch.isnan(scores).any():
-        lowest = torch.argsort(scores, dim=0, stable=True)[:count]
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(0, lowest, True)
-    other, this = scores.unsqueeze(1), scores.unsqueeze(0)  # (m, 1, cols) row k, (1, m, cols) row j
-    earlier = torch.ones(m, m, dtype=torch.bool).triu_(1).unsqueeze(-1)  # (m, m, 1): k < j
-    before = (other < this) | ((other == this) & earlier)  # (m, m, cols): row k sorts before row j
-    return before.sum(dim=0) < count  # rank of each row j in its column
-
-
 def _group_mask_nm(group_t: torch.Tensor, d_group: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Prune-mask ``(m, out)`` of the M - N lowest w²/d² among each output's M inputs (stable ties)."""
     saliency = group_t.pow(2) / d_group.pow(2)  # (m, out)
-    return lowest_per_column(saliency, pattern.m - pattern.n)
+    return ~prune_lowest(saliency, pattern.m - pattern.n, dim=0)
 
 
 def obs_prune(

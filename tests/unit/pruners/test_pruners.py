@@ -1,13 +1,12 @@
 import pytest
 import torch
 
-from fedprune.masks import Pattern, parse_pattern, sparsity_of
+from fedprune.masks import Pattern, parse_pattern, prune_lowest, sparsity_of
 from fedprune.pruners import PRUNERS, get_pruner
 from fedprune.pruners.sparsegpt import (
     damped_hessian,
     inverse_hessian_factor,
     lower_triangular_inverse,
-    lowest_per_column,
     obs_prune,
 )
 from fedprune.stats import Stats, batch_stats
@@ -177,7 +176,7 @@ def _sorted_lowest(scores: torch.Tensor, count: int) -> list[list[bool]]:
 
 @pytest.mark.parametrize("m, count", [(4, 2), (4, 1), (4, 3), (8, 4), (16, 12)])
 @pytest.mark.parametrize("values", ["continuous", "ties", "nan"])
-def test_lowest_per_column_is_a_stable_sort_by_column(m, count, values):
+def test_group_masks_prune_the_first_rows_of_a_stable_sort_by_column(m, count, values):
     torch.manual_seed(m * 10 + count)
     scores = torch.randn(m, 200)
     if values == "ties":
@@ -185,7 +184,9 @@ def test_lowest_per_column_is_a_stable_sort_by_column(m, count, values):
     elif values == "nan":
         scores[torch.rand(m, 200) < 0.2] = float("nan")
         scores[0, :20] = float("inf")
-    assert lowest_per_column(scores, count).tolist() == _sorted_lowest(scores, count)
+    assert (~prune_lowest(scores, count, dim=0)).tolist() == _sorted_lowest(
+        scores, count
+    )  # SparseGPT's N:M groups
 
 
 def test_sparsegpt_reuses_factor_only_for_equal_stats():
