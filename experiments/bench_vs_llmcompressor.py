@@ -190,6 +190,7 @@ def worker_fedprune(spec: dict) -> dict:
     import torch
 
     set_threads(spec["threads"])
+    from fedprune.cpu_attention import attention_backend
     from fedprune.cpu_linear import linear_backend, onednn_available
     from fedprune.data.assets import ensure_model
     from fedprune.masks import parse_pattern
@@ -217,6 +218,7 @@ def worker_fedprune(spec: dict) -> dict:
     return {
         "rss_before_model_mb": rss_before_model,
         "block_pass_linears": linears,
+        "block_pass_attention": attention_backend(),
         **measured,
         **evaluate_model(model, spec),
     }
@@ -495,7 +497,8 @@ def write_report(args, command: str, data: dict, dense: dict, rows: list[dict], 
         "",
         f"- fedprune's venv: torch {versions['fedprune']['torch']}, transformers {versions['fedprune']['transformers']}; "
         f"float32 linears of its block passes: {versions['fedprune'].get('block_pass_linears', 'torch (MKL)')} "
-        "(`fedprune.cpu_linear`, `FEDPRUNE_LINEAR`)",
+        "(`fedprune.cpu_linear`, `FEDPRUNE_LINEAR`); causal attention of its block passes: "
+        f"{versions['fedprune'].get('block_pass_attention', 'torch')} (`fedprune.cpu_attention`, `FEDPRUNE_ATTENTION`)",
         f"- llm-compressor's venv: llmcompressor {versions['llmc'].get('llmcompressor')}, torch "
         f"{versions['llmc']['torch']}, transformers {versions['llmc']['transformers']}",
         "- Every measurement is its own child process. Prune time: fedprune `prune_model_`; llm-compressor "

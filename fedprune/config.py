@@ -455,7 +455,7 @@ def check_llm_job(job: JobConfig) -> None:
     check(job.batch_size >= 1, "batch_size", f"must be >= 1, got {job.batch_size}")
     check(job.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {job.eval_batch_size}")
     check_speed(job)
-    check_linear_backend()
+    check_kernel_settings()
     check(len(data.heldout) >= 1, "data.heldout", "name at least one held-out work")
     check_allocation(job, pruner, pattern)
 
@@ -487,14 +487,17 @@ def check_allocation(job: JobConfig, pruner, pattern) -> None:
     )
 
 
-def check_linear_backend() -> None:
-    """A bad ``FEDPRUNE_LINEAR`` (the block passes' float32 linear backend) fails before any work."""
+def check_kernel_settings() -> None:
+    """A bad ``FEDPRUNE_LINEAR`` or ``FEDPRUNE_ATTENTION`` (the block passes' float32 linear and attention
+    kernels) fails before any work."""
+    from fedprune.cpu_attention import attention_backend
     from fedprune.cpu_linear import linear_backend
 
-    try:
-        linear_backend()
-    except ValueError as error:
-        raise ConfigError(f"environment variable {error}") from None
+    for setting in (linear_backend, attention_backend):
+        try:
+            setting()
+        except ValueError as error:
+            raise ConfigError(f"environment variable {error}") from None
 
 
 def check_speed(job: JobConfig) -> None:

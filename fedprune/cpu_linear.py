@@ -3,7 +3,7 @@
 torch sends a float32 ``nn.Linear`` on an x86 CPU to MKL's sgemm. oneDNN (torch's own ``mkldnn``
 backend, the one it already uses for bfloat16) computes the same products to float32 rounding, and on
 the AMD EPYC (Zen 4) of our benchmarks a pass over SmolLM2's blocks takes 0.85x MKL's CPU time
-(``python experiments/probes/cpu_linear.py``). :func:`onednn_linears` switches a block's plain
+(``python experiments/probes/block_pass_ab.py linear``). :func:`onednn_linears` switches a block's plain
 ``nn.Linear`` layers to it for the duration of a block pass; calls it cannot serve exactly as asked
 (another dtype or device, gradients) fall back to ``F.linear``.
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from fedprune.allocation import Allocation, as_allocation, qualified
 from fedprune.allocation_rules import Allocated, AllocationRule, allocated
+from fedprune.cpu_attention import chunked_causal_attention
 from fedprune.cpu_linear import onednn_linears
 from fedprune.masks import Pattern, sparsity_of
 from fedprune.models import (
@@ -266,7 +267,7 @@ def _block_output(output: object) -> torch.Tensor:
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """Run ``block`` (block ``inputs.block``) on every micro-batch: the inputs of the next block, with its
     own keyword arguments (after the last block: its outputs)."""
-    with onednn_linears(block):
+    with onednn_linears(block), chunked_causal_attention(block):
         hidden = [_block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)]
     return BlockInputs(hidden=hidden, kwargs_per_block=inputs.kwargs_per_block, block=inputs.block + 1)
 
@@ -322,7 +323,7 @@ def collect_block_stats(
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
-    with onednn_linears(block):
+    with onednn_linears(block), chunked_causal_attention(block):
         try:
             for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
                 seen.clear()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedprune.cpu_attention import chunked_causal_attention
 from fedprune.cpu_linear import onednn_linears
 from fedprune.models import find_blocks, get_weight
 from fedprune.stats import Stats
@@ -93,7 +94,7 @@ def block_influence(block: nn.Module, family: Family, hidden: Sequence[torch.Ten
     attention_sum = torch.zeros((), dtype=torch.float64)
     outputs = []
     try:
-        with torch.no_grad(), onednn_linears(block):
+        with torch.no_grad(), onednn_linears(block), chunked_causal_attention(block):
             for h, kw in zip(hidden, kwargs, strict=True):
                 captured.clear()
                 out = _output(block(h, **kw))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedprune.config import ConfigError, check_linear_backend
+from fedprune.config import ConfigError, check_kernel_settings
 from fedprune.cpu_linear import ENV, linear_backend, onednn_available, onednn_linears
 from fedprune.sequential import capture_block_inputs, run_block
 from tests.tiny_models import random_windows, tiny_model
@@ -59,7 +59,7 @@ def test_unknown_backend_is_refused_naming_the_variable(monkeypatch):
     with pytest.raises(ValueError, match=ENV):
         linear_backend()
     with pytest.raises(ConfigError, match="FEDPRUNE_LINEAR='mkl'"):
-        check_linear_backend()
+        check_kernel_settings()
 
 
 @needs_onednn
