@@ -1,7 +1,8 @@
-"""Timing of the Gram sums: row strips (``fedprune.stat_kinds.gram_sum``) against the 256 x 256 tiles they
-replaced, both bit-identical, interleaved so that load on the machine hits both alike.
+"""Timing of the Gram sums: row strips of ``GRAM_TILE`` rows (``fedprune.stat_kinds.gram_sum``) against strips
+of 256 rows (the default before 2026-12-04) and the 256 x 256 tiles of session 6, all bit-identical, interleaved
+so that load on the machine hits them alike; process CPU seconds.
 
-Usage: python experiments/probes/gram_sum_timing.py [THREADS]   (figures quoted in the session 6 note)
+Usage: python experiments/probes/gram_sum_timing.py [THREADS]
 """
 
 import statistics
@@ -10,7 +11,7 @@ import time
 
 import torch
 
-from fedprune.stat_kinds import gram_sum
+from fedprune.stat_kinds import GRAM_TILE, gram_sum
 
 
 def tiled(x: torch.Tensor, tile: int = 256) -> torch.Tensor:
@@ -31,11 +32,15 @@ torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 torch.manual_seed(0)
 for width in (576, 1536):
     x = torch.randn(4, 512, width)  # one micro-batch of 4 windows of 512 tokens
-    assert torch.equal(gram_sum(x), tiled(x))
-    times = {"tiles": [], "strips": []}
+    ways = {"tiles 256": tiled, "strips 256": lambda x: gram_sum(x, 256), f"strips {GRAM_TILE}": gram_sum}
+    assert all(torch.equal(f(x), tiled(x)) for f in ways.values())
+    times = {name: [] for name in ways}
     for _ in range(15):
-        for name, f in (("tiles", tiled), ("strips", gram_sum)):
-            start = time.perf_counter()
+        for name, f in ways.items():
+            start = time.process_time()
             f(x)
-            times[name].append(time.perf_counter() - start)
-    print(width, "  ".join(f"{k} min {min(v):.3f} s, median {statistics.median(v):.3f} s" for k, v in times.items()))
+            times[name].append(time.process_time() - start)
+    print(
+        width,
+        "  ".join(f"{k}: min {min(v):.4f} s, median {statistics.median(v):.4f} s" for k, v in times.items()),
+    )
