@@ -7,7 +7,11 @@ products, the SparseGPT sweep in float32 (``fedprune.config.ModelSpec``). Report
 each pruned model on the held-out works (evaluated in its own dtype) with the relative difference.
 
 Usage: python experiments/bench_dtype.py [--windows 128] [--threads 1] [--pruners wanda,sparsegpt]
-       [--patterns unstructured,2:4] [--out experiments/results/bench_dtype]
+       [--patterns unstructured,2:4] [--seed 0] [--out experiments/results/bench_dtype]
+
+``--seed`` is the job's ``seed`` (the calibration window sampler): the same comparison on other calibration
+windows, to tell a systematic perplexity cost from rounding-level scatter (``experiments/seed_summary.py``
+averages the rows of several seeds).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def run_job(run_dir: Path, pruner: str, pattern: str, dtype: str, args: argparse
             f"data.calib_windows={args.windows}",
             f"data.seq_len={args.seq_len}",
             f"data.eval_windows={args.eval_windows}",
+            f"seed={args.seed}",
             "save_model=false",
             "progress=false",
             f"hydra.run.dir={run_dir}",
@@ -57,6 +62,7 @@ def rows_of(results: dict[tuple[str, str, str], dict], args: argparse.Namespace)
                 {
                     "pruner": pruner,
                     "pattern": pattern,
+                    "seed": args.seed,
                     "cpu_s_float32": f32["prune_cpu_s"],
                     "cpu_s_bfloat16": b16["prune_cpu_s"],
                     "cpu_ratio": b16["prune_cpu_s"] / f32["prune_cpu_s"],
@@ -81,7 +87,8 @@ def table(rows: list[dict], args: argparse.Namespace, commit: str) -> str:
         "# bfloat16 calibration path vs float32, SmolLM2-135M, centralized",
         "",
         f"Made by `{command}` at commit {commit}: {args.windows} × {args.seq_len} calibration tokens, "
-        f"{args.eval_windows} held-out windows, {args.threads} thread(s), one process per run. Targets "
+        f"{args.eval_windows} held-out windows, calibration seed {args.seed}, {args.threads} thread(s), one process "
+        "per run. Targets "
         "(issue 15): bfloat16 prune time <= 0.7x float32, perplexity within 1%.",
         "",
         "| pruner | pattern | prune CPU s fp32 | prune CPU s bf16 | CPU ratio | prune wall s fp32 "
@@ -106,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="the job's seed: which calibration windows")
     parser.add_argument("--pruners", default="wanda,sparsegpt")
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--runs", type=Path, default=Path("multirun/bench_dtype"))
@@ -118,13 +126,30 @@ def main() -> None:
     for pruner in args.pruners.split(","):
         for pattern in args.patterns.split(","):
             for dtype in DTYPES:
-                name = f"{pruner}_{pattern.replace(':', 'of')}_{dtype}_w{args.windows}_t{args.threads}"
+                name = f"{pruner}_{pattern.replace(':', 'of')}_{dtype}_w{args.windows}_t{args.threads}" + (
+                    f"_s{args.seed}" if args.seed else ""
+                )
                 results[(pruner, pattern, dtype)] = run_job(args.runs / name, pruner, pattern, dtype, args)
     rows = rows_of(results, args)
     text = table(rows, args, commit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"commit": commit, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "command": " ".join(["python experiments/bench_dtype.py", *sys.argv[1:]]),
+                "commit": commit,
+                "seed": args.seed,
+                "windows": args.windows,
+                "seq_len": args.seq_len,
+                "eval_windows": args.eval_windows,
+                "threads": args.threads,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(text)
 
 
