@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
+KERNEL_ENVS = ("FEDPRUNE_ATTENTION", "FEDPRUNE_LINEAR")  # block-pass kernel switches, recorded with the rows
 
 
 def run_job(run_dir: Path, pruner: str, pattern: str, dtype: str, args: argparse.Namespace) -> dict:
@@ -81,8 +82,14 @@ def rows_of(results: dict[tuple[str, str, str], dict], args: argparse.Namespace)
     return rows
 
 
+def command_line() -> str:
+    """This benchmark's command, with the kernel switches set in the environment."""
+    kernels = [f"{env}={os.environ[env]}" for env in KERNEL_ENVS if env in os.environ]
+    return " ".join([*kernels, "python experiments/bench_dtype.py", *sys.argv[1:]])
+
+
 def table(rows: list[dict], args: argparse.Namespace, commit: str) -> str:
-    command = " ".join(["python experiments/bench_dtype.py", *sys.argv[1:]])
+    command = command_line()
     lines = [
         "# bfloat16 calibration path vs float32, SmolLM2-135M, centralized",
         "",
@@ -137,13 +144,14 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(
         json.dumps(
             {
-                "command": " ".join(["python experiments/bench_dtype.py", *sys.argv[1:]]),
+                "command": command_line(),
                 "commit": commit,
                 "seed": args.seed,
                 "windows": args.windows,
                 "seq_len": args.seq_len,
                 "eval_windows": args.eval_windows,
                 "threads": args.threads,
+                "kernels": {env: os.environ.get(env, "(default)") for env in KERNEL_ENVS},
                 "rows": rows,
             },
             indent=2,
