@@ -20,6 +20,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -104,7 +105,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (.md) and .json")
     args = parser.parse_args()
     groups = collect(args.results)
-    text = table(groups)
+    commits = sorted({e["commit"] for entries in groups.values() for e in entries})
+    command = " ".join(["python experiments/seed_summary.py", *sys.argv[1:]])
+    text = (
+        "# Perplexity comparisons averaged over calibration seeds\n\n"
+        f"Made by `{command}` from results made at commit(s) {', '.join(commits)}.\n\n" + table(groups)
+    )
     print(text)
     if args.out is not None:
         args.out.with_suffix(".md").write_text(text)
