@@ -43,7 +43,7 @@ def perplexities(row: dict) -> tuple[str, float, float]:
 
 def collect(paths: list[Path]) -> dict[tuple[str, str, str], list[dict]]:
     """Rows by (comparison, pruner, pattern), each with its seed, file and perplexities; a seed twice is an error."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for path in paths:
         result = json.loads(path.read_text())
         for row in result["rows"]:
@@ -79,22 +79,21 @@ def summarise(entries: list[dict]) -> dict:
     }
 
 
-def table(groups: dict[tuple[str, str, str], list[dict]]) -> str:
+def table(summaries: list[dict]) -> str:
+    """The summaries as a markdown table, one row per comparison, pruner and pattern."""
     lines = [
         "| comparison | pruner | pattern | seed: ppl reference -> compared (rel. diff) | mean rel. diff | sd | s.e.m. "
         "| mean ppl ratio |",
         "|" + " --- |" * 8,
     ]
-    for (comparison, pruner, pattern), entries in sorted(groups.items()):
-        entries = sorted(entries, key=lambda e: e["seed"])
-        s = summarise(entries)
+    for s in summaries:
         per_seed = "; ".join(
             f"{e['seed']}: {e['reference']:.3f} -> {e['compared']:.3f} ({e['rel_diff']:+.2%})"
-            for e in entries
+            for e in s["rows"]
         )
         lines.append(
-            f"| {comparison} | {pruner} | {pattern} | {per_seed} | {s['mean_rel_diff']:+.2%} | {s['sd_rel_diff']:.2%} "
-            f"| {s['sem_rel_diff']:.2%} | {s['ratio_of_means']:+.2%} |"
+            f"| {s['comparison']} | {s['pruner']} | {s['pattern']} | {per_seed} | {s['mean_rel_diff']:+.2%} "
+            f"| {s['sd_rel_diff']:.2%} | {s['sem_rel_diff']:.2%} | {s['ratio_of_means']:+.2%} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -105,20 +104,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (.md) and .json")
     args = parser.parse_args()
     groups = collect(args.results)
+    summaries = []
+    for (comparison, pruner, pattern), entries in sorted(groups.items()):
+        entries = sorted(entries, key=lambda e: e["seed"])
+        summaries.append(
+            {
+                "comparison": comparison,
+                "pruner": pruner,
+                "pattern": pattern,
+                **summarise(entries),
+                "rows": entries,
+            }
+        )
     commits = sorted({e["commit"] for entries in groups.values() for e in entries})
     command = " ".join(["python experiments/seed_summary.py", *sys.argv[1:]])
     text = (
         "# Perplexity comparisons averaged over calibration seeds\n\n"
-        f"Made by `{command}` from results made at commit(s) {', '.join(commits)}.\n\n" + table(groups)
+        f"Made by `{command}` from results made at commit(s) {', '.join(commits)}.\n\n" + table(summaries)
     )
-    print(text)
-    if args.out is not None:
+    if args.out is not None:  # written before printing: a closed stdout must not lose the files
         args.out.with_suffix(".md").write_text(text)
-        summary = [
-            {"comparison": c, "pruner": p, "pattern": q, **summarise(entries), "rows": entries}
-            for (c, p, q), entries in sorted(groups.items())
-        ]
-        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(summaries, indent=2) + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
