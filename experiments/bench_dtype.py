@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
-KERNEL_ENVS = ("FEDPRUNE_ATTENTION", "FEDPRUNE_LINEAR")  # block-pass kernel switches, recorded with the rows
+# kernel switches, recorded with the rows
+KERNEL_ENVS = ("FEDPRUNE_ATTENTION", "FEDPRUNE_LINEAR", "FEDPRUNE_GRAM")
 
 
 def run_job(run_dir: Path, pruner: str, pattern: str, dtype: str, args: argparse.Namespace) -> dict:
@@ -88,6 +89,14 @@ def command_line() -> str:
     return " ".join([*kernels, "python experiments/bench_dtype.py", *sys.argv[1:]])
 
 
+def gram_kernel() -> str:
+    """Which product the bfloat16 runs' Gram sums take on this machine (same checks as the runs)."""
+    sys.path.insert(0, str(ROOT))
+    from fedprune.cpu_gram import native_gram_available
+
+    return "native AVX512-BF16 kernel" if native_gram_available() else "float32 upcast (torch)"
+
+
 def table(rows: list[dict], args: argparse.Namespace, commit: str) -> str:
     command = command_line()
     lines = [
@@ -96,7 +105,7 @@ def table(rows: list[dict], args: argparse.Namespace, commit: str) -> str:
         f"Made by `{command}` at commit {commit}: {args.windows} × {args.seq_len} calibration tokens, "
         f"{args.eval_windows} held-out windows, calibration seed {args.seed}, {args.threads} thread(s), one process "
         "per run. Targets "
-        "(issue 15): bfloat16 prune time <= 0.7x float32, perplexity within 1%.",
+        f"(issue 15): bfloat16 prune time <= 0.7x float32, perplexity within 1%. bfloat16 Gram sums: {gram_kernel()}.",
         "",
         "| pruner | pattern | prune CPU s fp32 | prune CPU s bf16 | CPU ratio | prune wall s fp32 "
         "| prune wall s bf16 | wall ratio | ppl dense fp32 / bf16 | ppl pruned fp32 | ppl pruned bf16 "
@@ -152,6 +161,7 @@ def main() -> None:
                 "eval_windows": args.eval_windows,
                 "threads": args.threads,
                 "kernels": {env: os.environ.get(env, "(default)") for env in KERNEL_ENVS},
+                "bf16_gram": gram_kernel(),
                 "rows": rows,
             },
             indent=2,

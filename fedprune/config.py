@@ -488,12 +488,13 @@ def check_allocation(job: JobConfig, pruner, pattern) -> None:
 
 
 def check_kernel_settings() -> None:
-    """A bad ``FEDPRUNE_LINEAR`` or ``FEDPRUNE_ATTENTION`` (the block passes' float32 linear and attention
-    kernels) fails before any work."""
+    """A bad ``FEDPRUNE_LINEAR``, ``FEDPRUNE_ATTENTION`` or ``FEDPRUNE_GRAM`` (the block passes' float32
+    linear and attention kernels, the bfloat16 Gram kernel) fails before any work."""
     from fedprune.cpu_attention import attention_backend
+    from fedprune.cpu_gram import gram_backend
     from fedprune.cpu_linear import linear_backend
 
-    for setting in (linear_backend, attention_backend):
+    for setting in (linear_backend, attention_backend, gram_backend):
         try:
             setting()
         except ValueError as error:

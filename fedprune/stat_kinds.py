@@ -19,6 +19,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from fedprune.cpu_gram import GROUP, gram_upper_add_bf16_, native_gram_available
+
 GRAM_TILE = 128  # rows per strip: only the strips' parts on and above the diagonal are multiplied
 # (128 rows: about 0.9x the CPU time of 256 at width 576, 0.97-1.02x at 1536, bit-identical sums;
 # python experiments/probes/gram_sum_timing.py)
@@ -53,7 +55,8 @@ def gram_sum(x: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
     """Σ over tokens of x xᵀ. ``x``: ``(..., tokens, in)`` -> ``(in, in)`` float64.
 
     Each window's product is a float32 (or the input's wider dtype) matrix product, summed over windows in
-    float64, so the result does not depend on how windows are grouped into batches or sites. The Gram
+    float64, so the result does not depend on how windows are grouped into batches or sites (bfloat16
+    inputs: float32 sums of exact products from :mod:`fedprune.cpu_gram` where available). The Gram
     matrix is symmetric: it is computed in strips of ``tile`` rows from the diagonal to the right edge,
     one batched product over the windows per strip (about half the multiply-adds of the full product,
     in a few large GEMMs: small per-tile products scale badly with threads on a busy machine).
@@ -66,12 +69,15 @@ def gram_upper_add_(total: torch.Tensor, x: torch.Tensor, tile: int = GRAM_TILE)
     """Add Σ over tokens of x xᵀ to ``total`` ``(in, in)`` float64 in place, on and above the diagonal
     strips only (rows ``i..i+tile``, columns ``i..in``; the rest is left as it was); returns ``total``.
     Several calls, then one :func:`gram_mirror_`, equal the sum of their :func:`gram_sum` bit for bit."""
-    xw = _as_windows(x.detach())  # (windows, tokens, in)
-    n = xw.shape[-1]
+    n = x.shape[-1]
     if tuple(total.shape) != (n, n) or total.dtype != torch.float64:
         raise ValueError(
             f"a Gram sum of width {n} needs a float64 ({n}, {n}) total, got {tuple(total.shape)}"
         )
+    if x.dtype is torch.bfloat16 and tile % GROUP == 0 and total.is_contiguous() and native_gram_available():
+        xb = x.detach().reshape(-1, x.shape[-2], n) if x.dim() > 2 else x.detach().unsqueeze(0)
+        return gram_upper_add_bf16_(total, xb, tile)  # xb: (windows, tokens, in)
+    xw = _as_windows(x.detach())  # (windows, tokens, in)
     for i in range(0, n, tile):
         rows = xw[:, :, i : i + tile].transpose(1, 2)  # (windows, strip, tokens)
         total[i : i + rows.shape[1], i:] += torch.bmm(rows, xw[:, :, i:]).double().sum(dim=0)  # cols i..n
