@@ -202,6 +202,7 @@ def _kernel():
     if not _self_test(function):
         logger.warning("bfloat16 Gram kernel disagrees with float64 on a self-test; torch's product is used")
         return None
+    logger.info("bfloat16 Gram sums through the AVX512-BF16 kernel (%s)", library._name)
     return function
 
 
@@ -224,6 +225,9 @@ def _layout(xw: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedprune-gram")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the parent's threads
 
 
 def gram_upper_add_bf16_(

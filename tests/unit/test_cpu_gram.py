@@ -102,3 +102,30 @@ def test_unknown_backend_is_refused_naming_the_variable(monkeypatch):
         gram_backend()
     with pytest.raises(ConfigError, match="FEDPRUNE_GRAM='mkl'"):
         check_kernel_settings()
+
+
+@needs_kernel
+def test_a_forked_child_does_not_inherit_the_thread_pool(monkeypatch):
+    """A forked child has none of its parent's threads: the pool is dropped at fork (torch's own
+    threads do not survive fork either, so the child sums on one thread), and the child's sums agree."""
+    import multiprocessing
+
+    monkeypatch.delenv(ENV, raising=False)
+    x = torch.randn(2, 16, 400).to(torch.bfloat16)  # 4 strips: several calls, so the pool is used
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = gram_sum(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu_gram._pool.cache_info().currsize >= 1
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pools, got = pool.apply_async(_gram_in_child, (x,)).get(timeout=60)
+    assert pools == 0
+    assert torch.equal(got, expected)
+
+
+def _gram_in_child(x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    pools = cpu_gram._pool.cache_info().currsize
+    torch.set_num_threads(1)
+    return pools, gram_sum(x)
