@@ -313,10 +313,11 @@ def collect_block_stats(
                 raise RuntimeError(f"layer {name!r} shares its input differently across micro-batches")
             if first == name:
                 seen[id(x)] = (x, name)
-                x32 = at_least_float32(x)  # clipped in float32: a bfloat16 rounding could exceed the bound
-                x32 = x32 if token_bound is None else clip_tokens(x32, token_bound)
-                totals[name] = spec.accumulate_(totals.get(name), x32)
-                counts[name] = counts.get(name, 0) + token_count(x32)
+                # as it is (each kind computes at least in float32; bfloat16 Gram sums through the
+                # kernel), or clipped in float32: a bfloat16 rounding could exceed the bound
+                xs = x if token_bound is None else clip_tokens(at_least_float32(x), token_bound)
+                totals[name] = spec.accumulate_(totals.get(name), xs)
+                counts[name] = counts.get(name, 0) + token_count(xs)
             if last and name == last[0]:
                 raise _StopForward
 

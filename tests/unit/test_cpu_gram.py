@@ -129,3 +129,32 @@ def _gram_in_child(x: torch.Tensor) -> tuple[int, torch.Tensor]:
     pools = cpu_gram._pool.cache_info().currsize
     torch.set_num_threads(1)
     return pools, gram_sum(x)
+
+
+@needs_kernel
+def test_bfloat16_block_statistics_take_the_kernel(monkeypatch):
+    """A bfloat16 block's Hessian sums come from the kernel (close to the float32 upcast's); with a
+    token bound (clipping in float32, for DP) they do not."""
+    from fedprune import stat_kinds
+    from fedprune.models import find_blocks
+    from fedprune.sequential import capture_block_inputs, collect_block_stats
+    from tests.tiny_models import random_windows, tiny_model
+
+    monkeypatch.delenv(ENV, raising=False)
+    calls = []
+    real = stat_kinds.gram_upper_add_bf16_
+    monkeypatch.setattr(stat_kinds, "gram_upper_add_bf16_", lambda *a: calls.append(1) or real(*a))
+    model = tiny_model("llama").to(torch.bfloat16)
+    inputs = capture_block_inputs(model, random_windows(4, 8), batch_size=2)
+    block = find_blocks(model)[1][0]
+    native = collect_block_stats(block, inputs, "hessian")
+    assert len(calls) == 2 * len(native.groups)  # one call per group and micro-batch
+    monkeypatch.setenv(ENV, "torch")
+    upcast = collect_block_stats(block, inputs, "hessian")
+    for got, expected in zip(native.group_stats, upcast.group_stats, strict=True):
+        assert got.count == expected.count
+        assert torch.allclose(got.total, expected.total, rtol=1e-5, atol=1e-4)
+    monkeypatch.delenv(ENV)
+    calls.clear()
+    collect_block_stats(block, inputs, "hessian", token_bound=100.0)
+    assert not calls
