@@ -187,7 +187,8 @@ def _kernel():
         logger.info("bfloat16 Gram kernel: no C++ compiler found; torch's float32 product is used")
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        path = _build(compiler)
+        library = ctypes.CDLL(str(path))
         if not library.fp_gram_supported():
             logger.info("bfloat16 Gram kernel: this CPU lacks AVX512-BF16; torch's float32 product is used")
             return None
@@ -202,7 +203,7 @@ def _kernel():
     if not _self_test(function):
         logger.warning("bfloat16 Gram kernel disagrees with float64 on a self-test; torch's product is used")
         return None
-    logger.info("bfloat16 Gram sums through the AVX512-BF16 kernel (%s)", library._name)
+    logger.info("bfloat16 Gram sums through the AVX512-BF16 kernel (%s)", path)
     return function
 
 

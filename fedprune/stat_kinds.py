@@ -37,12 +37,16 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if torch.finfo(x.dtype).bits >= 32 else x.float()
 
 
-def _as_windows(x: torch.Tensor) -> torch.Tensor:
-    """View layer inputs as ``(windows, tokens, in_features)``, at least float32."""
-    x = at_least_float32(x)
+def _windows(x: torch.Tensor) -> torch.Tensor:
+    """View layer inputs as ``(windows, tokens, in_features)``, in their dtype."""
     if x.dim() == 2:
         return x.unsqueeze(0)
     return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _as_windows(x: torch.Tensor) -> torch.Tensor:
+    """View layer inputs as ``(windows, tokens, in_features)``, at least float32."""
+    return _windows(at_least_float32(x))
 
 
 def sq_norm_sum(x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +79,7 @@ def gram_upper_add_(total: torch.Tensor, x: torch.Tensor, tile: int = GRAM_TILE)
             f"a Gram sum of width {n} needs a float64 ({n}, {n}) total, got {tuple(total.shape)}"
         )
     if x.dtype is torch.bfloat16 and tile % GROUP == 0 and total.is_contiguous() and native_gram_available():
-        xb = x.detach().reshape(-1, x.shape[-2], n) if x.dim() > 2 else x.detach().unsqueeze(0)
-        return gram_upper_add_bf16_(total, xb, tile)  # xb: (windows, tokens, in)
+        return gram_upper_add_bf16_(total, _windows(x.detach()), tile)  # (windows, tokens, in) bfloat16
     xw = _as_windows(x.detach())  # (windows, tokens, in)
     for i in range(0, n, tile):
         rows = xw[:, :, i : i + tile].transpose(1, 2)  # (windows, strip, tokens)
